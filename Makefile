@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv and install on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+INSTALLED := $(VENV)/.installed
+TEST_WORKERS ?= 2
+DEMO_WORKDIR ?= runs/demo
+
+.PHONY: install demo test clean
+
+install: $(INSTALLED)
+
+# torch is pinned first so that requirements.txt's `torch>=` is already satisfied (no CUDA download).
+$(INSTALLED): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(INSTALLED)
+
+demo: $(INSTALLED)
+	$(PY) demo.py --config=configs/toy_mixture.py --workdir=$(DEMO_WORKDIR)
+
+test: $(INSTALLED)
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m pytest -q -n $(TEST_WORKERS) --durations=10
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,141 @@
+"""What the absl entry points share: the --config/--workdir flags, clear one-line errors for bad input,
+and the resolved config written into the workdir.
+
+Configs are Python files with `get_config(arg=None) -> ml_collections.ConfigDict`, chosen with
+`--config=configs/x.py[:arg]` and overridden with `--config.a.b=value`; the config is locked, so an
+override of a key the config does not have is an error naming that key.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from typing import Callable, List, Optional, Sequence
+
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+
+from pgpis_jax import methods
+from pgpis_jax.errors import UserError
+
+CONFIG_FLAG = "config"
+_CONFIG = config_flags.DEFINE_config_file(CONFIG_FLAG, None, "Config file, e.g. configs/pcdm_inpaint.py[:arg].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, outputs and the resolved config.")
+
+
+def _config_file_and_arg(argv: Sequence[str]) -> Optional[tuple]:
+    """(path, arg or None) from the --config=... argument, or None if there is none."""
+    for i, item in enumerate(argv):
+        value = None
+        if item.startswith(f"--{CONFIG_FLAG}="):
+            value = item.split("=", 1)[1]
+        elif item == f"--{CONFIG_FLAG}" and i + 1 < len(argv):
+            value = argv[i + 1]
+        if value is not None:
+            path, _, arg = value.partition(":")
+            return path, (arg or None)
+    return None
+
+
+def _load_config_file(path: str, arg: Optional[str]) -> ml_collections.ConfigDict:
+    spec = importlib.util.spec_from_file_location("_pgpis_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def unknown_override(config, overrides: Sequence[str]) -> Optional[str]:
+    """The first `--config.a.b=...` override whose key path the config lacks, described for the user."""
+    for override in overrides:
+        path = override[len(f"--{CONFIG_FLAG}."):].split("=", 1)[0]
+        node, walked = config, CONFIG_FLAG
+        for part in path.split("."):
+            if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+                known = ", ".join(sorted(node.keys())) if isinstance(node, (ml_collections.ConfigDict, dict)) else ""
+                where = f"; keys of {walked}: {known}" if known else f" ({walked} is not a group)"
+                return f"unknown config key '{CONFIG_FLAG}.{path}'{where}"
+            node, walked = node[part], f"{walked}.{part}"
+    return None
+
+
+def parse_flags(argv: List[str]) -> List[str]:
+    """absl flag parsing with one-line errors for a missing config file and unknown override keys."""
+    program = os.path.basename(argv[0])
+    located = _config_file_and_arg(argv)
+    if located is None:
+        sys.exit(f"{program}: error: --{CONFIG_FLAG}=configs/<name>.py[:arg] is required")
+    path, arg = located
+    if not os.path.isfile(path):
+        sys.exit(f"{program}: error: config file {path!r} does not exist")
+    try:
+        return flags.FLAGS(argv)
+    except Exception as error:  # ml_collections reports unknown keys as AttributeError/KeyError tracebacks
+        overrides = [a for a in argv[1:] if a.startswith(f"--{CONFIG_FLAG}.")]
+        try:
+            message = unknown_override(_load_config_file(path, arg), overrides)
+        except Exception as load_error:
+            message = f"config file {path!r} failed to load: {load_error}"
+        sys.exit(f"{program}: error: {message or error}")
+
+
+def write_config_json(config: ml_collections.ConfigDict, workdir: str, name: str = "config.json") -> str:
+    """Writes the resolved config as JSON to workdir/name and returns the path.
+
+    An existing file there with different content is an error naming the differing keys: a workdir
+    belongs to one config.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, name)
+    resolved = json.loads(config.to_json_best_effort(sort_keys=True))
+    if os.path.exists(path):
+        with open(path) as f:
+            previous = json.load(f)
+        differing = _differing_keys(previous, resolved)
+        if differing:
+            raise UserError(f"{path} holds a different config (keys {', '.join(differing)}); "
+                            "use another --workdir or the same config")
+        return path
+    with open(path, "w") as f:
+        json.dump(resolved, f, indent=2, sort_keys=True)
+    return path
+
+
+def _differing_keys(a, b, prefix: str = "") -> List[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(set(a) | set(b))
+        return [k for key in keys for k in _differing_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def run(main: Callable[[ml_collections.ConfigDict, str], None]) -> None:
+    """Runs main(config, workdir) under absl with flags parsed as above and a UserError printed as one line.
+    main validates what it needs, then records the config with `write_config_json`."""
+
+    def absl_main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        program = os.path.basename(argv[0])
+        if _WORKDIR.value is None:
+            sys.exit(f"{program}: error: --workdir is required")
+        try:
+            main(_CONFIG.value, _WORKDIR.value)
+        except UserError as error:
+            sys.exit(f"{program}: error: {error}")
+
+    app.run(absl_main, flags_parser=parse_flags)
+
+
+def run_method(action: str, config_json_name: str) -> None:
+    """The train/sample/eval entry points: runs `action` of the method named by config.method, after
+    checking that the method exists and recording the config as workdir/config_json_name."""
+
+    def main(config, workdir):
+        method = methods.get_method(config.method)
+        write_config_json(config, workdir, config_json_name)
+        getattr(method, action)(config, workdir)
+
+    run(main)

@@ -1,0 +1,9 @@
+"""Samples with a trained method.
+
+    python sample.py --config=configs/pcdm_inpaint.py --workdir=runs/pcdm_inpaint
+"""
+
+from pgpis_jax import cli
+
+if __name__ == "__main__":
+    cli.run_method("sample", "sample_config.json")
