@@ -6,6 +6,8 @@ stochastic, and requires a relative error of at most 1e-5 (fp32).
 """
 
 import functools
+import json
+import re
 
 import jax
 import numpy as np
@@ -140,3 +142,45 @@ def test_stochastic_sampler_uses_rng_noise_and_needs_a_key():
     assert np.max(np.abs(np.asarray(first) - np.asarray(other))) > 1e-3
     with pytest.raises(ValueError, match="step_noise has shape"):
         sampler.sample(model_fn, x_T, num_inference_steps=5, step_noise=jnp.zeros((4, 1, 2, 2, 3)))
+
+
+def test_unipc_built_from_the_sd21_pndm_config_as_diffusers_from_config(tmp_path):
+    """PCDMs builds UniPC from SD 2.1-base's PNDMScheduler config; loading that file (with its PNDM-only keys)
+    through class_name must give diffusers' UniPCMultistepScheduler.from_config(pndm_config)."""
+    pndm = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.8.0", "beta_end": 0.012,
+            "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+            "num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": False,
+            "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None}
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(pndm))
+    sampler = from_diffusers_config(tmp_path, class_name="UniPCMultistepScheduler")
+    x_T = np.random.default_rng(2).standard_normal((2, 4, 4, 3)).astype(np.float32)
+    expected, scheduler = run_diffusers(dict(pndm, _class_name="UniPCMultistepScheduler"), x_T, 20)
+    assert scheduler.config.timestep_spacing == "linspace" and scheduler.config.solver_type == "bh2"
+    np.testing.assert_array_equal(sampler.timesteps(20), scheduler.timesteps.numpy())
+    actual = jax.jit(lambda x: sampler.sample(_jax_model(sampler), x, num_inference_steps=20))(x_T)
+    assert relative_error(actual, expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"_class_name": "PNDMScheduler"}, "scheduler class 'PNDMScheduler' is not supported"),
+    ({"beta_schedule": "linear"}, "no '_class_name'"),
+    ({"_class_name": "DDIMScheduler", "thresholding": True}, "thresholding=True is not supported"),
+    ({"_class_name": "UniPCMultistepScheduler", "use_karras_sigmas": True}, "use_karras_sigmas"),
+    ({"_class_name": "DDPMScheduler", "skip_prk_steps": True}, "keys not supported: skip_prk_steps"),
+    ({"_class_name": "DDPMScheduler", "variance_type": "fixed_large_log"}, "variance_type='fixed_large_log'"),
+    ({"_class_name": "DDPMScheduler", "beta_schedule": "sigmoid"}, "beta_schedule='sigmoid'"),
+    ({"_class_name": "UniPCMultistepScheduler", "solver_order": 4}, "solver_order=4"),
+    ({"_class_name": "UnCLIPScheduler", "beta_schedule": "linear"}, "beta_schedule='linear' is not supported"),
+])
+def test_unsupported_configs_are_errors_naming_the_option(config, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        from_diffusers_config(config)
+
+
+def test_config_files_errors_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path))):
+        from_diffusers_config(tmp_path)
+    (tmp_path / "scheduler_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="scheduler_config.json: not valid JSON"):
+        from_diffusers_config(tmp_path / "scheduler_config.json")
