@@ -1,8 +1,8 @@
 """Noise schedules: beta tables and the cumulative products derived from them.
 
-Tables are NumPy float32, computed the way diffusers' PyTorch schedulers compute them (float32 betas,
-float32 cumulative product), so that sampler coefficients built from them agree with diffusers to float32
-rounding. They are host-side constants; samplers and losses turn the slices they need into jnp arrays.
+Tables are NumPy float32, computed the way diffusers' PyTorch schedulers compute them (float32 betas and
+alphas; the cumulative product accumulated in float64 and rounded to float32, as torch.cumprod does on
+CPU), so that they equal diffusers' tables. They are host-side constants; samplers and losses turn the slices they need into jnp arrays.
 """
 
 from __future__ import annotations
@@ -53,9 +53,14 @@ def beta_schedule(
     raise ValueError(f"beta_schedule={name!r} is not supported; expected one of {BETA_SCHEDULES}")
 
 
+def cumulative_product(values: np.ndarray) -> np.ndarray:
+    """Cumulative product accumulated in float64, rounded to float32 (torch.cumprod's result on CPU)."""
+    return np.cumprod(np.asarray(values, np.float32).astype(np.float64)).astype(np.float32)
+
+
 def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     """Rescales betas so that the last timestep has zero SNR (Lin et al. 2023, Algorithm 1)."""
-    sqrt_abar = np.sqrt(np.cumprod(1.0 - betas, dtype=np.float32))
+    sqrt_abar = np.sqrt(cumulative_product(1.0 - betas))
     first, last = sqrt_abar[0], sqrt_abar[-1]
     sqrt_abar = (sqrt_abar - last) * (first / (first - last))
     abar = sqrt_abar * sqrt_abar
@@ -88,7 +93,7 @@ class NoiseSchedule:
         if betas.ndim != 1 or not np.all((betas > 0) & (betas <= 1)):
             raise ValueError(f"betas must be a 1-D array with values in (0, 1], got shape {betas.shape}")
         alphas = (1.0 - betas).astype(np.float32)
-        return cls(betas=betas, alphas=alphas, alphas_cumprod=np.cumprod(alphas, dtype=np.float32))
+        return cls(betas=betas, alphas=alphas, alphas_cumprod=cumulative_product(alphas))
 
     @classmethod
     def create(
