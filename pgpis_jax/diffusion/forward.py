@@ -109,8 +109,6 @@ def offset_noise(rng, shape: Sequence[int], noise_offset: float, varying_axes: S
     axes = {a % len(shape) for a in varying_axes}
     base_rng, offset_rng = jax.random.split(rng)
     noise = jax.random.normal(base_rng, shape, jnp.float32)
-    if noise_offset == 0:
-        return noise
     offset_shape = tuple(n if i in axes else 1 for i, n in enumerate(shape))
     return noise + noise_offset * jax.random.normal(offset_rng, offset_shape, jnp.float32)
 

@@ -39,25 +39,6 @@ def alphas_cumprod_at(alphas_cumprod: np.ndarray, timesteps: np.ndarray, below_z
     return np.where(timesteps >= 0, values, np.float32(below_zero))
 
 
-def _ancestral_step(self, model_fn: ModelFn, x, c: Dict[str, jax.Array], noise: Optional[jax.Array]):
-    """The shared step: x0_hat from the model output, posterior mean, variance by `self.variance_type`."""
-    output = model_fn(x, c["timestep"]).astype(jnp.float32)
-    if self.variance_type in LEARNED_VARIANCE_TYPES:
-        output, variance_values = split_variance_channels(output, x, self.variance_type)
-    x0 = x0_from_prediction(self.prediction_type, output, x, c["sqrt_alpha_bar"], c["sqrt_one_minus_alpha_bar"])
-    if self.clip_sample:
-        x0 = jnp.clip(x0, -self.clip_sample_range, self.clip_sample_range)
-    mean = c["coef_x0"] * x0 + c["coef_x"] * x
-    if self.variance_type == "learned_range":
-        frac = (variance_values + 1.0) / 2.0
-        std = jnp.exp(0.5 * (frac * c["max_log_variance"] + (1.0 - frac) * c["min_log_variance"]))
-    elif self.variance_type == "learned":
-        std = jnp.sqrt(variance_values)
-    else:
-        std = c["std"]
-    return mean + jnp.where(c["has_noise"], std * noise, 0.0)
-
-
 def _posterior_plan(timesteps, alpha_bar, alpha_bar_prev, beta, alpha, std, min_log_variance) -> Plan:
     """The per-step constants of both ancestral samplers (inputs: float32 arrays over steps)."""
     return {
@@ -74,7 +55,37 @@ def _posterior_plan(timesteps, alpha_bar, alpha_bar_prev, beta, alpha, std, min_
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class DDPMSampler(Sampler):
+class AncestralSampler(Sampler):
+    """The step both ancestral samplers share: x0_hat from the model output (clipped with clip_sample),
+    the posterior mean, and noise of the plan's or the model's (learned) variance when t > 0."""
+
+    variance_type: str = "fixed_small"
+    clip_sample: bool = True
+    clip_sample_range: float = 1.0
+
+    def is_stochastic(self) -> bool:
+        return True
+
+    def step(self, model_fn: ModelFn, x, c: Dict[str, jax.Array], noise: Optional[jax.Array]):
+        output = model_fn(x, c["timestep"]).astype(jnp.float32)
+        if self.variance_type in LEARNED_VARIANCE_TYPES:
+            output, variance_values = split_variance_channels(output, x, self.variance_type)
+        x0 = x0_from_prediction(self.prediction_type, output, x, c["sqrt_alpha_bar"], c["sqrt_one_minus_alpha_bar"])
+        if self.clip_sample:
+            x0 = jnp.clip(x0, -self.clip_sample_range, self.clip_sample_range)
+        mean = c["coef_x0"] * x0 + c["coef_x"] * x
+        if self.variance_type == "learned_range":
+            frac = (variance_values + 1.0) / 2.0
+            std = jnp.exp(0.5 * (frac * c["max_log_variance"] + (1.0 - frac) * c["min_log_variance"]))
+        elif self.variance_type == "learned":
+            std = jnp.sqrt(variance_values)
+        else:
+            std = c["std"]
+        return mean + jnp.where(c["has_noise"], std * noise, 0.0)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DDPMSampler(AncestralSampler):
     """diffusers' `DDPMScheduler` (ancestral DDPM, Ho et al. 2020) over `num_inference_steps` timesteps.
 
     variance_type: fixed_small (posterior variance), fixed_small_log (the same, via its log), fixed_large
@@ -82,9 +93,6 @@ class DDPMSampler(Sampler):
     variance between fixed_small and fixed_large, in [-1, 1]).
     """
 
-    variance_type: str = "fixed_small"
-    clip_sample: bool = True
-    clip_sample_range: float = 1.0
     timestep_spacing: str = "leading"
     steps_offset: int = 0
 
@@ -92,9 +100,6 @@ class DDPMSampler(Sampler):
         super().__post_init__()
         check_choice("DDPMSampler", "variance_type", self.variance_type, DDPM_VARIANCE_TYPES)
         check_choice("DDPMSampler", "timestep_spacing", self.timestep_spacing, spacing.TIMESTEP_SPACINGS)
-
-    def is_stochastic(self) -> bool:
-        return True
 
     def timesteps(self, num_inference_steps: int) -> np.ndarray:
         return spacing.ddpm_timesteps(self.timestep_spacing, self.num_train_timesteps, num_inference_steps,
@@ -109,24 +114,17 @@ class DDPMSampler(Sampler):
         std = np.sqrt(beta if self.variance_type == "fixed_large" else small)
         return _posterior_plan(timesteps, alpha_bar, alpha_bar_prev, beta, 1.0 - beta, std, np.log(small))
 
-    step = _ancestral_step
-
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class UnCLIPSampler(Sampler):
+class UnCLIPSampler(AncestralSampler):
     """diffusers' `UnCLIPScheduler` (Karlo/Kandinsky prior sampler; PCDMs stage 1), with the step's
     prev_timestep set to the next timestep in the list as the UnCLIP/Kandinsky pipelines pass it."""
 
     variance_type: str = "fixed_small_log"
-    clip_sample: bool = True
-    clip_sample_range: float = 1.0
 
     def __post_init__(self):
         check_choice("UnCLIPSampler", "variance_type", self.variance_type, UNCLIP_VARIANCE_TYPES)
         check_choice("UnCLIPSampler", "prediction_type", self.prediction_type, ("epsilon", "sample"))
-
-    def is_stochastic(self) -> bool:
-        return True
 
     def timesteps(self, num_inference_steps: int) -> np.ndarray:
         return spacing.unclip_timesteps(self.num_train_timesteps, num_inference_steps)
@@ -146,4 +144,3 @@ class UnCLIPSampler(Sampler):
         return _posterior_plan(timesteps, alpha_bar, alpha_bar_prev, beta, alpha, np.sqrt(np.maximum(small, 1e-20)),
                                min_log_variance)
 
-    step = _ancestral_step
