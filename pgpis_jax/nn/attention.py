@@ -1,0 +1,93 @@
+"""Scaled dot-product attention through one function whose kernel is chosen by name.
+
+Implementations:
+  xla    the reference: einsum, softmax in float32, any dtype, any device;
+  cudnn  cuDNN flash attention via jax.nn.dot_product_attention(implementation="cudnn"); NVIDIA GPUs,
+         float16/bfloat16 inputs only.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from pgpis_jax.nn.resnet import GroupNorm
+
+IMPLEMENTATIONS = ("xla", "cudnn")
+
+
+def dot_product_attention(query, key, value, implementation: str = "xla", scale=None):
+    """softmax(q k^T * scale) v per head.
+
+    query [B, Lq, H, D], key and value [B, Lk, H, D] -> [B, Lq, H, D] in the query's dtype;
+    scale defaults to 1 / sqrt(D).
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r} is not supported; "
+                         f"expected one of {IMPLEMENTATIONS}")
+    head_dim = query.shape[-1]
+    scale = head_dim**-0.5 if scale is None else scale
+    if implementation == "cudnn":
+        if query.dtype not in (jnp.bfloat16, jnp.float16):
+            raise ValueError(f"cudnn attention needs bfloat16 or float16 inputs, got {query.dtype}; "
+                             "set the compute dtype to bfloat16 or use implementation='xla'")
+        return jax.nn.dot_product_attention(query, key, value, scale=scale, implementation="cudnn")
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32) * scale
+    weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+
+
+class Attention(nn.Module):
+    """diffusers' `Attention` (self- or cross-attention) with its parameter names: `to_q`, `to_k`, `to_v`,
+    `to_out_0` (torch `to_out.0`) and, for the VAE's spatial attention, `group_norm`.
+
+    hidden [B, L, C] or spatial [B, H, W, C] (flattened to H*W tokens, restored on output); context
+    [B, Lc, Cc] for cross-attention (None: self-attention); query_bias [B, L, heads*dim_head] or None is
+    added to the projected queries (CFLD's hybrid-granularity attention). With residual_connection the
+    input is added back, then the result is divided by rescale_output_factor.
+    """
+
+    heads: int
+    dim_head: int
+    use_bias: bool = False
+    out_bias: bool = True
+    norm_num_groups: Optional[int] = None
+    norm_eps: float = 1e-5
+    residual_connection: bool = False
+    rescale_output_factor: float = 1.0
+    implementation: str = "xla"
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, hidden, context=None, query_bias=None):
+        residual, spatial_shape = hidden, None
+        if self.norm_num_groups is not None:
+            hidden = GroupNorm(self.norm_num_groups, self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                               name="group_norm")(hidden)
+        if hidden.ndim == 4:
+            spatial_shape = hidden.shape
+            hidden = hidden.reshape(hidden.shape[0], -1, hidden.shape[-1])
+        context = hidden if context is None else context
+        inner = self.heads * self.dim_head
+
+        def project(name, x, bias):
+            return nn.Dense(inner, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
+
+        query = project("to_q", hidden, self.use_bias)
+        if query_bias is not None:
+            query = query + query_bias
+        key, value = project("to_k", context, self.use_bias), project("to_v", context, self.use_bias)
+        split = lambda x: x.reshape(x.shape[:2] + (self.heads, self.dim_head))  # noqa: E731
+        out = dot_product_attention(split(query), split(key), split(value), self.implementation)
+        out = out.reshape(out.shape[:2] + (inner,))
+        out = nn.Dense(residual.shape[-1], use_bias=self.out_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                       name="to_out_0")(out)
+        if spatial_shape is not None:
+            out = out.reshape(spatial_shape)
+        if self.residual_connection:
+            out = out + residual
+        return out / self.rescale_output_factor
