@@ -1,0 +1,48 @@
+"""Timestep embeddings of the diffusion UNets (diffusers' `get_timestep_embedding`, `Timesteps`,
+`TimestepEmbedding`), with diffusers' parameter names."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+def get_timestep_embedding(timesteps, embedding_dim: int, flip_sin_to_cos: bool = False,
+                           downscale_freq_shift: float = 1.0, scale: float = 1.0,
+                           max_period: float = 10000.0):
+    """Sinusoidal embeddings [N, embedding_dim] (float32) of N timesteps (int or fractional), as in DDPM.
+
+    Frequency k of half = embedding_dim // 2 is exp(-log(max_period) k / (half - downscale_freq_shift));
+    the result is [sin, cos] of scale * t * frequency, or [cos, sin] with flip_sin_to_cos, zero-padded by
+    one column when embedding_dim is odd. Computed in float32 whatever the caller's dtype, as diffusers does.
+    """
+    timesteps = jnp.asarray(timesteps)
+    if timesteps.ndim != 1:
+        raise ValueError(f"timesteps must be a 1-D array, got shape {timesteps.shape}")
+    half = embedding_dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - downscale_freq_shift)
+    angles = scale * (timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :])
+    sin, cos = jnp.sin(angles), jnp.cos(angles)
+    emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+    if embedding_dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """Linear `linear_1` -> SiLU -> Linear `linear_2` (diffusers' `TimestepEmbedding` with act_fn "silu"),
+    also used on arbitrary vectors (class_embed_type "projection"). out_dim defaults to time_embed_dim."""
+
+    time_embed_dim: int
+    out_dim: Optional[int] = None
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = nn.Dense(self.time_embed_dim, name="linear_1", **dense)(x)
+        return nn.Dense(self.out_dim or self.time_embed_dim, name="linear_2", **dense)(nn.silu(x))

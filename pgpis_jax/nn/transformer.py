@@ -1,0 +1,152 @@
+"""The spatial transformer of the Stable Diffusion UNet (diffusers' `FeedForward` with GEGLU,
+`BasicTransformerBlock`, `Transformer2DModel` on continuous inputs), NHWC, with diffusers' parameter names."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from pgpis_jax.nn.attention import Attention
+from pgpis_jax.nn.resnet import GroupNorm
+
+
+class LayerNorm(nn.Module):
+    """torch.nn.LayerNorm over the last axis, computed in float32, output in `dtype`; parameters `scale` and
+    `bias` (torch's weight and bias)."""
+
+    epsilon: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        channels = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (channels,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype)
+        x = x.astype(jnp.float32)
+        mean = x.mean(axis=-1, keepdims=True)
+        variance = jnp.square(x - mean).mean(axis=-1, keepdims=True)
+        out = (x - mean) * jax.lax.rsqrt(variance + self.epsilon)
+        return (out * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+class GEGLU(nn.Module):
+    """Linear `proj` to 2 * dim_out, split into (value, gate) halves, value * exact GELU(gate)."""
+
+    dim_out: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(2 * self.dim_out, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(x)
+        value, gate = jnp.split(x, 2, axis=-1)
+        return value * nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+    """diffusers' `FeedForward(activation_fn="geglu")`: `net_0` (GEGLU to mult * dim), dropout, `net_2`
+    (Linear back to dim_out, default the input width). torch names `net.0.proj`, `net.2`."""
+
+    mult: int = 4
+    dim_out: Optional[int] = None
+    dropout: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        dim = x.shape[-1]
+        h = GEGLU(dim * self.mult, dtype=self.dtype, param_dtype=self.param_dtype, name="net_0")(x)
+        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        return nn.Dense(self.dim_out or dim, dtype=self.dtype, param_dtype=self.param_dtype, name="net_2")(h)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-LayerNorm transformer block (diffusers' `BasicTransformerBlock`, norm_type "layer_norm"):
+    x += attn1(norm1(x)) (self-attention); x += attn2(norm2(x), context) (cross-attention, only when
+    has_cross_attention); x += ff(norm3(x)). LayerNorm eps `norm_eps` (1e-5 in the UNet); dropout after each
+    attention (diffusers' to_out.1) and inside the feed-forward.
+
+    x [B, L, dim]; context [B, Lc, Dc]; query_bias [B, L, heads * dim_head] or None is added to the
+    cross-attention's projected queries (CFLD's hybrid-granularity attention).
+    """
+
+    heads: int
+    dim_head: int
+    has_cross_attention: bool = True
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+    attention_implementation: str = "xla"
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context=None, query_bias=None, deterministic: bool = True):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        attention = dict(heads=self.heads, dim_head=self.dim_head, implementation=self.attention_implementation,
+                         **kw)
+        drop = nn.Dropout(self.dropout)
+
+        h = LayerNorm(self.norm_eps, name="norm1", **kw)(x)
+        x = drop(Attention(name="attn1", **attention)(h), deterministic=deterministic) + x
+        if self.has_cross_attention:
+            if context is None:
+                raise ValueError("BasicTransformerBlock with cross-attention needs a context (encoder_hidden_states)")
+            h = LayerNorm(self.norm_eps, name="norm2", **kw)(x)
+            h = Attention(name="attn2", **attention)(h, context, query_bias=query_bias)
+            x = drop(h, deterministic=deterministic) + x
+        elif query_bias is not None:
+            raise ValueError("query_bias is given but this BasicTransformerBlock has no cross-attention")
+        h = LayerNorm(self.norm_eps, name="norm3", **kw)(x)
+        return FeedForward(dropout=self.dropout, name="ff", **kw)(h, deterministic=deterministic) + x
+
+
+class Transformer2DModel(nn.Module):
+    """diffusers' `Transformer2DModel` on continuous NHWC inputs: GroupNorm `norm` (eps 1e-6), `proj_in`
+    (1x1 conv, or Linear with use_linear_projection) to heads * dim_head, `num_layers` x
+    `transformer_blocks_i`, `proj_out` back to the input width, plus the input.
+
+    x [B, H, W, C]; context [B, Lc, Dc]; query_biases: None or a sequence with one entry (array
+    [B, H*W, heads*dim_head] or None) per transformer block, added to its cross-attention queries.
+    """
+
+    heads: int
+    dim_head: int
+    num_layers: int = 1
+    norm_num_groups: int = 32
+    use_linear_projection: bool = False
+    has_cross_attention: bool = True
+    dropout: float = 0.0
+    attention_implementation: str = "xla"
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context=None, query_biases=None, deterministic: bool = True):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        batch, height, width, channels = x.shape
+        inner = self.heads * self.dim_head
+        if query_biases is None:
+            query_biases = (None,) * self.num_layers
+        if len(query_biases) != self.num_layers:
+            raise ValueError(f"Transformer2DModel has {self.num_layers} transformer blocks but got "
+                             f"{len(query_biases)} query biases")
+        residual = x
+        h = GroupNorm(self.norm_num_groups, 1e-6, name="norm", **kw)(x)
+        if self.use_linear_projection:
+            h = nn.Dense(inner, name="proj_in", **kw)(h.reshape(batch, height * width, channels))
+        else:
+            h = nn.Conv(inner, (1, 1), name="proj_in", **kw)(h).reshape(batch, height * width, inner)
+        for i, bias in enumerate(query_biases):
+            h = BasicTransformerBlock(self.heads, self.dim_head, has_cross_attention=self.has_cross_attention,
+                                      dropout=self.dropout, attention_implementation=self.attention_implementation,
+                                      name=f"transformer_blocks_{i}", **kw)(h, context, bias, deterministic)
+        if self.use_linear_projection:
+            h = nn.Dense(channels, name="proj_out", **kw)(h).reshape(batch, height, width, channels)
+        else:
+            h = nn.Conv(channels, (1, 1), name="proj_out", **kw)(h.reshape(batch, height, width, inner))
+        return h + residual
