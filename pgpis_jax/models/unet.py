@@ -371,6 +371,24 @@ class UNet2DConditionModel(nn.Module):
         arguments.update(kwargs)
         return cls(**arguments)
 
+    def to_config(self) -> dict:
+        """diffusers' config.json content for this module: `_class_name` and every config-key field."""
+        config = {"_class_name": "UNet2DConditionModel"}
+        for field in dataclasses.fields(self):
+            if field.name not in _OWN_FIELDS and field.name not in ("parent", "name"):
+                value = getattr(self, field.name)
+                config[field.name] = list(value) if isinstance(value, tuple) else value
+        return config
+
+    def init_params(self, rng):
+        """A fresh parameter tree (wrap in jax.eval_shape for shapes only) from minimal dummy inputs."""
+        size = 2 ** (len(self.block_out_channels) - 1)
+        class_labels = None
+        if self.class_embed_type == "projection":
+            class_labels = jnp.zeros((1, self.projection_class_embeddings_input_dim), self.dtype)
+        return self.init(rng, jnp.zeros((1, size, size, self.in_channels), self.dtype), jnp.zeros((1,), jnp.int32),
+                         jnp.zeros((1, 1, self.cross_attention_dim), self.dtype), class_labels=class_labels)["params"]
+
     # ------------------------------------------------------------------------------------------- counts
 
     def _layout(self):
