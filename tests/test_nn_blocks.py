@@ -1,6 +1,8 @@
 """Shared building blocks against their diffusers PyTorch counterparts (fp32, random weights), and the
 state-dict converter's round trip."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -102,3 +104,13 @@ def test_state_dict_round_trip_and_strict_check():
     expected["norm2"]["scale"] = np.zeros(3)
     with pytest.raises(ValueError, match=r"unexpected \(1\): conv1/bias; wrong shape \(1\): norm2/scale"):
         check_params_match(params, expected, "ckpt")
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu",
+                    reason="cuDNN flash attention needs an NVIDIA GPU; this machine has none")
+def test_cudnn_attention_matches_xla_reference_in_bf16():
+    rng = np.random.default_rng(7)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, n, 4, 64)), jnp.bfloat16) for n in (256, 258, 258))
+    reference = dot_product_attention(q, k, v, "xla").astype(jnp.float32)
+    flash = dot_product_attention(q, k, v, "cudnn").astype(jnp.float32)
+    np.testing.assert_allclose(flash, reference, atol=2e-2)
