@@ -19,70 +19,17 @@ import numpy as np
 
 from pgpis_jax.models.unet import UNet2DConditionModel
 from pgpis_jax.models.vae import AutoencoderKL
+from pgpis_jax.weights.files import CONFIG_NAME, read_config, read_state_dict, resolve_model_dir
 from pgpis_jax.weights.pytorch import check_params_match, params_to_state_dict, state_dict_to_params
 
-CONFIG_NAME = "config.json"
-SAFETENSORS_NAME = "diffusion_pytorch_model.safetensors"
-SAFETENSORS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
-PICKLE_NAME = "diffusion_pytorch_model.bin"
+WEIGHTS_STEM = "diffusion_pytorch_model"
+SAFETENSORS_NAME = f"{WEIGHTS_STEM}.safetensors"
 DIFFUSERS_CLASSES = {"UNet2DConditionModel": UNet2DConditionModel, "AutoencoderKL": AutoencoderKL}
 # linen list attributes of these modules, named "<name>_<i>" where torch says "<name>.<i>"
 LIST_NAMES = ("down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers",
               "transformer_blocks", "to_out", "net")
 _DEPRECATED_ATTENTION = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
 _DEPRECATED_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-
-
-def resolve_model_dir(path_or_repo_id: str, subfolder: Optional[str] = None) -> str:
-    """A local directory for `path_or_repo_id` (/subfolder): the directory itself, or a hub snapshot
-    (which needs network access)."""
-    if os.path.isdir(path_or_repo_id):
-        directory = path_or_repo_id
-    else:
-        try:
-            from huggingface_hub import snapshot_download
-
-            directory = snapshot_download(path_or_repo_id, allow_patterns=[f"{subfolder}/*"] if subfolder else None)
-        except Exception as error:
-            raise FileNotFoundError(
-                f"{path_or_repo_id!r} is not a local directory and could not be fetched from the hub "
-                f"({type(error).__name__}: {error}); download it and pass its path") from None
-    if subfolder:
-        directory = os.path.join(directory, subfolder)
-    if not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
-        raise FileNotFoundError(f"{directory}: no {CONFIG_NAME}; expected a diffusers model directory")
-    return directory
-
-
-def read_state_dict(directory: str, variant: Optional[str] = None) -> Dict[str, np.ndarray]:
-    """The PyTorch state dict (float32 NumPy arrays) stored in a diffusers model directory: safetensors
-    (single or sharded) preferred, else the pickled .bin (loaded with weights_only)."""
-    def named(name):
-        if variant is None:
-            return os.path.join(directory, name)
-        stem, extension = name.split(".", 1)
-        return os.path.join(directory, f"{stem}.{variant}.{extension}")
-
-    from safetensors.numpy import load_file
-
-    if os.path.isfile(named(SAFETENSORS_NAME)):
-        state = load_file(named(SAFETENSORS_NAME))
-    elif os.path.isfile(named(SAFETENSORS_INDEX_NAME)):
-        with open(named(SAFETENSORS_INDEX_NAME)) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        state = {}
-        for shard in shards:
-            state.update(load_file(os.path.join(directory, shard)))
-    elif os.path.isfile(named(PICKLE_NAME)):
-        import torch
-
-        state = {k: v.float().numpy() for k, v in torch.load(named(PICKLE_NAME), map_location="cpu",
-                                                             weights_only=True).items()}
-    else:
-        raise FileNotFoundError(f"{directory}: no weights; expected {os.path.basename(named(SAFETENSORS_NAME))}, "
-                                f"{os.path.basename(named(SAFETENSORS_INDEX_NAME))} or "
-                                f"{os.path.basename(named(PICKLE_NAME))}")
-    return {k: np.asarray(v, np.float32) for k, v in state.items()}
 
 
 def rename_deprecated_attention(state_dict: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -122,13 +69,12 @@ def load_diffusers(path_or_repo_id: str, subfolder: Optional[str] = None, dtype=
     them, naming the directory.
     """
     directory = resolve_model_dir(path_or_repo_id, subfolder)
-    with open(os.path.join(directory, CONFIG_NAME)) as f:
-        config = json.load(f)
+    config = read_config(directory)
     try:
         module = module_from_diffusers_config(config, **module_options)
     except ValueError as error:
         raise ValueError(f"{os.path.join(directory, CONFIG_NAME)}: {error}") from None
-    state_dict = read_state_dict(directory, variant)
+    state_dict = read_state_dict(directory, WEIGHTS_STEM, variant)
     if config["_class_name"] == "AutoencoderKL":
         state_dict = rename_deprecated_attention(state_dict)
     params = state_dict_to_params(state_dict)
