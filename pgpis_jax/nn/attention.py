@@ -19,11 +19,12 @@ from pgpis_jax.nn.resnet import GroupNorm
 IMPLEMENTATIONS = ("xla", "cudnn")
 
 
-def dot_product_attention(query, key, value, implementation: str = "xla", scale=None):
-    """softmax(q k^T * scale) v per head.
+def dot_product_attention(query, key, value, implementation: str = "xla", scale=None, bias=None):
+    """softmax(q k^T * scale + bias) v per head.
 
     query [B, Lq, H, D], key and value [B, Lk, H, D] -> [B, Lq, H, D] in the query's dtype;
-    scale defaults to 1 / sqrt(D).
+    scale defaults to 1 / sqrt(D); bias (optional, additive, e.g. a relative-position bias or a -100 mask) is
+    4-D and broadcastable to [B, H, Lq, Lk]; the xla path adds it to the float32 logits.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r} is not supported; "
@@ -34,8 +35,12 @@ def dot_product_attention(query, key, value, implementation: str = "xla", scale=
         if query.dtype not in (jnp.bfloat16, jnp.float16):
             raise ValueError(f"cudnn attention needs bfloat16 or float16 inputs, got {query.dtype}; "
                              "set the compute dtype to bfloat16 or use implementation='xla'")
-        return jax.nn.dot_product_attention(query, key, value, scale=scale, implementation="cudnn")
+        if bias is not None:
+            bias = jnp.asarray(bias).astype(query.dtype)
+        return jax.nn.dot_product_attention(query, key, value, bias=bias, scale=scale, implementation="cudnn")
     logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        logits = logits + jnp.asarray(bias).astype(jnp.float32)
     weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
 
