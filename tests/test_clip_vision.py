@@ -44,15 +44,6 @@ FULL_SIZE = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """torch's idle worker threads would compete with XLA's compiles on a 2-core machine (2x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _torch_model(name):
     architecture, vision = CONFIGS[name]
     torch.manual_seed(sum(map(ord, name)))

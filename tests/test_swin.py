@@ -40,15 +40,6 @@ EXPECTED_WINDOWS = {"shifted": ((4, 2), (4, 2)), "clipped_equal": ((4, 2), (4, 0
                     "clipped_below": ((6, 3), (6, 3), (4, 0))}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """torch's idle worker threads would compete with XLA's compiles on a 2-core machine (2x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _randomise(model, seed):
     """transformers initialises the bias tables (and position embeddings) to zero: give every parameter O(1)
     random values so that each one matters."""
