@@ -1,0 +1,547 @@
+"""tf.data input pipeline: TFDS pair records -> host-local batches of NumPy arrays, one method's layout each.
+
+    pipeline = InputPipeline("deepfashion/256x176", split="train", batch_size=64, method="cfld", seed=42)
+    batch = next(pipeline)                 # dict of NumPy arrays, leading dimension batch_size // process_count
+    state = pipeline.get_state()           # small JSON-able dict: save it with the checkpoint
+    pipeline = InputPipeline(..., state=state)    # continues with exactly the batches an uninterrupted run sees
+
+What it does, per host:
+- **Sharding**: the split's N records are cut into `process_count` contiguous slices (process i reads records
+  [i*N//n, (i+1)*N//n)), disjoint and covering the split; TFDS stores records in a hashed order, so a slice is
+  a random subset. `process_index` / `process_count` default to `jax.process_index()` / `jax.process_count()`.
+- **Training** (`train=True`): epochs forever. Epoch e reads the host's slice with the shard order shuffled
+  and a shuffle buffer, both seeded from (seed, e, process_index), takes `steps_per_epoch * host_batch_size`
+  records (the same count on every host, so hosts stay in step), and batches them with `drop_remainder`. The
+  position is (epoch, step); resuming rebuilds epoch e and skips step * host_batch_size *encoded* records
+  (no decoding), so a resumed run yields exactly the batches of an uninterrupted one.
+- **Evaluation** (`train=False`): one pass in record order, no augmentation; the last partial batch is padded
+  with zeros and every host yields the same number of batches (`mask` marks real examples).
+- Per record, in parallel (`num_parallel_calls`, deterministic order): JPEG/PNG decode, resize (bicubic with
+  antialiasing, rounded to uint8 levels as PIL's output is), pose rendering (`pgpis_jax.poses`, on the host
+  through `tf.numpy_function`), the method's augmentation with stateless random numbers seeded by
+  (epoch seed, position in the epoch), normalisation; then batching and `prefetch`.
+
+Keypoints are (x, y) pixels (see `pgpis_jax.poses`), -1 = missing. Images are NHWC float32.
+
+## Batches (the one place they are documented)
+
+Every batch also has `mask`: bool [B], False for evaluation padding. With `include_names` (default: evaluation
+only) it has `source_name` and `target_name` (bytes [B]). S, C, P are the `image_size`, `condition_size`,
+`pose_size` options; sizes are (height, width); "CLIP-norm" = (x/255 - OpenAI CLIP mean) / std, "ImageNet-norm"
+likewise with ImageNet statistics; [-1, 1] = x/127.5 - 1; [0, 1] = x/255.
+
+| method | key | shape | values |
+|---|---|---|---|
+| `pairs` (generic, demo) | `source_image`, `target_image` | [B, H, W, 3] | [-1, 1], H x W = `image_size` (default: stored size) |
+| | `source_pose`, `target_pose` | [B, H, W, 3] | [0, 1], skeleton of `pose_style` ("pcdms"; widths scaled from 4 px at 512) |
+| | `source_keypoints`, `target_keypoints` | [B, 18, 2] | (x, y) pixels of H x W, -1 missing |
+| `pcdm_prior` | `source_clip`, `target_clip` | [B, 224, 224, 3] | CLIP-norm (image squashed to 224x224) |
+| | `source_pose_coords`, `target_pose_coords` | [B, 36] | `poses.normalize_keypoints`: x/W, y/H in [0, 1], -1 missing |
+| `pcdm_inpaint` | `image` | [B, S, 2S, 3] | [-1, 1], [source \\| target], each squashed to S x S (S = 512) |
+| | `pose` | [B, S, 2S, 3] | [-1, 1], [source \\| target] "pcdms" skeletons (stick width and radius 4 at S = 512) |
+| | `source_dino` | [B, 224, 224, 3] | CLIP-norm source (PCDMs feeds DINOv2 CLIP-processed input) |
+| | `target_clip` | [B, 224, 224, 3] | CLIP-norm target (its CLIP embedding is the training-time global token) |
+| `pcdm_refine` | `target_image` | [B, S, S, 3] | [-1, 1]; the stage-2 output it refines is not part of this data |
+| | `source_dino` | [B, 224, 224, 3] | CLIP-norm source |
+| `cfld` | `source_image`, `target_image` | [B, S, S, 3] | [-1, 1], squashed (S = 512) |
+| | `condition_image` | [B, C, C, 3] | [-1, 1], source at C = 256, flipped left-right with p = `flip_prob` (0.5) in training |
+| | `source_pose`, `target_pose` | [B, P, P, 21] | [0, 1], `poses.cfld_pose_map` at P = 256 |
+| `fpdm` | `target_image` | [B, 512, 352, 3] | [-1, 1] |
+| | `target_pose` | [B, 512, 352, 3] | [0, 1], "pidm" skeleton drawn on 550 x 375 (`pose_canvas`), resized |
+| | `source_dino` | [B, 512, 512, 3] | ImageNet-norm source (training: from 256 x 256 with p = 0.5) |
+| | `source_clip`, `target_pose_clip` | [B, 224, 224, 3] | CLIP-norm source and target pose image |
+| `reposedm` | `source_image`, `target_image` | [B, S, S, 3] | [-1, 1] (S = 256) |
+| | `source_pose`, `target_pose` | [B, S, S, 20] | [0, 1], `poses.pidm_pose_map` |
+
+Training augmentation, as each reference does it: `cfld` flips only the condition image; `fpdm` makes 5 %
+identity pairs, draws the source at 256 with p = 0.5, adds N(0, 1) pixel noise to the target keypoints in the
+550 x 375 frame and flips source, target and target keypoints together with p = 0.5 (x -> 375 - x, left and
+right joints swapped); `reposedm` up-scales each image by 1 + U(0, 0.05) and crops back at a random offset,
+then flips images and pose maps together with p = 0.5 (pose colours not swapped, as PIDM); `pairs` flips
+together with p = `flip_prob` (default 0); the PCDMs stages do not augment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from pgpis_jax import poses
+from pgpis_jax.errors import UserError
+from pgpis_jax.preprocessing import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+try:   # the pipeline runs on the host CPU; keep TensorFlow off any accelerator JAX uses
+    tf.config.set_visible_devices([], "GPU")
+except (RuntimeError, ValueError):
+    pass
+
+IMAGE_KEYS = ("source_image", "target_image")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TF helpers
+# ----------------------------------------------------------------------------------------------------------
+
+def _size(value):
+    if isinstance(value, int):
+        return (value, value)
+    return tuple(int(v) for v in value)
+
+
+def decode(encoded, hw):
+    """JPEG / PNG bytes -> uint8 [H, W, 3]."""
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    image.set_shape((*hw, 3))
+    return image
+
+
+def resize(image, hw):
+    """uint8 or float [0, 255] image -> float32 [0, 255] of size `hw`, rounded to integer levels as a PIL resize
+    of a uint8 image is. Bicubic (Keys, a = -0.5, as PIL), with the kernel widened by the scale factor when a
+    side shrinks (antialiasing, as PIL does); same size: unchanged."""
+    image = tf.cast(image, tf.float32)
+    size = tuple(image.shape[-3:-1])
+    if size == tuple(hw):
+        return image
+    shrinks = None in size or any(o < i for o, i in zip(hw, size))
+    out = tf.image.resize(image, hw, method="bicubic", antialias=shrinks)
+    return tf.round(tf.clip_by_value(out, 0.0, 255.0))
+
+
+def to_signed(image):
+    return image / 127.5 - 1.0
+
+
+def to_unit(image):
+    return image / 255.0
+
+
+def normalize(image, mean, std):
+    return (image / 255.0 - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+
+
+def _numpy(fn, inputs, shape, dtype=tf.float32):
+    out = tf.numpy_function(fn, inputs, dtype, stateful=False)
+    out.set_shape(shape)
+    return out
+
+
+def _seed(seed, k):
+    return tf.random.experimental.stateless_fold_in(seed, k)
+
+
+def _uniform(seed, k, shape=()):
+    return tf.random.stateless_uniform(shape, _seed(seed, k), dtype=tf.float32)
+
+
+def _flip_keypoints_np(kp, offset):
+    """Keypoint flip x -> offset - x with left/right swapped (offset = width - 1: pixel mirror; FPDM: width)."""
+    flipped = poses.affine_keypoints(kp, scale_x=-1.0, offset_x=float(offset))
+    return flipped[list(poses.FLIP_PERMUTATION)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Methods
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A batch layout: `defaults` options, and `make(options, stored_hw, train)` -> preprocess(example, seed)."""
+    name: str
+    defaults: dict
+    make: Callable
+
+
+def _pairs(o, stored, train):
+    hw = _size(o["image_size"] or stored)
+    sw = o["stickwidth"] or poses.scaled_width(4, hw[0], 512)
+    radius = o["radius"] or sw
+    style = o["pose_style"]
+
+    def both(kp, flip):
+        kp = poses.resize_keypoints(kp, stored, hw)
+        if flip:
+            kp = _flip_keypoints_np(kp, hw[1] - 1)
+        pose = poses.draw_skeleton(kp, hw, style, stickwidth=sw, radius=radius).astype(np.float32) / np.float32(255)
+        return kp, pose
+
+    def preprocess(ex, seed):
+        flip = (_uniform(seed, 0) < o["flip_prob"]) if train else tf.constant(False)
+        out = {}
+        for role in ("source", "target"):
+            image = to_signed(resize(ex[f"{role}_image"], hw))
+            out[f"{role}_image"] = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
+            kp, pose = tf.numpy_function(both, [ex[f"{role}_keypoints"], flip], (tf.float32, tf.float32),
+                                         stateful=False)
+            kp.set_shape((poses.NUM_KEYPOINTS, 2))
+            pose.set_shape((*hw, 3))
+            out[f"{role}_keypoints"], out[f"{role}_pose"] = kp, pose
+        return out
+    return preprocess
+
+
+def _clip(image, size):
+    return normalize(resize(image, _size(size)), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+
+
+def _pcdm_prior(o, stored, train):
+    def coords(kp):
+        return poses.normalize_keypoints(kp, stored)
+
+    def preprocess(ex, seed):
+        out = {}
+        for role in ("source", "target"):
+            out[f"{role}_clip"] = _clip(ex[f"{role}_image"], o["clip_size"])
+            out[f"{role}_pose_coords"] = _numpy(coords, [ex[f"{role}_keypoints"]], (2 * poses.NUM_KEYPOINTS,))
+        return out
+    return preprocess
+
+
+def _pcdm_inpaint(o, stored, train):
+    s = _size(o["image_size"])
+    sw = o["stickwidth"] or poses.scaled_width(4, s[0], 512)
+
+    def skeleton(kp):
+        kp = poses.resize_keypoints(kp, stored, s)
+        return poses.draw_skeleton(kp, s, "pcdms", stickwidth=sw, radius=sw).astype(np.float32) / 127.5 - 1.0
+
+    def preprocess(ex, seed):
+        images = [to_signed(resize(ex[k], s)) for k in IMAGE_KEYS]
+        pose_maps = [_numpy(skeleton, [ex[f"{r}_keypoints"]], (*s, 3)) for r in ("source", "target")]
+        return {"image": tf.concat(images, axis=1), "pose": tf.concat(pose_maps, axis=1),
+                "source_dino": _clip(ex["source_image"], o["clip_size"]),
+                "target_clip": _clip(ex["target_image"], o["clip_size"])}
+    return preprocess
+
+
+def _pcdm_refine(o, stored, train):
+    s = _size(o["image_size"])
+
+    def preprocess(ex, seed):
+        return {"target_image": to_signed(resize(ex["target_image"], s)),
+                "source_dino": _clip(ex["source_image"], o["clip_size"])}
+    return preprocess
+
+
+def _cfld(o, stored, train):
+    s, c, p = _size(o["image_size"]), _size(o["condition_size"]), _size(o["pose_size"])
+
+    def pose_map(kp):
+        return poses.cfld_pose_map(poses.resize_keypoints(kp, stored, p), p, sigma=o["sigma"])
+
+    def preprocess(ex, seed):
+        out = {k: to_signed(resize(ex[k], s)) for k in IMAGE_KEYS}
+        cond = to_signed(resize(ex["source_image"], c))
+        if train:
+            flip = _uniform(seed, 0) < o["flip_prob"]
+            cond = tf.cond(flip, lambda: tf.image.flip_left_right(cond), lambda: cond)
+        out["condition_image"] = cond
+        for role in ("source", "target"):
+            out[f"{role}_pose"] = _numpy(pose_map, [ex[f"{role}_keypoints"]], (*p, 21))
+        return out
+    return preprocess
+
+
+def _fpdm(o, stored, train):
+    out_hw, canvas = _size(o["image_size"]), _size(o["pose_canvas"])
+    dino, clip = _size(o["dino_size"]), o["clip_size"]
+    ch, cw = canvas
+
+    def pose_image(kp, noise, flip):
+        kp = poses.resize_keypoints(kp, stored, canvas)
+        lost = poses.missing(kp)
+        kp = kp + noise
+        kp[lost] = poses.MISSING
+        gone = (kp[:, 0] < 0) | (kp[:, 1] < 0)
+        kp[gone] = poses.MISSING
+        kp[:, 0] = np.where(kp[:, 0] > cw, cw - 1, kp[:, 0])
+        kp[:, 1] = np.where(kp[:, 1] > ch, ch - 1, kp[:, 1])
+        if flip:
+            kp = _flip_keypoints_np(kp, cw)
+        return poses.draw_skeleton(kp, canvas, "pidm", stickwidth=o["stickwidth"], radius=o["radius"])
+
+    def preprocess(ex, seed):
+        src, tgt = ex["source_image"], ex["target_image"]
+        tgt_kp = ex["target_keypoints"]
+        noise = tf.zeros((poses.NUM_KEYPOINTS, 2))
+        flip = tf.constant(False)
+        if train:
+            u = _uniform(seed, 0)
+            same = u < o["identity_pair_prob"]
+            to_source = u < o["identity_pair_prob"] / 2       # target := source, else source := target
+            src, tgt, tgt_kp = (tf.where(same & ~to_source, tgt, src), tf.where(to_source, src, tgt),
+                                tf.where(to_source, ex["source_keypoints"], tgt_kp))
+            noise = o["keypoint_noise"] * tf.random.stateless_normal((poses.NUM_KEYPOINTS, 2), _seed(seed, 1))
+            flip = _uniform(seed, 2) < o["flip_prob"]
+            low = _uniform(seed, 3) < o["low_res_prob"]
+            source = tf.cond(low, lambda: resize(resize(src, _size(o["low_res_size"])), dino),
+                             lambda: resize(src, dino))
+        else:
+            source = resize(src, dino)
+        target = resize(tgt, out_hw)
+        source = tf.cond(flip, lambda: tf.image.flip_left_right(source), lambda: source)
+        target = tf.cond(flip, lambda: tf.image.flip_left_right(target), lambda: target)
+        pose = _numpy(pose_image, [tgt_kp, noise, flip], (ch, cw, 3), tf.uint8)
+        return {"target_image": to_signed(target), "target_pose": to_unit(resize(pose, out_hw)),
+                "source_dino": normalize(source, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+                "source_clip": _clip(source, clip), "target_pose_clip": _clip(pose, clip)}
+    return preprocess
+
+
+def _reposedm(o, stored, train):
+    s = _size(o["image_size"])
+
+    def pose_map(kp, scale_y, scale_x, top, left):
+        kp = poses.resize_keypoints(kp, stored, s)
+        kp = poses.crop_keypoints(poses.affine_keypoints(kp, scale_x, scale_y), top, left)
+        return poses.pidm_pose_map(kp, s, stickwidth=o["stickwidth"], radius=o["radius"])
+
+    def preprocess(ex, seed):
+        out = {}
+        flip = (_uniform(seed, 0) < o["flip_prob"]) if train else tf.constant(False)
+        for k, role in enumerate(("source", "target")):
+            image = resize(ex[f"{role}_image"], s)
+            scale_y = scale_x = tf.constant(1.0)
+            top, left = tf.constant(0.0), tf.constant(0.0)
+            if train:
+                scale = 1.0 + o["scale_jitter"] * _uniform(seed, 1 + 3 * k)
+                big = tf.cast(tf.round(scale * np.array(s, np.float32)), tf.int32)
+                top = tf.floor(_uniform(seed, 2 + 3 * k) * tf.cast(big[0] - s[0] + 1, tf.float32))
+                left = tf.floor(_uniform(seed, 3 + 3 * k) * tf.cast(big[1] - s[1] + 1, tf.float32))
+                grown = tf.round(tf.clip_by_value(tf.image.resize(image, big, method="bicubic"), 0.0, 255.0))
+                image = tf.image.crop_to_bounding_box(grown, tf.cast(top, tf.int32), tf.cast(left, tf.int32), *s)
+                scale_y, scale_x = tf.cast(big[0], tf.float32) / s[0], tf.cast(big[1], tf.float32) / s[1]
+            pose = _numpy(pose_map, [ex[f"{role}_keypoints"], scale_y, scale_x, top, left], (*s, 20))
+            image = to_signed(image)
+            out[f"{role}_image"] = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
+            out[f"{role}_pose"] = tf.cond(flip, lambda: tf.image.flip_left_right(pose), lambda: pose)
+        return out
+    return preprocess
+
+
+METHODS = {m.name: m for m in (
+    Method("pairs", dict(image_size=None, pose_style="pcdms", stickwidth=None, radius=None, flip_prob=0.0),
+           _pairs),
+    Method("pcdm_prior", dict(clip_size=224), _pcdm_prior),
+    Method("pcdm_inpaint", dict(image_size=512, clip_size=224, stickwidth=None), _pcdm_inpaint),
+    Method("pcdm_refine", dict(image_size=512, clip_size=224), _pcdm_refine),
+    Method("cfld", dict(image_size=512, condition_size=256, pose_size=256, sigma=6.0, flip_prob=0.5), _cfld),
+    Method("fpdm", dict(image_size=(512, 352), pose_canvas=(550, 375), dino_size=512, clip_size=224,
+                        stickwidth=4, radius=4, identity_pair_prob=0.05, low_res_prob=0.5, low_res_size=256,
+                        keypoint_noise=1.0, flip_prob=0.5), _fpdm),
+    Method("reposedm", dict(image_size=256, stickwidth=4, radius=4, scale_jitter=0.05, flip_prob=0.5),
+           _reposedm),
+)}
+
+
+def method_options(method, overrides=None):
+    """The method's options with `overrides` applied; unknown names are an error listing the known ones."""
+    if method not in METHODS:
+        raise UserError(f"unknown input pipeline method {method!r}; known: {', '.join(METHODS)}")
+    options = dict(METHODS[method].defaults)
+    for key, value in dict(overrides or {}).items():
+        if key not in options:
+            raise UserError(f"unknown option {key!r} of input pipeline method {method!r}; known: "
+                            f"{', '.join(options)}")
+        options[key] = value
+    return options
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The pipeline
+# ----------------------------------------------------------------------------------------------------------
+
+def load_builder(dataset, data_dir=None):
+    """A TFDS builder from a builder, a name ("deepfashion/256x176") or a prepared version directory."""
+    if isinstance(dataset, tfds.core.DatasetBuilder):
+        return dataset
+    path = Path(str(dataset))
+    if (path / "dataset_info.json").is_file():
+        return tfds.builder_from_directory(str(path))
+    try:
+        builder = tfds.builder(str(dataset), data_dir=data_dir)
+    except Exception as e:   # tfds raises several types for a name it cannot find
+        raise UserError(f"dataset {dataset!r} not found in {data_dir or 'the default TFDS data_dir'}: build it "
+                        f"with `tfds build data/<name>` (see README) ({type(e).__name__}: {e})") from None
+    if not builder.is_prepared():
+        raise UserError(f"dataset {dataset!r} is not prepared in {builder.data_dir}: run `tfds build`")
+    return builder
+
+
+class InputPipeline:
+    """Host-local iterator of batches (dicts of NumPy arrays); see the module docstring."""
+
+    def __init__(self, dataset, *, batch_size, split="train", method="pairs", options=None, data_dir=None,
+                 train=True, seed=0, shuffle_buffer_size=4096, process_index=None, process_count=None,
+                 num_parallel_calls=tf.data.AUTOTUNE, prefetch=2, include_names=None, state=None):
+        if process_index is None or process_count is None:
+            import jax
+            process_index = jax.process_index() if process_index is None else process_index
+            process_count = jax.process_count() if process_count is None else process_count
+        if not 0 <= process_index < process_count:
+            raise UserError(f"process_index {process_index} is not in [0, {process_count})")
+        if batch_size % process_count:
+            raise UserError(f"batch_size {batch_size} is not divisible by the {process_count} processes")
+        self.builder = load_builder(dataset, data_dir)
+        if split not in self.builder.info.splits:
+            raise UserError(f"split {split!r} not in dataset {self.builder.name} (splits: "
+                            f"{', '.join(self.builder.info.splits)})")
+        self.split, self.train, self.seed = split, bool(train), int(seed)
+        self.method = method
+        self.options = method_options(method, options)
+        self.batch_size = int(batch_size)
+        self.host_batch_size = self.batch_size // process_count
+        self.process_index, self.process_count = int(process_index), int(process_count)
+        self.shuffle_buffer_size = int(shuffle_buffer_size)
+        self.num_parallel_calls, self.prefetch = num_parallel_calls, prefetch
+        self.include_names = (not self.train) if include_names is None else bool(include_names)
+
+        n = self.num_split_examples = self.builder.info.splits[split].num_examples
+        start, stop = process_index * n // process_count, (process_index + 1) * n // process_count
+        self.host_range = (start, stop)
+        if self.train:
+            self.steps_per_epoch = (n // process_count) // self.host_batch_size
+            if self.steps_per_epoch == 0:
+                raise UserError(f"split {split!r} of {self.builder.name} has {n} examples: fewer than one batch "
+                                f"of {self.host_batch_size} for each of {process_count} processes")
+        else:
+            self.steps_per_epoch = math.ceil(math.ceil(n / process_count) / self.host_batch_size)
+        shape = self.builder.info.features["source_image"].shape
+        self.stored_hw = (int(shape[0]), int(shape[1]))
+        self._preprocess = METHODS[method].make(self.options, self.stored_hw, self.train)
+        self._epoch, self._step, self._iterator, self._template = 0, 0, None, None
+        if state is not None:
+            self.set_state(state)
+
+    # -- state ------------------------------------------------------------------------------------------
+    def _identity(self):
+        return {"dataset": self.builder.name, "split": self.split, "num_examples": self.num_split_examples,
+                "seed": self.seed, "batch_size": self.batch_size, "process_index": self.process_index,
+                "process_count": self.process_count, "method": self.method, "train": self.train}
+
+    def get_state(self) -> dict:
+        """The position of the next batch (epoch, step within the epoch) and what it is valid for."""
+        return {"epoch": self._epoch, "step": self._step, **self._identity()}
+
+    def set_state(self, state: dict):
+        """Continue from `state` (from `get_state`); it must come from a pipeline with the same setup."""
+        mine = self._identity()
+        differ = [f"{k} ({state[k]!r} in the state, {mine[k]!r} here)" for k in mine
+                  if k in state and state[k] != mine[k]]
+        if differ:
+            raise UserError("the saved input pipeline state belongs to a different setup: " + ", ".join(differ))
+        epoch, step = int(state["epoch"]), int(state["step"])
+        if epoch < 0 or not 0 <= step <= self.steps_per_epoch:
+            raise UserError(f"input pipeline state epoch {epoch}, step {step} is out of range "
+                            f"({self.steps_per_epoch} steps per epoch)")
+        self._epoch, self._step, self._iterator = epoch, step, None
+
+    # -- tf.data ----------------------------------------------------------------------------------------
+    def _seeds(self, epoch):
+        return [int(s) for s in np.random.SeedSequence(
+            [self.seed, epoch, self.process_index]).generate_state(3, dtype=np.uint32)]
+
+    def epoch_dataset(self, epoch, start_step=0) -> tf.data.Dataset:
+        """The tf.data pipeline of one epoch of this host, from batch `start_step` on."""
+        file_seed, shuffle_seed, aug_seed = self._seeds(epoch)
+        start, stop = self.host_range
+        read_config = tfds.ReadConfig(shuffle_seed=file_seed, try_autocache=False, skip_prefetch=True,
+                                      interleave_cycle_length=4, interleave_block_length=1)
+        decoders = {k: tfds.decode.SkipDecoding() for k in IMAGE_KEYS}
+        ds = self.builder.as_dataset(split=f"{self.split}[{start}:{stop}]", shuffle_files=self.train,
+                                     decoders=decoders, read_config=read_config)
+        hb = self.host_batch_size
+        if self.train:
+            ds = ds.shuffle(self.shuffle_buffer_size, seed=shuffle_seed, reshuffle_each_iteration=False)
+            ds = ds.take(self.steps_per_epoch * hb)
+        ds = ds.enumerate().skip(start_step * hb)
+        preprocess, include_names, hw = self._preprocess, self.include_names, self.stored_hw
+
+        def process(position, ex):
+            ex = dict(ex)
+            for k in IMAGE_KEYS:
+                ex[k] = decode(ex[k], hw)
+            seed = tf.stack([tf.constant(aug_seed, tf.int64), position])
+            out = preprocess(ex, seed)
+            if include_names:
+                out["source_name"], out["target_name"] = ex["source_name"], ex["target_name"]
+            out["mask"] = tf.constant(True)
+            return out
+
+        ds = ds.map(process, num_parallel_calls=self.num_parallel_calls, deterministic=True)
+        ds = ds.batch(hb, drop_remainder=self.train)
+        if self.prefetch:
+            ds = ds.prefetch(self.prefetch)
+        options = tf.data.Options()
+        options.deterministic = True
+        return ds.with_options(options)
+
+    @property
+    def element_spec(self) -> dict:
+        """{key: tf.TensorSpec} of one batch (leading dimension host_batch_size)."""
+        return self.epoch_dataset(0).element_spec
+
+    # -- iteration --------------------------------------------------------------------------------------
+    def __iter__(self):
+        return self
+
+    def _padding(self, batch=None):
+        if self._template is None:
+            spec = self.element_spec
+            self._template = {k: (s.shape[1:], s.dtype) for k, s in spec.items()}
+        hb = self.host_batch_size
+        have = 0 if batch is None else len(batch["mask"])
+        out = {}
+        for k, (shape, dtype) in self._template.items():
+            if dtype == tf.string:
+                pad = np.array([b""] * (hb - have), dtype=object)
+            else:
+                pad = np.zeros((hb - have, *shape), dtype.as_numpy_dtype)
+            out[k] = pad if batch is None else np.concatenate([batch[k], pad], axis=0)
+        return out
+
+    def __next__(self) -> dict:
+        while True:
+            if not self.train and self._step >= self.steps_per_epoch:
+                raise StopIteration
+            if self._iterator is None:
+                self._iterator = self.epoch_dataset(self._epoch, self._step).as_numpy_iterator()
+            try:
+                batch = next(self._iterator)
+            except StopIteration:
+                if self.train:
+                    self._epoch, self._step, self._iterator = self._epoch + 1, 0, None
+                    continue
+                batch = self._padding()
+            else:
+                if len(batch["mask"]) < self.host_batch_size:
+                    batch = self._padding(batch)
+            self._step += 1
+            return batch
+
+    @property
+    def epoch(self):
+        return self._epoch
+
+
+def dataset_name(data_config):
+    """TFDS name of a config's `data` section: dataset + image_size -> e.g. "deepfashion/256x176"."""
+    h, w = (int(v) for v in data_config.image_size)
+    return f"{data_config.dataset}/{h}x{w}"
+
+
+def from_config(config, *, split="train", train=True, data_dir=None, state=None, **kwargs):
+    """The pipeline a trainer config describes: `config.data.dataset` / `image_size` (the stored dataset),
+    `config.data.data_dir` (optional), `config.data.pipeline` (optional method options), `config.method`,
+    `config.batch_size`, `config.seed`."""
+    data = config.data
+    data_dir = data_dir or data.get("data_dir", None)
+    options = dict(data.get("pipeline", None) or {})
+    return InputPipeline(dataset_name(data), split=split, batch_size=config.batch_size, method=config.method,
+                         options=options, data_dir=data_dir, train=train, seed=config.seed, state=state, **kwargs)

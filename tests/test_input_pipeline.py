@@ -1,0 +1,248 @@
+"""pgpis_jax.input_pipeline on a small synthetic set: per-host sharding, seeded determinism, exact resume,
+batch values (poses drawn where the keypoints are), each method's documented keys and shapes, eval padding."""
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pgpis_jax import input_pipeline, poses
+from pgpis_jax.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+HW = (48, 32)
+
+
+@pytest.fixture(scope="module")
+def builder(tmp_path_factory):
+    sys.path.insert(0, str(ROOT / "data"))
+    try:
+        module = importlib.import_module("synthetic_people.synthetic_people_dataset_builder")
+    finally:
+        sys.path.remove(str(ROOT / "data"))
+    config = module.SyntheticConfig(name="pipeline_test", height=HW[0], width=HW[1], num_train_identities=10,
+                                    num_test_identities=3, poses_per_identity=3)
+    b = module.Builder(config=config, data_dir=str(tmp_path_factory.mktemp("tfds")))
+    b.download_and_prepare()
+    assert b.info.splits["train"].num_examples == 60 and b.info.splits["test"].num_examples == 18
+    return b
+
+
+def _pipeline(builder, **kwargs):
+    kwargs.setdefault("batch_size", 8)
+    kwargs.setdefault("process_index", 0)
+    kwargs.setdefault("process_count", 1)
+    return input_pipeline.InputPipeline(builder, **kwargs)
+
+
+def _pairs(batch):
+    return [(s, t) for s, t, m in zip(batch["source_name"], batch["target_name"], batch["mask"]) if m]
+
+
+def _all_pairs(builder, split):
+    import tensorflow_datasets as tfds
+
+    return {(r["source_name"], r["target_name"]) for r in tfds.as_numpy(builder.as_dataset(split=split))}
+
+
+def _equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_shards_are_disjoint_and_cover_the_split(builder):
+    for split in ("train", "test"):
+        everything = _all_pairs(builder, split)
+        seen, counts = [], []
+        for i in range(3):
+            p = _pipeline(builder, split=split, batch_size=6, train=False, process_index=i, process_count=3)
+            batches = list(p)
+            counts.append(len(batches))
+            assert all(len(b["mask"]) == 2 for b in batches)
+            mine = [pair for b in batches for pair in _pairs(b)]
+            assert len(mine) == p.host_range[1] - p.host_range[0]
+            seen.append(set(mine))
+        assert len(set(counts)) == 1                      # every host runs the same number of steps
+        assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
+        assert seen[0] | seen[1] | seen[2] == everything
+
+
+def test_training_shards_stay_in_their_slice_and_in_step(builder):
+    slices = []
+    for i in range(3):
+        p = _pipeline(builder, batch_size=9, process_index=i, process_count=3, include_names=True, seed=3)
+        assert p.host_batch_size == 3 and p.steps_per_epoch == 20 // 3
+        first_epoch = [pair for _ in range(p.steps_per_epoch) for pair in _pairs(next(p))]
+        assert len(set(first_epoch)) == len(first_epoch) == 18          # no repeats within an epoch
+        slices.append(set(first_epoch))
+        next(p)
+        assert p.get_state()["epoch"] == 1 and p.get_state()["step"] == 1
+    assert not (slices[0] & slices[1]) and not (slices[1] & slices[2]) and not (slices[0] & slices[2])
+
+
+def test_same_seed_same_batches_other_seed_other_order(builder):
+    options = dict(flip_prob=0.5)
+    a = _pipeline(builder, seed=7, options=options, include_names=True)
+    b = _pipeline(builder, seed=7, options=options, include_names=True)
+    c = _pipeline(builder, seed=8, options=options, include_names=True)
+    first_a = [next(a) for _ in range(4)]
+    for batch in first_a:
+        _equal(batch, next(b))
+    assert [_pairs(x) for x in first_a] != [_pairs(next(c)) for _ in range(4)]
+    # epochs are reshuffled
+    epoch0 = [pair for x in first_a[:2] for pair in _pairs(x)]
+    for _ in range(a.steps_per_epoch - 4):
+        next(a)
+    epoch1 = [pair for _ in range(2) for pair in _pairs(next(a))]
+    assert epoch0 != epoch1
+
+
+@pytest.mark.parametrize("method, options, stop", [
+    ("pairs", dict(flip_prob=0.5), 4),                 # mid-epoch
+    ("pairs", dict(flip_prob=0.5), 7),                 # at the end of epoch 0 (steps_per_epoch = 7)
+    ("reposedm", dict(image_size=32), 9),              # random crops and flips, in epoch 1
+])
+def test_restored_iterator_continues_identically(builder, method, options, stop):
+    reference = _pipeline(builder, seed=11, method=method, options=options)
+    assert reference.steps_per_epoch == 7
+    expected = [next(reference) for _ in range(stop + 6)]
+    interrupted = _pipeline(builder, seed=11, method=method, options=options)
+    for _ in range(stop):
+        next(interrupted)
+    state = json.loads(json.dumps(interrupted.get_state()))        # as a checkpoint stores it
+    assert (state["epoch"], state["step"]) == ((0, 7) if stop == 7 else divmod(stop, 7))
+    resumed = _pipeline(builder, seed=11, method=method, options=options, state=state)
+    for k in range(stop, stop + 6):
+        _equal(next(resumed), expected[k])
+
+
+def test_state_from_another_setup_is_refused(builder):
+    state = _pipeline(builder, seed=1).get_state()
+    with pytest.raises(UserError, match=r"different setup: seed \(1 in the state, 2 here\)"):
+        _pipeline(builder, seed=2, state=state)
+    with pytest.raises(UserError, match=r"batch_size \(8 in the state, 4 here\)"):
+        _pipeline(builder, seed=1, batch_size=4, state=state)
+
+
+def test_pairs_batch_values(builder):
+    p = _pipeline(builder, split="test", train=False, options=dict(image_size=(96, 64)))
+    batch = next(p)
+    assert batch["source_image"].shape == (8, 96, 64, 3) and batch["source_image"].dtype == np.float32
+    assert -1.0 <= batch["source_image"].min() and batch["source_image"].max() <= 1.0
+    import tensorflow_datasets as tfds
+
+    stored = {(r["source_name"], r["target_name"]): r for r in tfds.as_numpy(builder.as_dataset(split="test"))}
+    for i in range(8):
+        record = stored[(batch["source_name"][i], batch["target_name"][i])]
+        # keypoints follow the resize: stored 48x32 -> 96x64 doubles them (missing stay -1)
+        np.testing.assert_array_equal(batch["source_keypoints"][i], np.where(record["source_keypoints"] == -1, -1,
+                                                                             record["source_keypoints"] * 2))
+        # joints are drawn where the keypoints are, in their OpenPose colour
+        kp = batch["target_keypoints"][i]
+        for j in np.nonzero(poses.visible(kp))[0]:
+            if j in (14, 15, 16, 17, 0):          # face joints overlap each other at this size
+                continue
+            x, y = (int(v) for v in kp[j])
+            np.testing.assert_allclose(batch["target_pose"][i, y, x], poses.OPENPOSE_COLORS[j] / 255.0, atol=1e-6)
+        # the image is the record's, resized (bicubic, antialiased, rounded like PIL)
+        up = batch["target_image"][i]
+        assert np.abs((up[::2, ::2] + 1) * 127.5 - record["target_image"]).mean() < 12
+
+
+def test_cfld_heatmaps_peak_on_the_keypoints(builder):
+    p = _pipeline(builder, split="test", train=False, method="cfld",
+                  options=dict(image_size=32, condition_size=32, pose_size=64))
+    batch = next(p)
+    import tensorflow_datasets as tfds
+
+    stored = {(r["source_name"], r["target_name"]): r for r in tfds.as_numpy(builder.as_dataset(split="test"))}
+    for i in range(4):
+        kp = stored[(batch["source_name"][i], batch["target_name"][i])]["target_keypoints"]
+        kp64 = poses.resize_keypoints(kp, HW, (64, 64))
+        for j in np.nonzero(poses.visible(kp64))[0]:
+            heat = batch["target_pose"][i, ..., 3 + j]
+            y, x = np.unravel_index(np.argmax(heat), heat.shape)
+            assert (x, y) == (int(kp64[j, 0]), int(kp64[j, 1]))
+            assert heat[y, x] == 1.0
+
+
+SMALL = {
+    "pairs": {},
+    "pcdm_prior": dict(clip_size=24),
+    "pcdm_inpaint": dict(image_size=32, clip_size=24),
+    "pcdm_refine": dict(image_size=32, clip_size=24),
+    "cfld": dict(image_size=32, condition_size=16, pose_size=24),
+    "fpdm": dict(image_size=(48, 32), pose_canvas=(55, 37), dino_size=32, clip_size=24, low_res_size=16),
+    "reposedm": dict(image_size=32),
+}
+SHAPES = {
+    "pairs": {"source_image": (48, 32, 3), "target_image": (48, 32, 3), "source_pose": (48, 32, 3),
+              "target_pose": (48, 32, 3), "source_keypoints": (18, 2), "target_keypoints": (18, 2)},
+    "pcdm_prior": {"source_clip": (24, 24, 3), "target_clip": (24, 24, 3), "source_pose_coords": (36,),
+                   "target_pose_coords": (36,)},
+    "pcdm_inpaint": {"image": (32, 64, 3), "pose": (32, 64, 3), "source_dino": (24, 24, 3),
+                     "target_clip": (24, 24, 3)},
+    "pcdm_refine": {"target_image": (32, 32, 3), "source_dino": (24, 24, 3)},
+    "cfld": {"source_image": (32, 32, 3), "target_image": (32, 32, 3), "condition_image": (16, 16, 3),
+             "source_pose": (24, 24, 21), "target_pose": (24, 24, 21)},
+    "fpdm": {"target_image": (48, 32, 3), "target_pose": (48, 32, 3), "source_dino": (32, 32, 3),
+             "source_clip": (24, 24, 3), "target_pose_clip": (24, 24, 3)},
+    "reposedm": {"source_image": (32, 32, 3), "target_image": (32, 32, 3), "source_pose": (32, 32, 20),
+                 "target_pose": (32, 32, 20)},
+}
+RANGES = {"image": (-1, 1), "pose": (0, 1), "clip": (-1.8, 2.2), "dino": (-2.2, 2.7), "coords": (-1, 1)}
+
+
+def _kind(method, key):
+    for suffix in ("clip", "dino", "coords"):
+        if key.endswith(suffix):
+            return suffix
+    if key.endswith("image"):
+        return "image"
+    if key.endswith("pose"):
+        return "image" if method == "pcdm_inpaint" else "pose"      # PCDMs' pose canvas is in [-1, 1]
+    return None
+
+
+@pytest.mark.parametrize("method", sorted(SMALL))
+def test_each_method_batch_matches_its_documentation(builder, method):
+    assert set(input_pipeline.METHODS) == set(SMALL)
+    batch = next(_pipeline(builder, batch_size=4, method=method, options=SMALL[method], seed=5))
+    assert set(batch) == set(SHAPES[method]) | {"mask"}
+    for key, shape in SHAPES[method].items():
+        assert batch[key].shape == (4, *shape) and batch[key].dtype == np.float32, key
+        kind = _kind(method, key)
+        if kind:
+            lo, hi = RANGES[kind]
+            assert lo - 1e-6 <= batch[key].min() and batch[key].max() <= hi + 1e-6, (key, batch[key].min(),
+                                                                                   batch[key].max())
+    assert batch["mask"].all()
+    assert f"| `{method}`" in input_pipeline.__doc__
+
+
+def test_eval_pads_the_last_batch(builder):
+    p = _pipeline(builder, split="test", train=False, batch_size=8)
+    batches = list(p)
+    assert p.steps_per_epoch == len(batches) == 3
+    assert [int(b["mask"].sum()) for b in batches] == [8, 8, 2]
+    assert not batches[-1]["source_image"][2:].any() and list(batches[-1]["source_name"][2:]) == [b""] * 6
+    with pytest.raises(StopIteration):
+        next(p)
+
+
+def test_bad_arguments(builder):
+    with pytest.raises(UserError, match="unknown input pipeline method 'nope'"):
+        _pipeline(builder, method="nope")
+    with pytest.raises(UserError, match="unknown option 'size' of input pipeline method 'cfld'"):
+        _pipeline(builder, method="cfld", options=dict(size=3))
+    with pytest.raises(UserError, match="batch_size 8 is not divisible by the 3 processes"):
+        _pipeline(builder, process_count=3)
+    with pytest.raises(UserError, match="fewer than one batch of 64"):
+        _pipeline(builder, batch_size=64)
+    with pytest.raises(UserError, match="not found"):
+        input_pipeline.InputPipeline("no_such_dataset/1x1", batch_size=8, process_index=0, process_count=1,
+                                     data_dir=str(ROOT / "nonexistent"))
