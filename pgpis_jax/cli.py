@@ -131,10 +131,18 @@ def run(main: Callable[[ml_collections.ConfigDict, str], None]) -> None:
 
 def run_method(action: str, config_json_name: str) -> None:
     """The train/sample/eval entry points: runs `action` of the method named by config.method, after
-    checking that the method exists and recording the config as workdir/config_json_name."""
+    checking that the method exists and recording the config as workdir/config_json_name.
+
+    "train" goes to the shared trainer with the method's `build(config)`; the trainer records the config
+    itself (it allows the keys that may change when resuming, e.g. total_steps, to differ)."""
 
     def main(config, workdir):
         method = methods.get_method(config.method)
+        if action == "train":
+            from pgpis_jax import trainer
+
+            trainer.train(method.build(config), config, workdir)
+            return
         write_config_json(config, workdir, config_json_name)
         getattr(method, action)(config, workdir)
 

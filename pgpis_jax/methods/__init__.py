@@ -21,6 +21,12 @@ METHOD_MODULES = {
     "fpdm": None,
 }
 
+# Methods that exist for the trainer's tests and as a CPU demo of a training run; they are not among the
+# paper methods, so the "implemented" lists above and in error messages leave them out.
+TOY_METHOD_MODULES = {
+    "toy_denoiser": "pgpis_jax.methods.toy_denoiser",
+}
+
 
 def implemented_methods():
     """Names of the methods that can be trained and sampled now."""
@@ -28,9 +34,15 @@ def implemented_methods():
 
 
 def get_method(name: str):
-    """The module implementing method `name`; UserError if it is unknown or not implemented yet."""
+    """The module implementing method `name`; UserError if it is unknown or not implemented yet.
+
+    A method module provides `build(config) -> pgpis_jax.methods.base.Method` (train.py hands it to the
+    shared trainer) and the `sample(config, workdir)` / `eval(config, workdir)` actions."""
+    if name in TOY_METHOD_MODULES:
+        return importlib.import_module(TOY_METHOD_MODULES[name])
     if name not in METHOD_MODULES:
-        raise UserError(f"unknown method {name!r} in config.method; known methods: {', '.join(sorted(METHOD_MODULES))}")
+        known = sorted(METHOD_MODULES) + sorted(TOY_METHOD_MODULES)
+        raise UserError(f"unknown method {name!r} in config.method; known methods: {', '.join(known)}")
     module = METHOD_MODULES[name]
     if module is None:
         implemented = ", ".join(implemented_methods()) or "none yet"

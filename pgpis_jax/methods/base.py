@@ -1,0 +1,87 @@
+"""What a method gives the trainer. The trainer (pgpis_jax/trainer) knows nothing else about it.
+
+A method module exposes `build(config) -> Method`. The trainer calls, in order:
+
+    method.init(rng)                      -> params (nested dict of arrays), traced under jit with
+                                             out_shardings, so it must be a pure JAX function
+    method.warm_start(params)             -> params (host side, fresh runs only: load pretrained weights)
+    method.train_iterator(index, count)   -> this process's batches (see DataIterator)
+    method.loss_fn(params, batch, rng)    -> (scalar loss, {name: scalar}), traced inside the train step
+    method.preview_batch(n), sample_fn    -> periodic sample grids (optional)
+
+Constructors must not run JAX computations: `jax.distributed.initialize()` may still have to run.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Dict, Mapping, Optional, Protocol, Tuple, runtime_checkable
+
+import jax
+import numpy as np
+
+Params = Dict[str, Any]
+Batch = Mapping[str, Any]
+
+
+@runtime_checkable
+class DataIterator(Protocol):
+    """This process's share of each global batch: `next()` returns a dict of NumPy arrays whose leading
+    dimension is config.batch_size // jax.process_count(), in a deterministic order.
+
+    `get_state()` returns the position (JSON-serialisable, or bytes) after the batches returned so far and
+    `set_state(state)` restores it, so that a resumed run sees the same batches. An iterator without them
+    is fast-forwarded by skipping the batches already consumed (slow for long runs, but exact).
+    """
+
+    def __next__(self) -> Dict[str, np.ndarray]: ...
+
+    def get_state(self) -> Any: ...
+
+    def set_state(self, state: Any) -> None: ...
+
+
+class Method(abc.ABC):
+    """Base class of the methods: holds the config; subclasses define the networks, loss and data."""
+
+    def __init__(self, config):
+        self.config = config
+
+    @abc.abstractmethod
+    def init(self, rng: jax.Array) -> Params:
+        """Fresh parameters (float32 or the config's param dtype; the trainer casts to param_dtype)."""
+
+    def warm_start(self, params: Params) -> Params:
+        """Parameters to start a fresh run from (e.g. pretrained weights loaded from disk); identity here.
+        Not called when resuming from a checkpoint."""
+        return params
+
+    @abc.abstractmethod
+    def loss_fn(self, params: Params, batch: Batch, rng: jax.Array) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+        """The training loss on one (micro-)batch and named scalar diagnostics, logged as train/<name>.
+
+        The loss must be a mean over the batch's examples, so that accumulating equal micro-batches equals
+        one large batch. `rng` is the step's key and is the same for every micro-batch of an accumulated
+        step: derive per-example randomness from something that identifies the example (see
+        `example_keys`) rather than drawing one tensor for the whole micro-batch.
+        """
+
+    @abc.abstractmethod
+    def train_iterator(self, process_index: int, process_count: int) -> DataIterator:
+        """This process's training batches (see DataIterator)."""
+
+    def preview_batch(self, num: int) -> Optional[Dict[str, np.ndarray]]:
+        """A fixed conditioning batch of `num` examples (the same on every process) for sample grids, or
+        None if the method has no sample_fn."""
+        return None
+
+    def sample_fn(self, params: Params, batch: Batch, rng: jax.Array) -> jax.Array:
+        """Images [N, H, W, C] in [0, 1] sampled for `batch` (from preview_batch)."""
+        raise NotImplementedError
+
+
+def example_keys(rng: jax.Array, example_ids: jax.Array) -> jax.Array:
+    """One key per example: fold_in(rng, id). Keys, hence noise, then do not depend on how a batch is split
+    into micro-batches or over devices."""
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, example_ids)
+

@@ -1,0 +1,11 @@
+"""The shared, method-agnostic trainer: mesh and sharding rules, optax, EMA, precision, orbax checkpoints,
+clu metrics, and the jitted donated train step. `train(method, config, workdir)` runs it; a method supplies
+what pgpis_jax.methods.base.Method describes.
+
+Modules (one idea each): tree (parameter paths), mesh, optimizer, ema, precision, step (state and update),
+data (global batches, input position), checkpoints, metrics, loop.
+"""
+
+from pgpis_jax.trainer.loop import Setup, init_state, setup, train
+
+__all__ = ["Setup", "init_state", "setup", "train"]

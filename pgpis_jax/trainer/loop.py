@@ -1,0 +1,234 @@
+"""The training loop: set up the mesh and the sharded state, resume or initialise, run the jitted
+donated step over global batches, log, checkpoint, stop cleanly on preemption or a non-finite loss.
+
+    python train.py --config=configs/toy_denoiser.py --workdir=runs/toy
+
+`train(method, config, workdir)` is what train.py runs (pgpis_jax.cli.run_method) for every method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Dict, Optional
+
+import jax
+import numpy as np
+from absl import logging
+from clu import metric_writers
+from etils import epath
+from jax.sharding import Mesh
+
+from pgpis_jax.errors import UserError
+from pgpis_jax.trainer import checkpoints as ckpt_lib
+from pgpis_jax.trainer import ema as ema_lib
+from pgpis_jax.trainer import mesh as mesh_lib
+from pgpis_jax.trainer import metrics as metrics_lib
+from pgpis_jax.trainer import optimizer as opt_lib
+from pgpis_jax.trainer import step as step_lib
+from pgpis_jax.trainer.data import HostData
+from pgpis_jax.trainer.precision import Policy
+
+SAMPLE_KEY_SALT = 0x5A3F1E
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything about a run that depends on config, method and mesh but not on data or checkpoints."""
+
+    mesh: Mesh
+    policy: Policy
+    opt: opt_lib.Optimizer
+    abstract_params: Any
+    param_shardings: Any
+    state_shardings: Any
+    abstract_state: Any          # ShapeDtypeStructs carrying the state shardings (restore target)
+    train_step: Callable         # unjitted
+    init_params: Callable
+    init_rest: Callable
+
+
+def setup(method, config, mesh: Mesh) -> Setup:
+    """Shapes via jax.eval_shape, shardings from the config's rules; nothing is materialised."""
+    policy = Policy.from_config(config)
+    step_lib.check_batch_split(config, mesh)
+    init_params = step_lib.init_params_fn(method, policy)
+    abstract_params = jax.eval_shape(init_params, jax.random.key(0))
+    opt = opt_lib.make_optimizer(config, abstract_params, mu_dtype=policy.mu_dtype)
+    use_ema = ema_lib.enabled(config)
+    init_rest = step_lib.init_rest_fn(opt, use_ema)
+    rng_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+    abstract_state = jax.eval_shape(init_rest, abstract_params, rng_data)
+    param_shardings = mesh_lib.param_shardings(abstract_params, mesh, config)
+    state_shardings = mesh_lib.state_shardings(abstract_state, abstract_params, param_shardings, mesh)
+    abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  abstract_state, state_shardings)
+    return Setup(mesh=mesh, policy=policy, opt=opt, abstract_params=abstract_params,
+                 param_shardings=param_shardings, state_shardings=state_shardings, abstract_state=abstract_state,
+                 train_step=step_lib.make_train_step(method, opt, config, mesh), init_params=init_params,
+                 init_rest=init_rest)
+
+
+def init_state(s: Setup, method, config) -> Dict[str, Any]:
+    """A fresh state created already sharded: jit(init, out_shardings=...), then the method's warm start."""
+    params_key, train_key = jax.random.split(jax.random.key(config.seed))
+    params = jax.jit(s.init_params, out_shardings=s.param_shardings)(params_key)
+    warm = method.warm_start(params)
+    if warm is not params:
+        params = jax.device_put(s.policy.cast_params(warm), s.param_shardings)
+    rng_data = jax.random.key_data(train_key)
+    return jax.jit(s.init_rest, out_shardings=s.state_shardings)(params, rng_data)
+
+
+def _mean_metrics(window) -> Dict[str, float]:
+    fetched = jax.device_get(window)
+    out = {}
+    for name in fetched[0]:
+        values = [float(m[name]) for m in fetched]
+        out[name] = values[-1] if name == "learning_rate" else float(np.mean(values))
+    return out
+
+
+def train(method, config, workdir: str) -> str:
+    """Trains `method` to config.total_steps in `workdir`, resuming from its newest checkpoint.
+
+    Returns "done", "preempted" (a checkpoint was saved; rerun to continue) or "already_done". Raises
+    UserError for bad configs, unusable checkpoints and non-finite losses (metrics.NonFiniteLoss).
+    """
+    metrics_lib.quiet_library_logs()
+    mesh_lib.maybe_initialize_distributed(config)
+    for key in ("total_steps", "log_every_steps", "checkpoint_every_steps"):
+        if config[key] < 1:
+            raise UserError(f"config.{key} must be >= 1, got {config[key]}")
+    rewrite_config = ckpt_lib.check_recorded_config(config, workdir)
+    mesh = mesh_lib.make_mesh(config)
+    s = setup(method, config, mesh)
+    n_trainable, n_frozen = opt_lib.count_parameters(s.abstract_params, s.opt.trainable)
+    metrics_lib.console(f"mesh {mesh_lib.describe(mesh)}, {jax.process_count()} process(es); parameters: "
+                        f"{n_trainable:,} trainable, {n_frozen:,} frozen; global batch {config.batch_size} in "
+                        f"{config.grad.accumulation_steps} micro-batch(es); precision {config.precision.param_dtype} "
+                        f"params / {config.precision.compute_dtype} compute")
+    checkpoints = ckpt_lib.Checkpoints(workdir, config)
+    writer = None
+    preemption = None
+    try:
+        host = HostData(method.train_iterator(jax.process_index(), jax.process_count()), mesh, config)
+        restored = checkpoints.restore(s.abstract_state)
+        if restored is not None:
+            state, data_state, start = restored
+            host.set_state(data_state)
+            metrics_lib.console(f"resumed from checkpoint step {start} in {checkpoints.directory}")
+        else:
+            state, start = init_state(s, method, config), 0
+            metrics_lib.console(f"no checkpoint in {checkpoints.directory}: starting from step 0")
+        if rewrite_config:
+            ckpt_lib.write_config(config, workdir)
+        if start >= config.total_steps:
+            metrics_lib.console(f"already trained to step {start} >= config.total_steps {config.total_steps}; "
+                                "nothing to do")
+            return "already_done"
+        writer = metrics_lib.make_writer(workdir, config)
+        preemption = ckpt_lib.PreemptionWatch(bool(config.checkpoint.save_on_preemption))
+        return _run(method, config, workdir, s, state, start, host, checkpoints, writer, preemption)
+    finally:
+        if preemption is not None:
+            preemption.close()
+        checkpoints.close()   # waits for an in-flight save, so the last good checkpoint is complete
+        if writer is not None:
+            writer.flush()
+            writer.close()
+
+
+def _run(method, config, workdir, s: Setup, state, start, host, checkpoints, writer, preemption) -> str:
+    total = int(config.total_steps)
+    mesh = s.mesh
+    host_batch = host.next_host_batch()
+    batch = host.to_global(host_batch)
+    t0 = time.perf_counter()
+    jitted = step_lib.jit_train_step(s.train_step, s.state_shardings, host.shardings(host_batch), mesh)
+    compiled = jitted.lower(state, batch).compile()
+    compile_seconds = time.perf_counter() - t0
+    metrics_lib.console(f"compiled the train step in {compile_seconds:.1f}s")
+    sampler = _make_sampler(method, config, s) if config.logging.sample_every_steps > 0 else None
+
+    progress = metrics_lib.Progress(start, total, config.batch_size, mesh.devices.size)
+    writers = metric_writers.MultiWriter([writer, metrics_lib.ConsoleWriter(progress)])
+    step = start
+    window = []
+    pending: Optional[tuple] = None
+    last_checkpoint = checkpoints.latest_step()
+    first = True
+    while step < total:
+        if preemption.reached(step, checkpoints.manager):
+            if pending is not None:
+                metrics_lib.check_finite(pending[0], jax.device_get(pending[1]), last_checkpoint,
+                                         checkpoints.directory)
+            checkpoints.save(step, state, host.get_state())
+            checkpoints.wait()
+            metrics_lib.console(f"preempted: saved a checkpoint at step {step} in {checkpoints.directory}; rerun the "
+                                "same command to resume")
+            return "preempted"
+        if not first:
+            batch = host.to_global(host.next_host_batch())
+        first = False
+        state, metrics = compiled(state, batch)
+        step += 1
+        if pending is not None:  # the previous step has finished by now or soon; the device stays busy
+            metrics_lib.check_finite(pending[0], jax.device_get(pending[1]), last_checkpoint, checkpoints.directory)
+            progress.step_done(pending[0])
+        pending = (step, metrics)
+        window.append(metrics)
+        log_now = step % config.log_every_steps == 0 or step == total
+        save_now = step % config.checkpoint_every_steps == 0 or step == total
+        sample_now = sampler is not None and (step % config.logging.sample_every_steps == 0 or step == total)
+        if log_now or save_now or sample_now:  # nothing is logged or saved before its step is known finite
+            metrics_lib.check_finite(step, jax.device_get(metrics), last_checkpoint, checkpoints.directory)
+            progress.step_done(step)
+            pending = None
+        if log_now:
+            scalars = {f"train/{k}": v for k, v in _mean_metrics(window).items()}
+            scalars.update(progress.window(step))
+            scalars.update(metrics_lib.device_memory())
+            if step - start <= config.log_every_steps:
+                scalars["perf/compile_time_s"] = compile_seconds
+            writers.write_scalars(step, scalars)
+            window = []
+        if save_now:
+            checkpoints.save(step, state, host.get_state())
+            last_checkpoint = step
+        if sample_now:
+            grid = sampler(state, step)
+            writers.write_images(step, {"samples": grid[None]})
+            if jax.process_index() == 0:
+                metrics_lib.save_png(epath.Path(workdir) / "samples" / f"step_{step:08d}.png", grid)
+        if save_now or sample_now:
+            progress.restart_window(step)
+        if config.debug.step_delay_seconds > 0:
+            time.sleep(config.debug.step_delay_seconds)
+    checkpoints.wait()
+    metrics_lib.console(f"done: trained to step {step}; checkpoint in {checkpoints.directory / str(step)}")
+    return "done"
+
+
+def _make_sampler(method, config, s: Setup):
+    """(state, step) -> uint8 image grid of method.sample_fn on method.preview_batch, with the EMA
+    parameters when there are any, and the same noise at every step."""
+    preview = method.preview_batch(int(config.logging.num_samples))
+    if preview is None:
+        logging.warning("config.logging.sample_every_steps is set but method %s has no preview_batch; no grids",
+                        type(method).__name__)
+        return None
+    replicated = mesh_lib.replicated(s.mesh)
+    preview = jax.device_put(preview, replicated)
+    key = jax.random.fold_in(jax.random.key(config.seed), SAMPLE_KEY_SALT)
+
+    @jax.jit
+    def sample(params, ema, batch, rng):
+        images = method.sample_fn(ema_lib.eval_params(params, ema), batch, rng)
+        return jax.lax.with_sharding_constraint(images, replicated)
+
+    def run(state, step):
+        images = sample(state["params"], state["ema"], preview, key)
+        return metrics_lib.image_grid(np.asarray(jax.device_get(images)))
+
+    return run

@@ -1,0 +1,134 @@
+"""Helpers of the trainer tests: toy configs, a few in-process steps, train.py in a subprocess.
+
+Compiled programs are shared through JAX's persistent compilation cache (in this process and in the
+train.py subprocesses), so the many identical toy train steps compile once per machine.
+"""
+
+import getpass
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from configs import toy_denoiser as toy_config
+from pgpis_jax.methods import toy_denoiser
+from pgpis_jax.trainer import loop, mesh as mesh_lib, step as step_lib
+from pgpis_jax.trainer.data import HostData
+from pgpis_jax.trainer.metrics import read_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE_DIR = os.path.join(tempfile.gettempdir(), f"pgpis_jax_test_compilation_cache_{getpass.getuser()}")
+CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": CACHE_DIR, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def _use_compilation_cache():
+    jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    try:  # the cache is set up at the first compilation; set it up again with the directory
+        from jax.experimental.compilation_cache import compilation_cache
+
+        compilation_cache.reset_cache()
+    except Exception:  # noqa: BLE001 - only a speed-up
+        pass
+
+
+_use_compilation_cache()
+
+
+def toy(**overrides):
+    """configs/toy_denoiser.py:demo with dotted overrides, e.g. toy(**{"grad.clip_norm": 1.0})."""
+    config = toy_config.get_config("demo")
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return config
+
+
+def overrides_as_flags(overrides):
+    flags = []
+    for key, value in overrides.items():
+        flags.append(f"--config.{key}={value}")
+    return flags
+
+
+class Stepper:
+    """The trainer's own setup / sharded init / jitted donated step on this process's devices."""
+
+    def __init__(self, config):
+        self.config = config
+        self.method = toy_denoiser.build(config)
+        self.mesh = mesh_lib.make_mesh(config)
+        self.setup = loop.setup(self.method, config, self.mesh)
+        self.state = loop.init_state(self.setup, self.method, config)
+        self.host = HostData(self.method.train_iterator(0, 1), self.mesh, config)
+        self._step = None
+
+    def batch(self):
+        return self.host.next_host_batch()
+
+    def step(self, host_batch=None):
+        host_batch = self.batch() if host_batch is None else host_batch
+        if self._step is None:
+            self._step = step_lib.jit_train_step(self.setup.train_step, self.setup.state_shardings,
+                                                 self.host.shardings(host_batch), self.mesh)
+        self.state, metrics = self._step(self.state, self.host.to_global(host_batch))
+        return jax.device_get(metrics)
+
+    def params(self):
+        return jax.device_get(self.state["params"])
+
+
+def max_abs_diff(a, b):
+    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def train_cmd(workdir, **overrides):
+    return [sys.executable, "train.py", "--config=configs/toy_denoiser.py:demo", f"--workdir={workdir}",
+            *overrides_as_flags(overrides)]
+
+
+def env(**extra):
+    return dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", **CACHE_ENV, **extra)
+
+
+def run_train(workdir, timeout=240, **overrides):
+    return subprocess.run(train_cmd(workdir, **overrides), cwd=ROOT, capture_output=True, text=True, env=env(),
+                          timeout=timeout)
+
+
+def start_train(workdir, **overrides):
+    return subprocess.Popen(train_cmd(workdir, **overrides), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env())
+
+
+def wait_until(predicate, process, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        if process.poll() is not None:
+            return False
+        time.sleep(0.02)
+    return False
+
+
+def logged_steps(workdir):
+    path = os.path.join(workdir, "metrics.jsonl")
+    return read_jsonl(path) if os.path.exists(path) else {}
+
+
+def committed_steps(workdir):
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
