@@ -109,6 +109,15 @@ class _BlockBase(nn.Module):
                              name=f"resnets_{i}", **kwargs)
 
 
+    def _downsample(self, hidden, skips):
+        """(add_downsample) the stride-2 conv `downsamplers_0`, whose output is also the last skip."""
+        if not self.add_downsample:
+            return hidden, skips
+        hidden = Downsample2D(self.out_channels, padding=self.downsample_padding, dtype=self.dtype,
+                              param_dtype=self.param_dtype, name="downsamplers_0")(hidden)
+        return hidden, skips + (hidden,)
+
+
 class _CrossAttnBase(_BlockBase):
     heads: int = 8
     transformer_layers: int = 1
@@ -137,11 +146,7 @@ class DownBlock2D(_BlockBase):
         for i in range(self.num_layers):
             hidden = self._resnet(i)(hidden, temb, deterministic)
             skips += (hidden,)
-        if self.add_downsample:
-            hidden = Downsample2D(self.out_channels, padding=self.downsample_padding, dtype=self.dtype,
-                                  param_dtype=self.param_dtype, name="downsamplers_0")(hidden)
-            skips += (hidden,)
-        return hidden, skips
+        return self._downsample(hidden, skips)
 
 
 class CrossAttnDownBlock2D(_CrossAttnBase):
@@ -162,11 +167,7 @@ class CrossAttnDownBlock2D(_CrossAttnBase):
             if i == self.num_layers - 1 and additional_residual is not None:
                 hidden = _add(hidden, additional_residual, "a down_block_additional_residuals entry")
             skips += (hidden,)
-        if self.add_downsample:
-            hidden = Downsample2D(self.out_channels, padding=self.downsample_padding, dtype=self.dtype,
-                                  param_dtype=self.param_dtype, name="downsamplers_0")(hidden)
-            skips += (hidden,)
-        return hidden, skips
+        return self._downsample(hidden, skips)
 
 
 class UNetMidBlock2DCrossAttn(_CrossAttnBase):

@@ -193,6 +193,14 @@ def _maybe_remat(cls, remat: bool):
     return nn.remat(cls) if remat else cls
 
 
+def _mid_block(coder, **kw):
+    """The `mid_block` (UNetMidBlock2D) of an Encoder or Decoder, built from that coder's fields."""
+    return _maybe_remat(UNetMidBlock2D, coder.remat)(
+        resnet_eps=VAE_EPS, resnet_groups=coder.norm_num_groups, add_attention=coder.mid_block_add_attention,
+        attention_head_dim=coder.block_out_channels[-1], attention_implementation=coder.attention_implementation,
+        name="mid_block", **kw)
+
+
 class Encoder(nn.Module):
     """diffusers' VAE `Encoder`: conv_in, one DownEncoderBlock2D per entry of block_out_channels (all but the
     last downsample), mid block, GroupNorm-SiLU-conv_out to 2 * out_channels (double_z) or out_channels.
@@ -218,10 +226,7 @@ class Encoder(nn.Module):
             x = _maybe_remat(DownEncoderBlock2D, self.remat)(
                 channels, num_layers=self.layers_per_block, resnet_eps=VAE_EPS, resnet_groups=self.norm_num_groups,
                 add_downsample=i != last, downsample_padding=0, name=f"down_blocks_{i}", **kw)(x)
-        x = _maybe_remat(UNetMidBlock2D, self.remat)(
-            resnet_eps=VAE_EPS, resnet_groups=self.norm_num_groups, add_attention=self.mid_block_add_attention,
-            attention_head_dim=self.block_out_channels[-1], attention_implementation=self.attention_implementation,
-            name="mid_block", **kw)(x)
+        x = _mid_block(self, **kw)(x)
         x = GroupNorm(self.norm_num_groups, VAE_EPS, name="conv_norm_out", **kw)(x)
         out = 2 * self.out_channels if self.double_z else self.out_channels
         return conv3x3(out, name="conv_out", **kw)(nn.silu(x))
@@ -247,10 +252,7 @@ class Decoder(nn.Module):
     def __call__(self, z):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = conv3x3(self.block_out_channels[-1], name="conv_in", **kw)(z)
-        x = _maybe_remat(UNetMidBlock2D, self.remat)(
-            resnet_eps=VAE_EPS, resnet_groups=self.norm_num_groups, add_attention=self.mid_block_add_attention,
-            attention_head_dim=self.block_out_channels[-1], attention_implementation=self.attention_implementation,
-            name="mid_block", **kw)(x)
+        x = _mid_block(self, **kw)(x)
         reversed_channels = tuple(reversed(self.block_out_channels))
         last = len(reversed_channels) - 1
         for i, channels in enumerate(reversed_channels):
