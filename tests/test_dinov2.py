@@ -219,9 +219,9 @@ def test_dtype_policy_and_kernels(monkeypatch):
     a GPU: the kernel is recorded and replaced by the XLA one here)."""
     calls = []
 
-    def recording(query, key, value, implementation="xla", scale=None):
+    def recording(query, key, value, implementation="xla", **options):
         calls.append((implementation, query.dtype))
-        return attention_lib.dot_product_attention(query, key, value, "xla", scale)
+        return attention_lib.dot_product_attention(query, key, value, "xla", **options)
 
     monkeypatch.setattr(dinov2, "dot_product_attention", recording)
     _, module, params = _models("swiglu")

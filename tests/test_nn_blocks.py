@@ -114,3 +114,18 @@ def test_cudnn_attention_matches_xla_reference_in_bf16():
     reference = dot_product_attention(q, k, v, "xla").astype(jnp.float32)
     flash = dot_product_attention(q, k, v, "cudnn").astype(jnp.float32)
     np.testing.assert_allclose(flash, reference, atol=2e-2)
+
+
+def test_attention_dropout_masks_and_rescales_the_weights():
+    rng = np.random.default_rng(8)
+    q, k, v = (rng.standard_normal((1, n, 2, 4)).astype(np.float32) for n in (3, 5, 5))
+    key = jax.random.key(3)
+    scores = np.einsum("qhd,khd->hqk", q[0], k[0]) / 2.0
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    keep = np.asarray(jax.random.bernoulli(key, 0.7, (1, 2, 3, 5)))[0]
+    expected = np.einsum("hqk,khd->qhd", np.where(keep, weights / 0.7, 0.0), v[0])[None]
+    actual = dot_product_attention(q, k, v, dropout_rate=0.3, dropout_rng=key)
+    np.testing.assert_allclose(actual, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="dropout_rng"):
+        dot_product_attention(q, k, v, dropout_rate=0.3)

@@ -19,18 +19,24 @@ from pgpis_jax.nn.resnet import GroupNorm
 IMPLEMENTATIONS = ("xla", "cudnn")
 
 
-def dot_product_attention(query, key, value, implementation: str = "xla", scale=None, bias=None):
+def dot_product_attention(query, key, value, implementation: str = "xla", scale=None, bias=None,
+                          dropout_rate: float = 0.0, dropout_rng=None):
     """softmax(q k^T * scale + bias) v per head.
 
     query [B, Lq, H, D], key and value [B, Lk, H, D] -> [B, Lq, H, D] in the query's dtype;
     scale defaults to 1 / sqrt(D); bias (optional, additive, e.g. a relative-position bias or a -100 mask) is
-    4-D and broadcastable to [B, H, Lq, Lk]; the xla path adds it to the float32 logits.
+    4-D and broadcastable to [B, H, Lq, Lk]; the xla path adds it to the float32 logits. dropout_rate > 0
+    (training only, xla only) drops attention weights with a Bernoulli mask from dropout_rng and rescales the
+    kept ones by 1 / (1 - rate), as nn.Dropout / torch's attention dropout do.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r} is not supported; "
                          f"expected one of {IMPLEMENTATIONS}")
     head_dim = query.shape[-1]
     scale = head_dim**-0.5 if scale is None else scale
+    if dropout_rate > 0 and (implementation != "xla" or dropout_rng is None):
+        raise ValueError("attention dropout needs implementation='xla' and a dropout_rng "
+                         f"(got implementation={implementation!r}, dropout_rng={dropout_rng!r})")
     if implementation == "cudnn":
         if query.dtype not in (jnp.bfloat16, jnp.float16):
             raise ValueError(f"cudnn attention needs bfloat16 or float16 inputs, got {query.dtype}; "
@@ -41,7 +47,11 @@ def dot_product_attention(query, key, value, implementation: str = "xla", scale=
     logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32) * scale
     if bias is not None:
         logits = logits + jnp.asarray(bias).astype(jnp.float32)
-    weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+    weights = jax.nn.softmax(logits, axis=-1)
+    if dropout_rate > 0:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    weights = weights.astype(value.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
 
 

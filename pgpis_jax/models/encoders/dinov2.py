@@ -210,16 +210,9 @@ class _SelfAttention(nn.Module):
             return dense(x).reshape(x.shape[:2] + (self.num_heads, self.head_dim))
 
         query, key, value = project("query"), project("key"), project("value")
-        if self.dropout > 0 and not deterministic:
-            if self.implementation != "xla":
-                raise ValueError("attention dropout (attention_probs_dropout_prob > 0 in training) needs "
-                                 "attention_implementation='xla'")
-            logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
-            weights = jax.nn.softmax(logits * self.head_dim**-0.5, axis=-1)
-            weights = nn.Dropout(self.dropout)(weights, deterministic=False).astype(value.dtype)
-            out = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
-        else:
-            out = dot_product_attention(query, key, value, self.implementation)
+        training_dropout = self.dropout if not deterministic else 0.0
+        out = dot_product_attention(query, key, value, self.implementation, dropout_rate=training_dropout,
+                                    dropout_rng=self.make_rng("dropout") if training_dropout > 0 else None)
         return out.reshape(x.shape[:2] + (inner,))
 
 
