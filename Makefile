@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 TEST_WORKERS ?= 2
 DEMO_WORKDIR ?= runs/demo
 
-.PHONY: install demo test clean
+.PHONY: install demo pcdm-demo test clean
 
 install: $(INSTALLED)
 
@@ -22,6 +22,10 @@ $(INSTALLED): requirements.txt pyproject.toml
 
 demo: $(INSTALLED)
 	$(PY) demo.py --config=configs/toy_mixture.py --workdir=$(DEMO_WORKDIR)
+
+# PCDMs end to end on synthetic people (three tiny stages, then the test pairs): demo_out/grid.png, metrics.json.
+pcdm-demo: $(INSTALLED)
+	$(PY) demo.py --config=configs/pcdm_inpaint.py:demo --workdir=runs/pcdm_demo --output_dir=demo_out
 
 test: $(INSTALLED)
 	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m pytest -q -n $(TEST_WORKERS) --durations=10

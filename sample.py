@@ -1,9 +1,37 @@
 """Samples with a trained method.
 
-    python sample.py --config=configs/pcdm_inpaint.py --workdir=runs/pcdm_inpaint
+    python sample.py --config=configs/toy_denoiser.py:demo --workdir=runs/toy
+
+PCDMs (the stage-2 workdir is --workdir; see pgpis_jax/methods/pcdm/pipeline.py for the ablations):
+
+    python sample.py --config=configs/pcdm_inpaint.py --workdir=runs/pcdm_inpaint \\
+        --prior_workdir=runs/pcdm_prior --refine_workdir=runs/pcdm_refine --split=test --output_dir=out/test
+    python sample.py ... --source_image=a.png --source_pose=a.txt --target_pose=b.txt --output=b_pred.png
 """
+
+from absl import flags
 
 from pgpis_jax import cli
 
+_FLAGS = {
+    "ablation": flags.DEFINE_enum("ablation", None, ["full", "B1", "B2", "B3", "true"],
+                                  "PCDMs: which stages run (default: full when all workdirs are given, else "
+                                  "the stages given)."),
+    "prior_workdir": flags.DEFINE_string("prior_workdir", None, "PCDMs: the trained stage-1 workdir."),
+    "refine_workdir": flags.DEFINE_string("refine_workdir", None, "PCDMs: the trained stage-3 workdir."),
+    "split": flags.DEFINE_string("split", None, "Generate every pair of this split (e.g. test, train)."),
+    "output_dir": flags.DEFINE_string("output_dir", None, "Where split mode writes <source>_to_<target>.png."),
+    "batch_size": flags.DEFINE_integer("batch_size", None, "Pairs per sampling call in split mode."),
+    "source_image": flags.DEFINE_string("source_image", None, "Single mode: the source photo."),
+    "source_pose": flags.DEFINE_string("source_pose", None, "Single mode: 18-line 'x y' keypoints or a pose image."),
+    "target_pose": flags.DEFINE_string("target_pose", None, "Single mode: 18-line 'x y' keypoints or a pose image."),
+    "output": flags.DEFINE_string("output", None, "Single mode: the output PNG."),
+}
+
+
+def _given():
+    return {name: flag.value for name, flag in _FLAGS.items() if flag.present}
+
+
 if __name__ == "__main__":
-    cli.run_method("sample", "sample_config.json")
+    cli.run_method("sample", "sample_config.json", _given)

@@ -111,6 +111,14 @@ def mesh_config(data=-1, fsdp=1):
         data=data, fsdp=fsdp, rules=((".*", "fsdp"),), fsdp_min_size=2**14, batch_axes=("data", "fsdp")))
 
 
+def eval_config(metrics="fid,lpips,ssim,psnr", protocol="standard", eval_size="", real_dir="", weights_dir=""):
+    """config.eval, read by pgpis_jax.evaluation.evaluate_method_outputs (eval.py --config --workdir):
+    metrics, protocol (standard, pcdms, cfld, fpdm, pidm), eval_size ("HxW", "" = the protocol's), real_dir
+    (FID real set, "" = the reference images), weights_dir (metric weight files, "" = $PGPIS_METRIC_WEIGHTS)."""
+    return ml_collections.ConfigDict(dict(metrics=metrics, protocol=protocol, eval_size=eval_size, real_dir=real_dir,
+                                          weights_dir=weights_dir))
+
+
 def scheduler_config(class_name, **fields):
     """A diffusers-style scheduler config (the content of a scheduler_config.json)."""
     return ml_collections.ConfigDict({"_class_name": class_name, **fields})

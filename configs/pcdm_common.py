@@ -1,49 +1,147 @@
-"""Settings the three PCDMs stages share (Shen et al., ICLR 2024, Sec. 4 and Appendix B)."""
+"""Settings the three PCDMs stages share (Shen et al., ICLR 2024, Sec. 4 and Appendix B).
+
+Arguments of every PCDMs config (comma-separated, e.g. `:res=512,released`):
+  demo      tiny random networks, a pixel-shuffle autoencoder and `synthetic_people` at 64x64 (2-core CPU)
+  market    Market-1501 (128x64 stored, 128x128 squashed canvases)
+  res=512   DeepFashion 512x352 (default 256x176); PCDMs squashes every image to a square of that height
+  released  the released scripts' settings instead of the paper's (learning rates, batch sizes, gradient
+            clipping, UniPC / UnCLIP samplers; ../shared/reference/pcdms.md Sec. 5)
+"""
 
 import ml_collections
 
 from configs import common
 
-# Stages 2-3 fine-tune SD 2.1-base; DDIM with the fields of its scheduler config (a PNDMScheduler one).
-SD21_BASE_DDIM = dict(common.SD_SCHEDULE, steps_offset=1, set_alpha_to_one=False, clip_sample=False)
+SD21_BASE = "stabilityai/stable-diffusion-2-1-base"
+# OpenCLIP ViT-H/14 vision tower with projection (1024-d image_embeds), as distributed with IP-Adapter.
+CLIP_VIT_H = ("h94/IP-Adapter", "models/image_encoder")
+DINOV2_GIANT = "facebook/dinov2-giant"
+KANDINSKY_PRIOR = ("kandinsky-community/kandinsky-2-2-prior", "prior")
+
+# SD 2.1-base's scheduler config (a PNDMScheduler one): the fields every sampler built from it shares.
+SD21_BASE_SAMPLING = dict(common.SD_SCHEDULE, steps_offset=1, set_alpha_to_one=False, clip_sample=False,
+                          prediction_type="epsilon")
+
+# The demo's tiny random networks (CPU, 64x64 images, 4x4 pixel-shuffle latents of 48 channels).
+DEMO_EMBEDDING = 32
+DEMO_LATENT_CHANNELS = 48
+DEMO_ENCODER_SIZE = 56   # CLIP / DINOv2 input size in the demo (patch 14 -> 16 tokens + CLS)
+
+
+def network(weights="", subfolder="", config=None, overrides=None, keep_fresh=(), drop_pretrained=()):
+    """A network spec (pgpis_jax/methods/pcdm/networks.py): pretrained `weights` (hub id or directory), or a
+    full `config` for a random-init network."""
+    return ml_collections.ConfigDict(dict(weights=weights, subfolder=subfolder, config=config or {},
+                                          overrides=overrides or {}, keep_fresh=tuple(keep_fresh),
+                                          drop_pretrained=tuple(drop_pretrained)))
+
+
+def demo_clip():
+    return network(config=dict(
+        architectures=["CLIPVisionModelWithProjection"], model_type="clip_vision_model", hidden_size=32,
+        intermediate_size=64, projection_dim=DEMO_EMBEDDING, num_hidden_layers=2, num_attention_heads=2,
+        image_size=DEMO_ENCODER_SIZE, patch_size=14, hidden_act="gelu"))
+
+
+def demo_dinov2():
+    return network(config=dict(
+        architectures=["Dinov2Model"], model_type="dinov2", hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=2, mlp_ratio=2, image_size=DEMO_ENCODER_SIZE, patch_size=14))
+
+
+def demo_unet(in_channels, class_embedding):
+    config = dict(
+        _class_name="UNet2DConditionModel", sample_size=16, in_channels=in_channels,
+        out_channels=DEMO_LATENT_CHANNELS, down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], block_out_channels=[32, 64], layers_per_block=1,
+        attention_head_dim=[1, 2], cross_attention_dim=DEMO_EMBEDDING, use_linear_projection=True,
+        norm_num_groups=32)
+    if class_embedding:
+        config.update(class_embed_type="projection", projection_class_embeddings_input_dim=DEMO_EMBEDDING)
+    return network(config=config)
+
+
+def sd21_unet(in_channels, class_embedding):
+    """SD 2.1-base's UNet with a new conv_in kernel (its bias is kept, as ignore_mismatched_sizes keeps every
+    tensor whose shape still fits) and, for stage 2, a new projection class embedding."""
+    overrides = dict(in_channels=in_channels)
+    keep_fresh = ["conv_in/kernel"]
+    if class_embedding:
+        overrides.update(class_embed_type="projection", projection_class_embeddings_input_dim=1024)
+        keep_fresh.append("class_embedding/.*")
+    return network(SD21_BASE, "unet", overrides=overrides, keep_fresh=keep_fresh)
+
+
+def parse(arg):
+    return common.parse_arg(arg, demo=False, market=False, res=256, released=False)
 
 
 def pcdm_config(method, arg, total_steps, batch_size):
-    """Base, optimizer and sampling settings of one stage. Table 4: AdamW, lr 1e-4 in every stage.
+    """Base, optimizer, data and sampling settings of one stage. Table 4: AdamW, lr 1e-4, weight decay 0.01.
 
-    The released scripts differ: lr 1e-5 in stages 1 and 3, global batch 1024 / 64 / 128, up to 1M steps
-    in stages 2-3, grad-clip 10 / 1 / 1 (see ../shared/reference/pcdms.md, Sec. 5).
+    Weights and data: `config.model.<network>.weights` (hub id or local directory) and `config.data.data_dir`
+    (where `tfds build data/deepfashion` wrote the dataset). Encoders and the VAE are frozen.
     """
-    arg = common.parse_arg(arg, demo=False, market=False, res=256)
+    arg = parse(arg)
     config = common.base_config(method)
     config.total_steps = total_steps
     config.batch_size = batch_size
-    config.optimizer = ml_collections.ConfigDict(
-        dict(name="adamw", learning_rate=1e-4, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8,
-             schedule="constant"))
-    config.sampling = ml_collections.ConfigDict(dict(num_inference_steps=20, guidance_scale=2.0))
-    config.data = ml_collections.ConfigDict(
-        dict(dataset="market1501" if arg.market else "deepfashion",
-             image_size=(128, 64) if arg.market else ((512, 352) if arg.res == 512 else (256, 176))))
+    config.optimizer = common.optimizer_config(learning_rate=1e-4, weight_decay=0.01)
+    config.sampling = ml_collections.ConfigDict(dict(num_inference_steps=20, guidance_scale=2.0,
+                                                     guidance_rescale=0.0))
+    config.data = ml_collections.ConfigDict(dict(
+        dataset="market1501" if arg.market else "deepfashion",
+        image_size=(128, 64) if arg.market else ((512, 352) if arg.res == 512 else (256, 176)),
+        data_dir="", pipeline={}))
+    config.model = ml_collections.ConfigDict(dict(
+        attention_implementation="xla",   # "cudnn" on GPUs with bf16 compute
+        image_encoder=network(*CLIP_VIT_H), dinov2=network(DINOV2_GIANT)))
+    config.logging.num_samples = 4
+    config.eval = common.eval_config()
+    config.logging.sample_every_steps = 5_000
     if arg.demo:
-        config.total_steps = 200
-        config.batch_size = 8
-        config.log_every_steps = 10
-        config.checkpoint_every_steps = 100
+        config.total_steps = 300
+        config.batch_size = 16
+        config.log_every_steps = 50
+        config.checkpoint_every_steps = 300
+        config.logging.sample_every_steps = 0
+        config.optimizer.learning_rate = 1e-3
         config.data.dataset = "synthetic_people"
+        config.eval.metrics = "ssim,psnr"
         config.data.image_size = (64, 64)
-    return config
+        config.data.builder_config = "64x64_demo"   # 40 train / 8 test identities
+        config.data.pipeline = dict(clip_size=DEMO_ENCODER_SIZE)
+        config.model.image_encoder = demo_clip()
+        config.model.dinov2 = demo_dinov2()
+    return config, arg
 
 
-def unet_stage_config(method, arg, total_steps):
-    """Stages 2 and 3: SD 2.1-base UNets, epsilon prediction, noise offset 0.1, batch 128 (Table 4).
+def unet_stage_config(method, arg, total_steps, class_embedding):
+    """Stages 2 and 3: SD 2.1-base UNets, epsilon prediction, noise offset 0.1, batch 128 (Table 4), the
+    SD VAE, DINOv2-giant tokens through a trainable projector (1536 -> 768 -> 1024).
 
     Paper: DDIM, 20 steps, w = 2. The released code samples with UniPC (order 2, bh2) built from the SD
-    2.1-base scheduler config and keeps the best of 4 samples by SSIM against the ground truth.
+    2.1-base scheduler config (`released`) and keeps the best of 4 samples by SSIM against the ground truth
+    (sample.py --best_of=4, reported as oracle selection).
     """
-    config = pcdm_config(method, arg, total_steps=total_steps, batch_size=128)
+    config, arg = pcdm_config(method, arg, total_steps=total_steps, batch_size=128)
     config.diffusion = ml_collections.ConfigDict(dict(
         train_scheduler=common.scheduler_config("DDPMScheduler", prediction_type="epsilon", **common.SD_SCHEDULE),
-        noise_offset=0.1, timestep_sampler="uniform", condition_dropout=0.1))
-    config.sampling.scheduler = common.scheduler_config("DDIMScheduler", prediction_type="epsilon", **SD21_BASE_DDIM)
-    return config
+        noise_offset=0.1, condition_dropout=0.1))
+    sampler = "UniPCMultistepScheduler" if arg.released else "DDIMScheduler"
+    config.sampling.scheduler = common.scheduler_config(sampler, **SD21_BASE_SAMPLING)
+    config.data.pipeline = dict(config.data.pipeline, image_size=64 if arg.demo else (128 if arg.market else arg.res))
+    config.model.unet = sd21_unet(4 * 2 + (1 if class_embedding else 0), class_embedding)
+    config.model.vae = ml_collections.ConfigDict(dict(kind="sd", factor=8, scaling=1.0, **network(SD21_BASE, "vae")))
+    config.model.image_proj = ml_collections.ConfigDict(dict(hidden=768))
+    config.param_groups.trainable = ("unet/.*", "image_proj_model_p/.*") + (("pose_proj/.*",) if class_embedding
+                                                                             else ())
+    if arg.released:
+        config.grad.clip_norm = 1.0
+    if arg.demo:
+        config.model.unet = demo_unet(2 * DEMO_LATENT_CHANNELS + (1 if class_embedding else 0), class_embedding)
+        config.model.vae = ml_collections.ConfigDict(dict(kind="pixel_shuffle", factor=4, scaling=1.0,
+                                                          **network()))
+        config.model.image_proj = ml_collections.ConfigDict(dict(hidden=64))
+        config.sampling.scheduler = common.scheduler_config("DDIMScheduler", **SD21_BASE_SAMPLING)
+    return config, arg

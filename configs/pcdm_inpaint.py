@@ -1,11 +1,22 @@
 """PCDMs stage 2: the inpainting UNet on the [source | target] canvas.
 
-Arguments (comma-separated): `demo` (tiny, CPU), `market` (Market-1501 128x64), `res=512` (DeepFashion
-512x352). Example: --config=configs/pcdm_inpaint.py:demo
+Arguments: see configs/pcdm_common.py (`demo`, `market`, `res=512`, `released`).
+Example: python train.py --config=configs/pcdm_inpaint.py:demo --workdir=runs/pcdm_inpaint_demo
 """
+
+import ml_collections
 
 from configs import pcdm_common
 
 
 def get_config(arg=None):
-    return pcdm_common.unet_stage_config("pcdm_inpaint", arg, total_steps=200_000)
+    config, arg = pcdm_common.unet_stage_config("pcdm_inpaint", arg, total_steps=200_000,
+                                                class_embedding=True)
+    # ControlNet-style pose encoder on the [source | target] skeleton canvas, zero-initialised output.
+    config.model.pose_encoder = ml_collections.ConfigDict(dict(block_out_channels=(16, 32, 96, 256)))
+    if arg.released:
+        config.batch_size = 64            # 8 GPUs x 8; lr 1e-4 as the paper
+        config.total_steps = 1_000_000    # the script's maximum
+    if arg.demo:
+        config.model.pose_encoder.block_out_channels = (16, 32, 64)
+    return config

@@ -1,14 +1,20 @@
 """PCDMs stage 3: the refining UNet conditioned on the stage-2 result.
 
-Arguments (comma-separated): `demo` (tiny, CPU), `market` (Market-1501 128x64), `res=512` (DeepFashion
-512x352). Example: --config=configs/pcdm_refine.py:demo
+Training needs the stage-2 results for the training pairs in config.data.pipeline.coarse_dir
+(<source>_to_<target>.png), made with the true target embedding as the original does:
+    python sample.py --config=configs/pcdm_inpaint.py --workdir=runs/pcdm_inpaint --stage=inpaint \
+        --split=train --output_dir=runs/coarse_train
+Arguments: see configs/pcdm_common.py (`demo`, `market`, `res=512`, `released`).
 """
 
 from configs import pcdm_common
 
 
 def get_config(arg=None):
-    config = pcdm_common.unet_stage_config("pcdm_refine", arg, total_steps=100_000)
-    # The released stage-3 script passes guidance_rescale = w (= 2), almost certainly unintended.
-    config.sampling.guidance_rescale = 0.0
+    config, arg = pcdm_common.unet_stage_config("pcdm_refine", arg, total_steps=100_000, class_embedding=False)
+    config.data.pipeline = dict(config.data.pipeline, coarse_dir="")
+    # The released stage-3 script passes guidance_rescale = w (= 2), almost certainly unintended; 0 here.
+    if arg.released:
+        config.optimizer.learning_rate = 1e-5
+        config.total_steps = 1_000_000    # the script's maximum; global batch 128 as the paper
     return config

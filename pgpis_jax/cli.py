@@ -9,6 +9,7 @@ override of a key the config does not have is an error naming that key.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -129,12 +130,14 @@ def run(main: Callable[[ml_collections.ConfigDict, str], None]) -> None:
     app.run(absl_main, flags_parser=parse_flags)
 
 
-def run_method(action: str, config_json_name: str) -> None:
+def run_method(action: str, config_json_name: str, options: Callable[[], dict] = dict) -> None:
     """The train/sample/eval entry points: runs `action` of the method named by config.method, after
     checking that the method exists and recording the config as workdir/config_json_name.
 
     "train" goes to the shared trainer with the method's `build(config)`; the trainer records the config
-    itself (it allows the keys that may change when resuming, e.g. total_steps, to differ)."""
+    itself (it allows the keys that may change when resuming, e.g. total_steps, to differ). `options()`
+    returns the entry point's own flags that were given on the command line, passed to the action as keyword
+    arguments; a method whose action does not take one is an error naming the flag."""
 
     def main(config, workdir):
         method = methods.get_method(config.method)
@@ -143,7 +146,14 @@ def run_method(action: str, config_json_name: str) -> None:
 
             trainer.train(method.build(config), config, workdir)
             return
+        function = getattr(method, action)
+        given = options()
+        accepted = inspect.signature(function).parameters
+        unknown = sorted(name for name in given if name not in accepted)
+        if unknown:
+            raise UserError(f"method {config.method!r} takes no {', '.join('--' + n for n in unknown)} for "
+                            f"{action}")
         write_config_json(config, workdir, config_json_name)
-        getattr(method, action)(config, workdir)
+        function(config, workdir, **given)
 
     run(main)

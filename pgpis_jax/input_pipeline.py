@@ -25,7 +25,9 @@ Keypoints are (x, y) pixels (see `pgpis_jax.poses`), -1 = missing. Images are NH
 
 ## Batches (the one place they are documented)
 
-Every batch also has `mask`: bool [B], False for evaluation padding. With `include_names` (default: evaluation
+Every batch also has `mask`: bool [B], False for evaluation padding, and `example_id`: int32 [B], the
+example's position in this epoch's stream of all hosts (distinct within a global batch; methods derive
+per-example noise from it, so a step's randomness does not depend on micro-batching). With `include_names` (default: evaluation
 only) it has `source_name` and `target_name` (bytes [B]). S, C, P are the `image_size`, `condition_size`,
 `pose_size` options; sizes are (height, width); "CLIP-norm" = (x/255 - OpenAI CLIP mean) / std, "ImageNet-norm"
 likewise with ImageNet statistics; [-1, 1] = x/127.5 - 1; [0, 1] = x/255.
@@ -41,7 +43,8 @@ likewise with ImageNet statistics; [-1, 1] = x/127.5 - 1; [0, 1] = x/255.
 | | `pose` | [B, S, 2S, 3] | [-1, 1], [source \\| target] "pcdms" skeletons (stick width and radius 4 at S = 512) |
 | | `source_dino` | [B, 224, 224, 3] | CLIP-norm source (PCDMs feeds DINOv2 CLIP-processed input) |
 | | `target_clip` | [B, 224, 224, 3] | CLIP-norm target (its CLIP embedding is the training-time global token) |
-| `pcdm_refine` | `target_image` | [B, S, S, 3] | [-1, 1]; the stage-2 output it refines is not part of this data |
+| `pcdm_refine` | `target_image` | [B, S, S, 3] | [-1, 1] |
+| | `coarse_image` | [B, S, S, 3] | [-1, 1], the stage-2 result `<coarse_dir>/<source stem>_to_<target stem>.png` |
 | | `source_dino` | [B, 224, 224, 3] | CLIP-norm source |
 | `cfld` | `source_image`, `target_image` | [B, S, S, 3] | [-1, 1], squashed (S = 512) |
 | | `condition_image` | [B, C, C, 3] | [-1, 1], source at C = 256, flipped left-right with p = `flip_prob` (0.5) in training |
@@ -220,11 +223,25 @@ def _pcdm_inpaint(o, stored, train):
     return preprocess
 
 
+def pair_stem(source_name, target_name):
+    """PCDMs' output name of a pair without extension: "<source stem>_to_<target stem>" (tf strings)."""
+    def stem(name):
+        return tf.strings.regex_replace(tf.strings.regex_replace(name, r"^.*/", ""), r"\.[^.]*$", "")
+    return tf.strings.join([stem(source_name), "_to_", stem(target_name)])
+
+
 def _pcdm_refine(o, stored, train):
     s = _size(o["image_size"])
+    if not o["coarse_dir"]:
+        raise UserError("input pipeline method 'pcdm_refine' needs the option coarse_dir: the folder of stage-2 "
+                        "results <source>_to_<target>.png for this split (sample.py --stage=inpaint writes it)")
+    coarse_dir = str(o["coarse_dir"]).rstrip("/") + "/"
 
     def preprocess(ex, seed):
+        path = tf.strings.join([coarse_dir, pair_stem(ex["source_name"], ex["target_name"]), ".png"])
+        coarse = tf.io.decode_png(tf.io.read_file(path), channels=3)
         return {"target_image": to_signed(resize(ex["target_image"], s)),
+                "coarse_image": to_signed(resize(tf.cast(coarse, tf.float32), s)),
                 "source_dino": _clip(ex["source_image"], o["clip_size"])}
     return preprocess
 
@@ -330,7 +347,7 @@ METHODS = {m.name: m for m in (
            _pairs),
     Method("pcdm_prior", dict(clip_size=224), _pcdm_prior),
     Method("pcdm_inpaint", dict(image_size=512, clip_size=224, stickwidth=None), _pcdm_inpaint),
-    Method("pcdm_refine", dict(image_size=512, clip_size=224), _pcdm_refine),
+    Method("pcdm_refine", dict(image_size=512, clip_size=224, coarse_dir=""), _pcdm_refine),
     Method("cfld", dict(image_size=512, condition_size=256, pose_size=256, sigma=6.0, flip_prob=0.5), _cfld),
     Method("fpdm", dict(image_size=(512, 352), pose_canvas=(550, 375), dino_size=512, clip_size=224,
                         stickwidth=4, radius=4, identity_pair_prob=0.05, low_res_prob=0.5, low_res_size=256,
@@ -462,6 +479,7 @@ class InputPipeline:
             ds = ds.take(self.steps_per_epoch * hb)
         ds = ds.enumerate().skip(start_step * hb)
         preprocess, include_names, hw = self._preprocess, self.include_names, self.stored_hw
+        id_offset = tf.constant(self.process_index * self.steps_per_epoch * hb, tf.int64)
 
         def process(position, ex):
             ex = dict(ex)
@@ -472,6 +490,7 @@ class InputPipeline:
             if include_names:
                 out["source_name"], out["target_name"] = ex["source_name"], ex["target_name"]
             out["mask"] = tf.constant(True)
+            out["example_id"] = tf.cast(position + id_offset, tf.int32)
             return out
 
         ds = ds.map(process, num_parallel_calls=self.num_parallel_calls, deterministic=True)
@@ -531,9 +550,10 @@ class InputPipeline:
 
 
 def dataset_name(data_config):
-    """TFDS name of a config's `data` section: dataset + image_size -> e.g. "deepfashion/256x176"."""
+    """TFDS name of a config's `data` section: dataset + image_size -> e.g. "deepfashion/256x176", or
+    dataset + `builder_config` when the config names one (e.g. "synthetic_people/64x64_demo")."""
     h, w = (int(v) for v in data_config.image_size)
-    return f"{data_config.dataset}/{h}x{w}"
+    return f"{data_config.dataset}/{data_config.get('builder_config') or f'{h}x{w}'}"
 
 
 def from_config(config, *, split="train", train=True, data_dir=None, state=None, **kwargs):

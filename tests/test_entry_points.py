@@ -39,12 +39,30 @@ def test_unknown_override_key_is_one_line_naming_the_key(tmp_path):
 
 
 def test_unimplemented_method_is_one_line_and_writes_nothing(tmp_path):
-    result = _run("train.py", "--config=configs/pcdm_inpaint.py:demo", f"--workdir={tmp_path}")
+    result = _run("train.py", "--config=configs/pcdm_inpaint.py:demo", f"--workdir={tmp_path}",
+                  "--config.method=cfld")
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
-    assert _error_lines(result) == ["train.py: error: method 'pcdm_inpaint' is not implemented yet "
-                                    "(implemented: none yet)"]
+    assert _error_lines(result) == ["train.py: error: method 'cfld' is not implemented yet "
+                                    "(implemented: pcdm_inpaint, pcdm_prior, pcdm_refine)"]
     assert os.listdir(tmp_path) == []
+
+
+def test_pcdm_without_weights_or_data_is_one_message_pointing_at_both_and_demo(tmp_path):
+    env_data = tmp_path / "no_tfds"
+    result = _run("train.py", "--config=configs/pcdm_inpaint.py", f"--workdir={tmp_path / 'run'}",
+                  f"--config.data.data_dir={env_data}")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("train.py:")]
+    assert len(lines) == 1, result.stderr
+    message = lines[0]
+    for expected in ("config.model.unet.weights='stabilityai/stable-diffusion-2-1-base'",
+                     "config.model.vae.weights", "config.model.image_encoder.weights='h94/IP-Adapter'",
+                     "config.model.dinov2.weights='facebook/dinov2-giant'", "config.data.dataset='deepfashion'",
+                     "tfds build", ":demo"):
+        assert expected in message, expected
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
 def test_demo_writes_resolved_config_and_reports_each_sampler(tmp_path):

@@ -186,7 +186,7 @@ SHAPES = {
                    "target_pose_coords": (36,)},
     "pcdm_inpaint": {"image": (32, 64, 3), "pose": (32, 64, 3), "source_dino": (24, 24, 3),
                      "target_clip": (24, 24, 3)},
-    "pcdm_refine": {"target_image": (32, 32, 3), "source_dino": (24, 24, 3)},
+    "pcdm_refine": {"target_image": (32, 32, 3), "coarse_image": (32, 32, 3), "source_dino": (24, 24, 3)},
     "cfld": {"source_image": (32, 32, 3), "target_image": (32, 32, 3), "condition_image": (16, 16, 3),
              "source_pose": (24, 24, 21), "target_pose": (24, 24, 21)},
     "fpdm": {"target_image": (48, 32, 3), "target_pose": (48, 32, 3), "source_dino": (32, 32, 3),
@@ -208,11 +208,32 @@ def _kind(method, key):
     return None
 
 
+COARSE_LEVEL = 51   # uint8 value of every pixel of the fake stage-2 results
+
+
+@pytest.fixture(scope="module")
+def coarse_dir(builder, tmp_path_factory):
+    """A stage-2 result `<source stem>_to_<target stem>.png` (uniform COARSE_LEVEL) for every training pair."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("coarse")
+    pipe = _pipeline(builder, split="train", train=False, method="pairs", include_names=True, batch_size=60)
+    batch = next(pipe)
+    for s, t in _pairs(batch):
+        stem = f"{Path(s.decode()).stem}_to_{Path(t.decode()).stem}"
+        Image.fromarray(np.full((20, 16, 3), COARSE_LEVEL, np.uint8)).save(folder / f"{stem}.png")
+    return str(folder)
+
+
 @pytest.mark.parametrize("method", sorted(SMALL))
-def test_each_method_batch_matches_its_documentation(builder, method):
+def test_each_method_batch_matches_its_documentation(builder, coarse_dir, method):
     assert set(input_pipeline.METHODS) == set(SMALL)
-    batch = next(_pipeline(builder, batch_size=4, method=method, options=SMALL[method], seed=5))
-    assert set(batch) == set(SHAPES[method]) | {"mask"}
+    options = dict(SMALL[method], coarse_dir=coarse_dir) if method == "pcdm_refine" else SMALL[method]
+    batch = next(_pipeline(builder, batch_size=4, method=method, options=options, seed=5))
+    assert set(batch) == set(SHAPES[method]) | {"mask", "example_id"}
+    assert len(set(batch["example_id"].tolist())) == 4
+    if method == "pcdm_refine":
+        np.testing.assert_allclose(batch["coarse_image"], COARSE_LEVEL / 127.5 - 1.0, atol=1e-6)
     for key, shape in SHAPES[method].items():
         assert batch[key].shape == (4, *shape) and batch[key].dtype == np.float32, key
         kind = _kind(method, key)

@@ -12,9 +12,9 @@ from pgpis_jax.errors import UserError
 
 # Every method name a config may give, with the module that will implement it (None: not yet).
 METHOD_MODULES = {
-    "pcdm_prior": None,
-    "pcdm_inpaint": None,
-    "pcdm_refine": None,
+    "pcdm_prior": "pgpis_jax.methods.pcdm.prior",
+    "pcdm_inpaint": "pgpis_jax.methods.pcdm.inpaint",
+    "pcdm_refine": "pgpis_jax.methods.pcdm.refine",
     "cfld": None,
     "reposedm": None,
     "fpdm_fusion": None,

@@ -1,4 +1,4 @@
-"""The spatial transformer of the Stable Diffusion UNet (diffusers' `FeedForward` with GEGLU,
+"""The spatial transformer of the Stable Diffusion UNet (diffusers' `FeedForward` with GEGLU or GELU,
 `BasicTransformerBlock`, `Transformer2DModel` on continuous inputs), NHWC, with diffusers' parameter names."""
 
 from __future__ import annotations
@@ -47,20 +47,42 @@ class GEGLU(nn.Module):
         return value * nn.gelu(gate, approximate=False)
 
 
+class GELU(nn.Module):
+    """Linear `proj` to dim_out, then exact (erf) GELU: diffusers' `GELU` activation module."""
+
+    dim_out: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(self.dim_out, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(x)
+        return nn.gelu(x, approximate=False)
+
+
+FEED_FORWARD_ACTIVATIONS = {"geglu": GEGLU, "gelu": GELU}
+
+
 class FeedForward(nn.Module):
-    """diffusers' `FeedForward(activation_fn="geglu")`: `net_0` (GEGLU to mult * dim), dropout, `net_2`
-    (Linear back to dim_out, default the input width). torch names `net.0.proj`, `net.2`."""
+    """diffusers' `FeedForward` with activation_fn "geglu" (the UNet) or "gelu" (the unCLIP / PCDMs prior):
+    `net_0` (the activation module, projecting to mult * dim), dropout, `net_2` (Linear back to dim_out,
+    default the input width). torch names `net.0.proj`, `net.2`."""
 
     mult: int = 4
     dim_out: Optional[int] = None
     dropout: float = 0.0
+    activation_fn: str = "geglu"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
+        if self.activation_fn not in FEED_FORWARD_ACTIVATIONS:
+            raise ValueError(f"FeedForward activation_fn {self.activation_fn!r} is not supported; expected one of "
+                             f"{tuple(FEED_FORWARD_ACTIVATIONS)}")
         dim = x.shape[-1]
-        h = GEGLU(dim * self.mult, dtype=self.dtype, param_dtype=self.param_dtype, name="net_0")(x)
+        activation = FEED_FORWARD_ACTIVATIONS[self.activation_fn]
+        h = activation(dim * self.mult, dtype=self.dtype, param_dtype=self.param_dtype, name="net_0")(x)
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
         return nn.Dense(self.dim_out or dim, dtype=self.dtype, param_dtype=self.param_dtype, name="net_2")(h)
 
@@ -69,7 +91,8 @@ class BasicTransformerBlock(nn.Module):
     """Pre-LayerNorm transformer block (diffusers' `BasicTransformerBlock`, norm_type "layer_norm"):
     x += attn1(norm1(x)) (self-attention); x += attn2(norm2(x), context) (cross-attention, only when
     has_cross_attention); x += ff(norm3(x)). LayerNorm eps `norm_eps` (1e-5 in the UNet); dropout after each
-    attention (diffusers' to_out.1) and inside the feed-forward.
+    attention (diffusers' to_out.1) and inside the feed-forward. activation_fn "geglu" (the UNet) or "gelu"
+    (the prior); attention_bias gives to_q / to_k / to_v biases (diffusers' attention_bias).
 
     x [B, L, dim]; context [B, Lc, Dc]; query_bias [B, L, heads * dim_head] or None is added to the
     cross-attention's projected queries (CFLD's hybrid-granularity attention).
@@ -80,6 +103,8 @@ class BasicTransformerBlock(nn.Module):
     has_cross_attention: bool = True
     dropout: float = 0.0
     norm_eps: float = 1e-5
+    activation_fn: str = "geglu"
+    attention_bias: bool = False
     attention_implementation: str = "xla"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -87,8 +112,8 @@ class BasicTransformerBlock(nn.Module):
     @nn.compact
     def __call__(self, x, context=None, query_bias=None, deterministic: bool = True):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        attention = dict(heads=self.heads, dim_head=self.dim_head, implementation=self.attention_implementation,
-                         **kw)
+        attention = dict(heads=self.heads, dim_head=self.dim_head, use_bias=self.attention_bias,
+                         implementation=self.attention_implementation, **kw)
         drop = nn.Dropout(self.dropout)
 
         h = LayerNorm(self.norm_eps, name="norm1", **kw)(x)
@@ -102,7 +127,8 @@ class BasicTransformerBlock(nn.Module):
         elif query_bias is not None:
             raise ValueError("query_bias is given but this BasicTransformerBlock has no cross-attention")
         h = LayerNorm(self.norm_eps, name="norm3", **kw)(x)
-        return FeedForward(dropout=self.dropout, name="ff", **kw)(h, deterministic=deterministic) + x
+        feed_forward = FeedForward(dropout=self.dropout, activation_fn=self.activation_fn, name="ff", **kw)
+        return feed_forward(h, deterministic=deterministic) + x
 
 
 class Transformer2DModel(nn.Module):

@@ -1,0 +1,223 @@
+"""PCDMs stage 2: the inpainting UNet on the [source | target] canvas (Shen et al., ICLR 2024, Sec. 3.3).
+
+Parameters: `unet` (SD 2.1-base, 2C+1 input channels, projection class embedding), `pose_proj` (PoseEncoder,
+added after conv_in), `image_proj_model_p` (DINOv2 tokens -> cross-attention width) - trained; `vae`,
+`image_encoder` (CLIP ViT-H/14), `dinov2` - frozen.
+
+Training step, per example (pcdm_inpaint batches, see pgpis_jax/input_pipeline.py):
+  x0 = latent of the canvas [source | target]; masked = latent of [source | black] (posterior samples)
+  t ~ U{0..999}; noise = N(0, 1) + 0.1 N(0, 1) per channel; x_t = add_noise(x0, noise, t)
+  with p = 0.1 each: DINOv2 input pixels zeroed, CLIP input pixels of the target zeroed
+  g = CLIP image_embeds(target) [E]; context = [image_proj(DINOv2(source)) ; g] [N+1, E]
+  eps_hat = unet([x_t, marker, masked], t, context, class_labels=g, conv_in_residual=pose_proj(pose canvas))
+  loss = mean (eps_hat - noise)^2 over the whole canvas (both halves, as the original)
+
+Sampling: the same inputs with g = the stage-1 prediction (or the true embedding), classifier-free guidance
+with all context tokens and the class label zeroed (the original's unconditional branch), then the decoded
+right half.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pgpis_jax.diffusion import guidance
+from pgpis_jax.errors import UserError
+from pgpis_jax.methods.base import Method
+from pgpis_jax.methods.pcdm import common, networks
+from pgpis_jax.models.pcdm import ImageProjector, PoseEncoder, join_canvas, pack_inpaint_input, split_canvas
+from pgpis_jax.trainer.precision import Policy
+
+TRAINABLE = ("unet", "pose_proj", "image_proj_model_p")
+
+
+class PCDMInpaint(Method):
+    def __init__(self, config):
+        super().__init__(config)
+        policy = Policy.from_config(config)
+        m = config.model
+        missing = networks.MissingInputs()
+        kw = dict(dtype=policy.compute_dtype, param_dtype=policy.param_dtype)
+        self.unet = networks.diffusers_network(m.unet, "config.model.unet", missing, remat=config.remat != "none",
+                                               attention_implementation=m.attention_implementation, **kw)
+        self.codec, self.vae = networks.codec(m.vae, "config.model.vae", missing, policy.compute_dtype)
+        self.encoders = common.Encoders(config, ("image_encoder", "dinov2"), missing, policy)
+        common.check_dataset(config, missing)
+        missing.raise_if_any(f"{config.method}")
+        unet = self.unet.module
+        self.embedding_dim = self.encoders.module("image_encoder").projection_dim
+        self.token_dim = self.encoders.module("dinov2").hidden_size
+        _check_unet(unet, self.codec.channels, self.embedding_dim)
+        self.pose_proj = PoseEncoder(features=unet.block_out_channels[0],
+                                     block_out_channels=tuple(m.pose_encoder.block_out_channels), **kw)
+        self.image_proj = ImageProjector(hidden=m.image_proj.hidden, features=unet.cross_attention_dim, **kw)
+        self.diffusion = common.Diffusion(config)
+        self.condition_dropout = float(config.diffusion.condition_dropout)
+
+    # ------------------------------------------------------------------------------------------ params
+
+    def init(self, rng):
+        keys = jax.random.split(rng, 4)
+        params = {"unet": self.unet.module.init_params(keys[0]),
+                  "pose_proj": self.pose_proj.init_params(keys[1]),
+                  "image_proj_model_p": self.image_proj.init_params(keys[2], self.token_dim),
+                  **self.encoders.init(keys[3])}
+        vae = self.codec.init_params(keys[3])
+        return {**params, "vae": vae} if vae else params
+
+    def warm_start(self, params):
+        params = dict(params, unet=networks.load_pretrained(self.unet, params["unet"], "diffusers"),
+                      **self.encoders.warm_start(params))
+        if self.vae is not None:
+            params["vae"] = networks.load_pretrained(self.vae, params["vae"], "diffusers")
+        return params
+
+    def train_iterator(self, process_index: int, process_count: int):
+        return common.train_iterator(self.config, process_index, process_count)
+
+    # ------------------------------------------------------------------------------------------ network
+
+    def latents(self, params, images, keys):
+        return common.encode_latents(self.codec, params.get("vae"), images, keys)
+
+    def denoise(self, params, x_t, t, masked_latent, context, global_embedding, pose_features):
+        """The UNet's prediction for noisy canvas latents x_t [B, h, 2w, C]."""
+        return self.unet.module.apply({"params": params["unet"]}, pack_inpaint_input(x_t, masked_latent), t,
+                                      context, class_labels=global_embedding,
+                                      conv_in_residual=pose_features).astype(jnp.float32)
+
+    def conditions(self, params, source_dino, global_embedding, pose):
+        """(context [B, N+1, E] = projected DINOv2 tokens and the global token, pose features)."""
+        tokens = self.image_proj.apply({"params": params["image_proj_model_p"]},
+                                       self.encoders.tokens(params, source_dino))
+        context = jnp.concatenate([tokens, global_embedding[:, None].astype(tokens.dtype)], axis=1)
+        return context, self.pose_proj.apply({"params": params["pose_proj"]}, pose)
+
+    # ------------------------------------------------------------------------------------------ training
+
+    def loss_fn(self, params, batch, rng):
+        k = common.per_example_keys(rng, batch, 5)
+        image = batch["image"]
+        masked_image = masked_canvas(image)
+        x0 = self.latents(params, image, k[0])
+        masked_latent = self.latents(params, masked_image, k[1])
+        source_dino = common.zero_where(common.dropped(k[2], self.condition_dropout), batch["source_dino"])
+        target_clip = common.zero_where(common.dropped(k[3], self.condition_dropout), batch["target_clip"])
+        g = self.encoders.embed(params, target_clip)
+        context, pose_features = self.conditions(params, source_dino, g, batch["pose"])
+        t, x_t, target = self.diffusion.training_pair(k[4], x0)
+        prediction = self.denoise(params, x_t, t, masked_latent, context, g, pose_features)
+        return common.mean_squared_error(prediction, target), {}
+
+    # ------------------------------------------------------------------------------------------ sampling
+
+    def generate(self, params, source_image, pose, source_dino, global_embedding, rng,
+                 num_inference_steps: int, guidance_scale: float, guidance_rescale: float = 0.0):
+        """Generated targets [B, S, S, 3] in [-1, 1] (clipped) for source images [B, S, S, 3] in [-1, 1], pose
+        canvases [B, S, 2S, 3], CLIP-normalised source_dino [B, 224, 224, 3] and global embeddings [B, E].
+
+        Guidance as the original pipeline: the unconditional branch has every context token and the class
+        label zeroed (pose, marker and masked latent unchanged); CFG only when guidance_scale > 1."""
+        vae_key, noise_key, step_key = jax.random.split(rng, 3)
+        batch = source_image.shape[0]
+        canvas = join_canvas(source_image, source_image)
+        masked_latent = self.latents(params, masked_canvas(canvas), jax.random.split(vae_key, batch))
+        context, pose_features = self.conditions(params, source_dino, global_embedding, pose)
+        cond = (context, global_embedding.astype(jnp.float32))
+        if guidance_scale > 1.0:
+            uncond = jax.tree.map(jnp.zeros_like, cond)
+            both = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), uncond, cond)
+
+            def branches(x, t):
+                return self.denoise(params, x, t, jnp.concatenate([masked_latent] * 2), *both,
+                                    jnp.concatenate([pose_features] * 2))
+
+            model_fn = guidance.guided(branches, 2, lambda u, c: guidance.pcdm(u, c, guidance_scale,
+                                                                              guidance_rescale))
+        else:
+            def model_fn(x, t):
+                return self.denoise(params, x, t, masked_latent, *cond, pose_features)
+
+        x_T = jax.random.normal(noise_key, masked_latent.shape, jnp.float32)
+        x0 = self.diffusion.sampler.sample(model_fn, x_T, step_key, num_inference_steps=num_inference_steps)
+        _, target = split_canvas(self.codec.decode(params.get("vae"), x0))
+        return jnp.clip(target, -1.0, 1.0)
+
+    def preview_batch(self, num: int) -> Optional[Dict[str, np.ndarray]]:
+        batch = common.first_test_examples(self.config, num)
+        return {k: batch[k] for k in ("image", "pose", "source_dino", "target_clip")}
+
+    def sample_fn(self, params, batch, rng):
+        """Rows source | target pose | generated (true target embedding) | ground truth, in [0, 1]."""
+        source, target = split_canvas(batch["image"])
+        _, target_pose = split_canvas(batch["pose"])
+        g = self.encoders.embed(params, batch["target_clip"])
+        s = self.config.sampling
+        generated = self.generate(params, source, batch["pose"], batch["source_dino"], g, rng,
+                                  s.num_inference_steps, s.guidance_scale)
+        row = jnp.concatenate([source, target_pose, generated, target], axis=2)
+        return jnp.clip((row + 1.0) / 2.0, 0.0, 1.0)
+
+
+def masked_canvas(canvas):
+    """[source | black]: the canvas [B, H, 2W, 3] in [-1, 1] with its right half set to -1."""
+    source, target = split_canvas(canvas)
+    return join_canvas(source, -jnp.ones_like(target))
+
+
+def _check_unet(unet, latent_channels: int, embedding_dim: int) -> None:
+    expected = 2 * latent_channels + 1
+    problems = []
+    if unet.in_channels != expected:
+        problems.append(f"in_channels={unet.in_channels} (expected 2 x {latent_channels} latent channels + 1 "
+                        f"marker = {expected})")
+    if unet.class_embed_type != "projection" or unet.projection_class_embeddings_input_dim != embedding_dim:
+        problems.append(f"class_embed_type={unet.class_embed_type!r}, projection_class_embeddings_input_dim="
+                        f"{unet.projection_class_embeddings_input_dim} (expected 'projection', {embedding_dim}: "
+                        f"the image encoder's projection_dim)")
+    if unet.cross_attention_dim != embedding_dim:
+        problems.append(f"cross_attention_dim={unet.cross_attention_dim} (expected {embedding_dim}: the global "
+                        f"embedding is a context token)")
+    if problems:
+        raise UserError("config.model.unet does not fit stage 2: " + "; ".join(problems))
+
+
+def build(config) -> PCDMInpaint:
+    return PCDMInpaint(config)
+
+
+def sample(config, workdir: str, ablation=None, prior_workdir=None, refine_workdir=None, split=None,
+           output_dir=None, batch_size=None, source_image=None, source_pose=None, target_pose=None, output=None):
+    """sample.py: the three-stage pipeline with this workdir as stage 2 (pipeline.sample_command)."""
+    from pgpis_jax.methods.pcdm import pipeline
+
+    pipeline.sample_command(config, workdir, ablation=ablation, prior_workdir=prior_workdir,
+                            refine_workdir=refine_workdir, split=split, output_dir=output_dir,
+                            batch_size=batch_size, source_image=source_image, source_pose=source_pose,
+                            target_pose=target_pose, output=output)
+
+
+def generate_test_set(config, workdir: str, output_dir: str):
+    """The test split through this stage alone (ablation B1: blank global token) into output_dir/generated,
+    with the ground truth in output_dir/reference; existing images are kept. Returns both folders."""
+    from pgpis_jax.methods.pcdm import pipeline
+
+    generated, reference = os.path.join(output_dir, "generated"), os.path.join(output_dir, "reference")
+    stage = pipeline.load_stage(workdir, "pcdm_inpaint", config)
+    pipeline.PCDMPipeline(stage, "B1", seed=config.seed).run_split("test", generated, config.batch_size,
+                                                                     reference_dir=reference)
+    return generated, reference
+
+
+def eval(config, workdir: str):  # noqa: A001 - the entry points call method.eval
+    """eval.py --config --workdir: generate_test_set into <workdir>/test_set, then the metrics of config.eval
+    (pgpis_jax.evaluation) -> <workdir>/eval_metrics.json."""
+    from pgpis_jax import evaluation
+
+    generated, reference = generate_test_set(config, workdir, os.path.join(workdir, "test_set"))
+    return evaluation.evaluate_method_outputs(config, workdir, generated, reference)

@@ -1,0 +1,141 @@
+"""The networks of the PCDMs stages, built from a config's `model` section.
+
+Each pretrained network is a *spec* (a ConfigDict):
+
+    weights          a hub id or local directory (diffusers / transformers layout); "" = no pretrained weights
+    subfolder        inside `weights` ("unet", "vae", "prior", ...)
+    config           the network's config (diffusers / transformers config.json content) when `weights` is ""
+                     (the CPU demo's tiny random networks); else ignored
+    overrides        config keys changed from the pretrained config (e.g. in_channels=9)
+    keep_fresh       regexes of parameters that start from their fresh initialisation although weights are
+                     given (they have no pretrained counterpart of that shape; see weights/partial.py)
+    drop_pretrained  regexes of pretrained parameters the network does not use
+
+Constructing a `Networks` resolves every `weights` (downloading from the hub when it can), so a missing model
+is reported before anything is compiled; weights are read only in `load_pretrained` (the trainer's warm start).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Dict, List, Optional
+
+import jax.numpy as jnp
+
+from pgpis_jax.errors import UserError
+from pgpis_jax.models.latent_codec import PixelShuffleCodec, VAECodec
+from pgpis_jax.weights import diffusers_io, transformers_io
+from pgpis_jax.weights.files import read_config, read_state_dict, resolve_model_dir
+from pgpis_jax.weights.partial import merge_pretrained
+from pgpis_jax.weights.pytorch import state_dict_to_params
+
+
+@dataclasses.dataclass
+class Resolved:
+    """One network: its module, the directory of its pretrained weights (None: random init) and its spec."""
+
+    key: str                 # config path, e.g. "config.model.unet"
+    module: Any
+    directory: Optional[str]
+    spec: Any
+
+
+class MissingInputs:
+    """Collects what a run lacks (weights, data) so that all of it is reported in one message."""
+
+    def __init__(self):
+        self.problems: List[str] = []
+
+    def add(self, problem: str) -> None:
+        """Records one problem; only the first line of a nested error message is kept (one-line report)."""
+        self.problems.append(problem.strip().splitlines()[0])
+
+    def raise_if_any(self, config_file_hint: str) -> None:
+        if self.problems:
+            raise UserError(
+                f"cannot start {config_file_hint}: " + "; ".join(self.problems) +
+                ". Point at local copies with the config keys named above (README, 'Pretrained weights and "
+                "data'); the `:demo` variant of the config needs none of them.")
+
+
+def resolve_directory(spec, key: str, missing: MissingInputs) -> Optional[str]:
+    """The local directory of spec.weights (None if it has none; a problem added if it cannot be found)."""
+    if not spec.weights:
+        if not spec.config:
+            raise UserError(f"{key}: give either weights (hub id or directory) or config (a random-init network)")
+        return None
+    try:
+        return resolve_model_dir(spec.weights, spec.subfolder or None)
+    except (FileNotFoundError, OSError) as error:
+        reason = "no config.json there" if os.path.isdir(spec.weights) else \
+            "not a local directory and could not be fetched from the hub"
+        missing.add(f"{key}.weights={spec.weights!r}{f' (subfolder {spec.subfolder!r})' if spec.subfolder else ''}: "
+                    f"{reason} ({type(error).__name__})")
+        return None
+
+
+def _network_config(spec, directory: Optional[str], key: str) -> Dict[str, Any]:
+    config = dict(read_config(directory)) if directory else dict(spec.config)
+    unknown = sorted(set(spec.overrides) - set(config)) if directory else []
+    if unknown:
+        raise UserError(f"{key}.overrides: {', '.join(unknown)} not in {os.path.join(directory, 'config.json')}")
+    config.update(dict(spec.overrides))
+    return config
+
+
+def _options_error(key: str, error: Exception) -> UserError:
+    return UserError(f"{key}: {error}")
+
+
+def diffusers_network(spec, key: str, missing: MissingInputs, **module_options) -> Resolved:
+    """A UNet or AutoencoderKL spec -> Resolved (module built from the pretrained config + overrides)."""
+    directory = resolve_directory(spec, key, missing)
+    if spec.weights and directory is None:
+        return Resolved(key, None, None, spec)
+    try:
+        module = diffusers_io.module_from_diffusers_config(_network_config(spec, directory, key), **module_options)
+    except (ValueError, TypeError) as error:
+        raise _options_error(key, error) from None
+    return Resolved(key, module, directory, spec)
+
+
+def transformers_network(spec, key: str, missing: MissingInputs, **module_options) -> Resolved:
+    """A CLIP vision or DINOv2 spec -> Resolved."""
+    directory = resolve_directory(spec, key, missing)
+    if spec.weights and directory is None:
+        return Resolved(key, None, None, spec)
+    try:
+        module = transformers_io.module_from_transformers_config(_network_config(spec, directory, key),
+                                                                  **module_options)
+    except (ValueError, TypeError) as error:
+        raise _options_error(key, error) from None
+    return Resolved(key, module, directory, spec)
+
+
+def codec(spec, key: str, missing: MissingInputs, dtype) -> Any:
+    """config.model.vae: kind "sd" (an AutoencoderKL spec) or "pixel_shuffle" (factor, scaling)."""
+    if spec.kind == "pixel_shuffle":
+        return PixelShuffleCodec(factor=int(spec.factor), scaling=float(spec.scaling)), None
+    if spec.kind != "sd":
+        raise UserError(f"{key}.kind={spec.kind!r}; expected 'sd' or 'pixel_shuffle'")
+    resolved = diffusers_network(spec, key, missing, dtype=dtype)
+    return (VAECodec(resolved.module) if resolved.module is not None else None), resolved
+
+
+def load_pretrained(resolved: Resolved, fresh_params, kind: str):
+    """The network's parameters for a fresh run: `fresh_params` if it has no weights, else the pretrained
+    ones merged per keep_fresh / drop_pretrained. kind: "diffusers" or "transformers"."""
+    if resolved.directory is None:
+        return fresh_params
+    spec = resolved.spec
+    source = f"{resolved.key} ({resolved.directory})"
+    if kind == "diffusers":
+        state = read_state_dict(resolved.directory, diffusers_io.WEIGHTS_STEM)
+        if resolved.module.__class__.__name__ == "AutoencoderKL":
+            state = diffusers_io.rename_deprecated_attention(state)
+        pretrained = state_dict_to_params(state)
+    else:
+        _, pretrained = transformers_io.load_transformers(resolved.directory, dtype=jnp.float32)
+    return merge_pretrained(fresh_params, pretrained, source, keep_fresh=tuple(spec.keep_fresh),
+                            drop_pretrained=tuple(spec.drop_pretrained))

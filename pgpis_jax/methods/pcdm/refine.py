@@ -1,0 +1,119 @@
+"""PCDMs stage 3: the refining UNet, image-to-image on the stage-2 result (Shen et al., ICLR 2024, Sec. 3.4).
+
+Parameters: `unet` (SD 2.1-base with 2C input channels), `image_proj_model_p` - trained; `vae`, `dinov2` -
+frozen.
+
+Training step, per example (pcdm_refine batches; `coarse_dir` holds stage-2 results for the training pairs,
+made as the original does with the true target embedding: sample.py --stage=inpaint --split=train):
+  x0 = latent of the target; coarse = latent of the stage-2 result; t, noise (+ 0.1 offset), x_t as stage 2
+  with p = 0.1 the coarse image's pixels are zeroed (the original's `s_img_drop_rate`); DINOv2 is never dropped
+  loss = mean (unet([x_t, coarse], t, image_proj(DINOv2(source))) - noise)^2
+
+Sampling: guidance with zero context tokens and a zero coarse latent as the unconditional branch (the
+original's), CFG only when scale > 1.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pgpis_jax.diffusion import guidance
+from pgpis_jax.errors import UserError
+from pgpis_jax.methods.base import Method
+from pgpis_jax.methods.pcdm import common, networks
+from pgpis_jax.models.pcdm import ImageProjector, pack_refine_input
+from pgpis_jax.trainer.precision import Policy
+
+TRAINABLE = ("unet", "image_proj_model_p")
+
+
+class PCDMRefine(Method):
+    def __init__(self, config):
+        super().__init__(config)
+        policy = Policy.from_config(config)
+        m = config.model
+        missing = networks.MissingInputs()
+        kw = dict(dtype=policy.compute_dtype, param_dtype=policy.param_dtype)
+        self.unet = networks.diffusers_network(m.unet, "config.model.unet", missing, remat=config.remat != "none",
+                                               attention_implementation=m.attention_implementation, **kw)
+        self.codec, self.vae = networks.codec(m.vae, "config.model.vae", missing, policy.compute_dtype)
+        self.encoders = common.Encoders(config, ("dinov2",), missing, policy)
+        common.check_dataset(config, missing)
+        missing.raise_if_any(config.method)
+        unet = self.unet.module
+        if unet.in_channels != 2 * self.codec.channels or unet.class_embed_type is not None:
+            raise UserError(f"config.model.unet does not fit stage 3: in_channels={unet.in_channels} (expected 2 x "
+                            f"{self.codec.channels} latent channels), class_embed_type={unet.class_embed_type!r} "
+                            f"(expected None)")
+        self.token_dim = self.encoders.module("dinov2").hidden_size
+        self.image_proj = ImageProjector(hidden=m.image_proj.hidden, features=unet.cross_attention_dim, **kw)
+        self.diffusion = common.Diffusion(config)
+        self.condition_dropout = float(config.diffusion.condition_dropout)
+
+    def init(self, rng):
+        keys = jax.random.split(rng, 3)
+        params = {"unet": self.unet.module.init_params(keys[0]),
+                  "image_proj_model_p": self.image_proj.init_params(keys[1], self.token_dim),
+                  **self.encoders.init(keys[2])}
+        vae = self.codec.init_params(keys[2])
+        return {**params, "vae": vae} if vae else params
+
+    def warm_start(self, params):
+        params = dict(params, unet=networks.load_pretrained(self.unet, params["unet"], "diffusers"),
+                      **self.encoders.warm_start(params))
+        if self.vae is not None:
+            params["vae"] = networks.load_pretrained(self.vae, params["vae"], "diffusers")
+        return params
+
+    def train_iterator(self, process_index: int, process_count: int):
+        return common.train_iterator(self.config, process_index, process_count)
+
+    def latents(self, params, images, keys):
+        return common.encode_latents(self.codec, params.get("vae"), images, keys)
+
+    def denoise(self, params, x_t, t, coarse_latent, context):
+        return self.unet.module.apply({"params": params["unet"]}, pack_refine_input(x_t, coarse_latent), t,
+                                      context).astype(jnp.float32)
+
+    def context(self, params, source_dino):
+        return self.image_proj.apply({"params": params["image_proj_model_p"]},
+                                     self.encoders.tokens(params, source_dino))
+
+    def loss_fn(self, params, batch, rng):
+        k = common.per_example_keys(rng, batch, 4)
+        coarse = common.zero_where(common.dropped(k[0], self.condition_dropout), batch["coarse_image"])
+        x0 = self.latents(params, batch["target_image"], k[1])
+        coarse_latent = self.latents(params, coarse, k[2])
+        t, x_t, target = self.diffusion.training_pair(k[3], x0)
+        prediction = self.denoise(params, x_t, t, coarse_latent, self.context(params, batch["source_dino"]))
+        return common.mean_squared_error(prediction, target), {}
+
+    def generate(self, params, coarse_image, source_dino, rng, num_inference_steps: int, guidance_scale: float,
+                 guidance_rescale: float = 0.0):
+        """Refined images [B, S, S, 3] in [-1, 1] (clipped) from stage-2 results [B, S, S, 3] in [-1, 1] and
+        CLIP-normalised source_dino [B, 224, 224, 3]."""
+        vae_key, noise_key, step_key = jax.random.split(rng, 3)
+        coarse_latent = self.latents(params, coarse_image, jax.random.split(vae_key, coarse_image.shape[0]))
+        cond = (coarse_latent, self.context(params, source_dino))
+        if guidance_scale > 1.0:
+            both = jax.tree.map(lambda c: jnp.concatenate([jnp.zeros_like(c), c]), cond)
+            model_fn = guidance.guided(lambda x, t: self.denoise(params, x, t, *both), 2,
+                                       lambda u, c: guidance.pcdm(u, c, guidance_scale, guidance_rescale))
+        else:
+            def model_fn(x, t):
+                return self.denoise(params, x, t, *cond)
+
+        x_T = jax.random.normal(noise_key, coarse_latent.shape, jnp.float32)
+        x0 = self.diffusion.sampler.sample(model_fn, x_T, step_key, num_inference_steps=num_inference_steps)
+        return jnp.clip(self.codec.decode(params.get("vae"), x0), -1.0, 1.0)
+
+    def preview_batch(self, num: int) -> Optional[Dict[str, np.ndarray]]:
+        return None
+
+
+def build(config) -> PCDMRefine:
+    return PCDMRefine(config)

@@ -1,0 +1,125 @@
+"""PCDMs methods: warm-start merging against a diffusers checkpoint, the pixel-shuffle codec against torch,
+and a tiny end-to-end run (train two stages, sample a split with the reference's file names, resume)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from pgpis_jax.errors import UserError
+from pgpis_jax.models.latent_codec import PixelShuffleCodec
+from pgpis_jax.weights.partial import merge_pretrained
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_pixel_shuffle_codec_is_torch_pixel_unshuffle_and_exactly_invertible():
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (2, 16, 24, 3)).astype(np.float32)
+    codec = PixelShuffleCodec(factor=4, scaling=0.5)
+    mean, logvar = codec.moments({}, images)
+    assert logvar is None
+    expected = torch.nn.functional.pixel_unshuffle(torch.from_numpy(images).permute(0, 3, 1, 2), 4)
+    # torch orders unshuffled channels (c, dy, dx); ours (dy, dx, c): compare after reordering.
+    expected = expected.reshape(2, 3, 4, 4, 4, 6).permute(0, 4, 5, 2, 3, 1).reshape(2, 4, 6, 48).numpy()
+    np.testing.assert_array_equal(np.asarray(mean), expected)
+    latent = codec.latent(mean, logvar, None)
+    np.testing.assert_array_equal(np.asarray(latent), expected * 0.5)
+    np.testing.assert_allclose(np.asarray(codec.decode({}, latent)), images, atol=1e-7)
+
+
+def _tiny_unet_config(in_channels):
+    return dict(sample_size=8, in_channels=in_channels, out_channels=4, layers_per_block=1,
+                block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16, attention_head_dim=(1, 2),
+                norm_num_groups=32, use_linear_projection=True)
+
+
+def test_stage2_warm_start_keeps_pretrained_weights_and_declared_fresh_ones(tmp_path):
+    """SD-like UNet saved by diffusers with 4 input channels -> our 9-channel stage-2 UNet with a projection
+    class embedding: conv_in's kernel and the class embedding stay fresh, conv_in's bias and every other tensor
+    equal the PyTorch ones."""
+    from diffusers import UNet2DConditionModel as TorchUNet
+
+    from configs import pcdm_common
+    from pgpis_jax.methods.pcdm import networks
+
+    torch.manual_seed(0)
+    TorchUNet(**_tiny_unet_config(4)).save_pretrained(tmp_path / "unet")
+    spec = pcdm_common.network(str(tmp_path), "unet", overrides=dict(
+        in_channels=9, class_embed_type="projection", projection_class_embeddings_input_dim=16),
+        keep_fresh=("conv_in/kernel", "class_embedding/.*"))
+    missing = networks.MissingInputs()
+    resolved = networks.diffusers_network(spec, "config.model.unet", missing)
+    missing.raise_if_any("test")
+    fresh = jax.device_get(resolved.module.init_params(jax.random.key(1)))
+    params = networks.load_pretrained(resolved, fresh, "diffusers")
+    state = TorchUNet.from_pretrained(tmp_path / "unet").state_dict()
+    np.testing.assert_array_equal(params["conv_in"]["kernel"], fresh["conv_in"]["kernel"])
+    assert params["conv_in"]["kernel"].shape == (3, 3, 9, 32)
+    np.testing.assert_array_equal(params["conv_in"]["bias"], state["conv_in.bias"].numpy())
+    np.testing.assert_array_equal(params["class_embedding"]["linear_1"]["kernel"],
+                                  fresh["class_embedding"]["linear_1"]["kernel"])
+    np.testing.assert_array_equal(params["down_blocks_0"]["attentions_0"]["transformer_blocks_0"]["attn2"]["to_k"]
+                                  ["kernel"], state["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"]
+                                  .numpy().T)
+    np.testing.assert_array_equal(params["time_embedding"]["linear_2"]["bias"], state["time_embedding.linear_2.bias"])
+
+
+def test_merge_pretrained_reports_every_undeclared_difference():
+    fresh = {"a": {"kernel": np.zeros((2, 3))}, "b": np.zeros(4), "c": np.zeros(2)}
+    with pytest.raises(UserError) as error:
+        merge_pretrained(fresh, {"a": {"kernel": np.ones((3, 3))}, "b": np.ones(4), "extra": np.ones(1)}, "ckpt")
+    message = str(error.value)
+    assert "ckpt" in message and "missing (1): c" in message and "a/kernel: (3, 3) (expected (2, 3))" in message
+    assert "extra" in message
+    merged = merge_pretrained(fresh, {"a": {"kernel": np.ones((3, 3))}, "b": np.ones(4), "extra": np.ones(1)},
+                              "ckpt", keep_fresh=("a/kernel", "c"), drop_pretrained=("extra",))
+    np.testing.assert_array_equal(merged["b"], np.ones(4))
+    np.testing.assert_array_equal(merged["a"]["kernel"], np.zeros((2, 3)))
+    with pytest.raises(UserError, match="match no parameter"):
+        merge_pretrained(fresh, {"a": {"kernel": np.ones((2, 3))}, "b": np.ones(4), "c": np.ones(2)}, "ckpt",
+                         keep_fresh=("no_such/.*",))
+
+
+def _run(*args, cwd):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("pcdm_data")
+    sys.path.insert(0, os.path.join(REPO, "data"))
+    from synthetic_people import synthetic_people_dataset_builder as module
+
+    module.Builder(config="64x64_demo", data_dir=str(data_dir)).download_and_prepare()
+    return str(data_dir)
+
+
+def test_prior_and_inpaint_train_then_sample_a_split_with_reference_names_and_resume(demo_data, tmp_path):
+    common = [f"--config.data.data_dir={demo_data}", "--config.total_steps=2", "--config.checkpoint_every_steps=2"]
+    for stage in ("prior", "inpaint"):
+        result = _run(os.path.join(REPO, "train.py"), f"--config={REPO}/configs/pcdm_{stage}.py:demo",
+                      f"--workdir={tmp_path / stage}", *common, cwd=REPO)
+        assert result.returncode == 0, result.stderr[-3000:]
+    sample = [os.path.join(REPO, "sample.py"), f"--config={REPO}/configs/pcdm_inpaint.py:demo",
+              f"--workdir={tmp_path / 'inpaint'}", f"--prior_workdir={tmp_path / 'prior'}", "--split=test",
+              f"--output_dir={tmp_path / 'out'}", "--batch_size=48", *common,
+              "--config.sampling.num_inference_steps=2"]
+    result = _run(*sample, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["ablation"] == "B2" and results["images_written"] == 96 and results["prior_pairs"] == 96
+    assert -1.0 <= results["prior_cosine_similarity"] <= 1.0
+    names = sorted(os.listdir(tmp_path / "out"))
+    assert len([n for n in names if n.endswith(".png")]) == 96
+    assert all("_to_" in n for n in names if n.endswith(".png"))
+    result = _run(*sample, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["images_written"] == 0
