@@ -122,7 +122,8 @@ def unet_stage_config(method, arg, total_steps, class_embedding):
 
     Paper: DDIM, 20 steps, w = 2. The released code samples with UniPC (order 2, bh2) built from the SD
     2.1-base scheduler config (`released`) and keeps the best of 4 samples by SSIM against the ground truth
-    (sample.py --best_of=4, reported as oracle selection).
+    (an oracle selection; eval.py's pcdms protocol scores it from sample_0..3 folders, which sample.py does not
+    write yet).
     """
     config, arg = pcdm_config(method, arg, total_steps=total_steps, batch_size=128)
     config.diffusion = ml_collections.ConfigDict(dict(
@@ -132,7 +133,7 @@ def unet_stage_config(method, arg, total_steps, class_embedding):
     config.sampling.scheduler = common.scheduler_config(sampler, **SD21_BASE_SAMPLING)
     config.data.pipeline = dict(config.data.pipeline, image_size=64 if arg.demo else (128 if arg.market else arg.res))
     config.model.unet = sd21_unet(4 * 2 + (1 if class_embedding else 0), class_embedding)
-    config.model.vae = ml_collections.ConfigDict(dict(kind="sd", factor=8, scaling=1.0, **network(SD21_BASE, "vae")))
+    config.model.vae = ml_collections.ConfigDict(dict(kind="sd", **network(SD21_BASE, "vae")))
     config.model.image_proj = ml_collections.ConfigDict(dict(hidden=768))
     config.param_groups.trainable = ("unet/.*", "image_proj_model_p/.*") + (("pose_proj/.*",) if class_embedding
                                                                              else ())
@@ -140,8 +141,7 @@ def unet_stage_config(method, arg, total_steps, class_embedding):
         config.grad.clip_norm = 1.0
     if arg.demo:
         config.model.unet = demo_unet(2 * DEMO_LATENT_CHANNELS + (1 if class_embedding else 0), class_embedding)
-        config.model.vae = ml_collections.ConfigDict(dict(kind="pixel_shuffle", factor=4, scaling=1.0,
-                                                          **network()))
+        config.model.vae = ml_collections.ConfigDict(dict(kind="pixel_shuffle", factor=4, scaling=1.0))
         config.model.image_proj = ml_collections.ConfigDict(dict(hidden=64))
         config.sampling.scheduler = common.scheduler_config("DDIMScheduler", **SD21_BASE_SAMPLING)
     return config, arg

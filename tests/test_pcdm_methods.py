@@ -55,10 +55,10 @@ def test_stage2_warm_start_keeps_pretrained_weights_and_declared_fresh_ones(tmp_
         in_channels=9, class_embed_type="projection", projection_class_embeddings_input_dim=16),
         keep_fresh=("conv_in/kernel", "class_embedding/.*"))
     missing = networks.MissingInputs()
-    resolved = networks.diffusers_network(spec, "config.model.unet", missing)
+    resolved = networks.resolve_network(spec, "config.model.unet", missing, "diffusers")
     missing.raise_if_any("test")
     fresh = jax.device_get(resolved.module.init_params(jax.random.key(1)))
-    params = networks.load_pretrained(resolved, fresh, "diffusers")
+    params = networks.load_pretrained(resolved, fresh)
     state = TorchUNet.from_pretrained(tmp_path / "unet").state_dict()
     np.testing.assert_array_equal(params["conv_in"]["kernel"], fresh["conv_in"]["kernel"])
     assert params["conv_in"]["kernel"].shape == (3, 3, 9, 32)
@@ -122,4 +122,6 @@ def test_prior_and_inpaint_train_then_sample_a_split_with_reference_names_and_re
     assert all("_to_" in n for n in names if n.endswith(".png"))
     result = _run(*sample, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((tmp_path / "out" / "results.json").read_text())["images_written"] == 0
+    resumed = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert resumed["images_written"] == 0 and resumed["prior_pairs"] == 96
+    assert resumed["prior_cosine_similarity"] == results["prior_cosine_similarity"]

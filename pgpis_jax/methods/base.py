@@ -20,6 +20,9 @@ from typing import Any, Dict, Mapping, Optional, Protocol, Tuple, runtime_checka
 import jax
 import numpy as np
 
+from pgpis_jax.diffusion import from_diffusers_config
+from pgpis_jax.errors import UserError
+
 Params = Dict[str, Any]
 Batch = Mapping[str, Any]
 
@@ -78,6 +81,15 @@ class Method(abc.ABC):
     def sample_fn(self, params: Params, batch: Batch, rng: jax.Array) -> jax.Array:
         """Images [N, H, W, C] in [0, 1] sampled for `batch` (from preview_batch)."""
         raise NotImplementedError
+
+
+def scheduler_from_config(scheduler_config, key: str):
+    """A sampler from a diffusers-style scheduler config in a method's config (a ConfigDict); a bad config is a
+    UserError naming `key` (e.g. "config.sampling.scheduler")."""
+    try:
+        return from_diffusers_config(scheduler_config.to_dict())
+    except ValueError as error:
+        raise UserError(f"{key}: {error}") from None
 
 
 def example_keys(rng: jax.Array, example_ids: jax.Array) -> jax.Array:

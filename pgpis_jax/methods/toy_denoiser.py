@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from pgpis_jax.diffusion import forward, from_diffusers_config
+from pgpis_jax.diffusion import forward
 from pgpis_jax.errors import UserError
-from pgpis_jax.methods.base import Method, example_keys
+from pgpis_jax.methods.base import Method, example_keys, scheduler_from_config
 from pgpis_jax.nn.embeddings import get_timestep_embedding
 from pgpis_jax.trainer.precision import Policy, remat_policy
 
@@ -135,13 +135,6 @@ class ToyDenoiserNet(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 # The method
 
-def _scheduler(scheduler_config, key: str):
-    try:
-        return from_diffusers_config(scheduler_config.to_dict())
-    except ValueError as error:
-        raise UserError(f"{key}: {error}") from None
-
-
 class ToyDenoiser(Method):
     def __init__(self, config):
         super().__init__(config)
@@ -150,10 +143,10 @@ class ToyDenoiser(Method):
         self.net = ToyDenoiserNet(hidden=config.model.hidden, depth=config.model.depth,
                                   time_embedding=config.model.time_embedding, dtype=policy.compute_dtype,
                                   param_dtype=policy.param_dtype, remat=config.remat)
-        trainer_sampler = _scheduler(config.diffusion.train_scheduler, "config.diffusion.train_scheduler")
+        trainer_sampler = scheduler_from_config(config.diffusion.train_scheduler, "config.diffusion.train_scheduler")
         self.alphas_cumprod = np.asarray(trainer_sampler.schedule.alphas_cumprod, np.float32)
         self.prediction_type = trainer_sampler.prediction_type
-        self.sampler = _scheduler(config.sampling.scheduler, "config.sampling.scheduler")
+        self.sampler = scheduler_from_config(config.sampling.scheduler, "config.sampling.scheduler")
         if self.sampler.prediction_type != self.prediction_type:
             raise UserError(f"config.sampling.scheduler predicts {self.sampler.prediction_type!r} but the network "
                             f"is trained for {self.prediction_type!r} (config.diffusion.train_scheduler)")

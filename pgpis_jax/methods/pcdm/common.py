@@ -10,29 +10,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from pgpis_jax import input_pipeline
-from pgpis_jax.diffusion import forward, from_diffusers_config
+from pgpis_jax.diffusion import forward
 from pgpis_jax.errors import UserError
-from pgpis_jax.methods.base import example_keys
+from pgpis_jax.methods.base import example_keys, scheduler_from_config
 from pgpis_jax.methods.pcdm import networks
 from pgpis_jax.trainer.precision import Policy
-
-
-def scheduler(scheduler_config, key: str):
-    """A sampler from a diffusers-style scheduler config in the config; errors name the config key."""
-    try:
-        return from_diffusers_config(scheduler_config.to_dict())
-    except ValueError as error:
-        raise UserError(f"{key}: {error}") from None
 
 
 class Diffusion:
     """The training schedule and the sampler of a stage (config.diffusion, config.sampling)."""
 
     def __init__(self, config):
-        train = scheduler(config.diffusion.train_scheduler, "config.diffusion.train_scheduler")
+        train = scheduler_from_config(config.diffusion.train_scheduler, "config.diffusion.train_scheduler")
         self.alphas_cumprod = np.asarray(train.schedule.alphas_cumprod, np.float32)
         self.prediction_type = train.prediction_type
-        self.sampler = scheduler(config.sampling.scheduler, "config.sampling.scheduler")
+        self.sampler = scheduler_from_config(config.sampling.scheduler, "config.sampling.scheduler")
         if self.sampler.prediction_type != self.prediction_type:
             raise UserError(f"config.sampling.scheduler predicts {self.sampler.prediction_type!r} but the network "
                             f"is trained for {self.prediction_type!r} (config.diffusion.train_scheduler)")
@@ -91,7 +83,8 @@ class Encoders:
         kw = dict(dtype=policy.compute_dtype, param_dtype=policy.param_dtype,
                   attention_implementation=config.model.attention_implementation)
         specs = {"image_encoder": config.model.image_encoder, "dinov2": config.model.dinov2}
-        self.resolved = {name: networks.transformers_network(specs[name], f"config.model.{name}", missing, **kw)
+        self.resolved = {name: networks.resolve_network(specs[name], f"config.model.{name}", missing,
+                                                        "transformers", **kw)
                          for name in names}
 
     def module(self, name: str):
@@ -102,7 +95,7 @@ class Encoders:
                 for i, (name, r) in enumerate(sorted(self.resolved.items()))}
 
     def warm_start(self, params) -> Dict[str, Any]:
-        return {name: networks.load_pretrained(r, params[name], "transformers") for name, r in self.resolved.items()}
+        return {name: networks.load_pretrained(r, params[name]) for name, r in self.resolved.items()}
 
     def embed(self, params, pixels):
         out = self.module("image_encoder").apply({"params": params["image_encoder"]}, pixels)

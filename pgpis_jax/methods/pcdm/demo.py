@@ -87,8 +87,8 @@ def run(workdir: str, out_dir: str) -> dict:
         refine=pipeline.load_stage(os.path.join(workdir, "refine"), "pcdm_refine", stages["refine"]))
     results = {k: [] for k in ("source", "pose", "target", "stage2", "stage3", "cosine")}
     common = dict(split="test", train=False, process_index=0, process_count=1)
-    batches = zip(input_pipeline.from_config(pipeline._with_batch(stages["inpaint"], 48), **common),
-                  input_pipeline.from_config(pipeline._with_batch(stages["prior"], 48), **common))
+    batches = zip(input_pipeline.from_config(pipeline.with_batch_size(stages["inpaint"], 48), **common),
+                  input_pipeline.from_config(pipeline.with_batch_size(stages["prior"], 48), **common))
     for index, (batch, prior_inputs) in enumerate(batches):
         out, cosine = pipe.generate(batch, prior_inputs, jax.random.fold_in(jax.random.key(0), index))
         real = batch["mask"]

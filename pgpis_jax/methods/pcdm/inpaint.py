@@ -28,62 +28,27 @@ import numpy as np
 
 from pgpis_jax.diffusion import guidance
 from pgpis_jax.errors import UserError
-from pgpis_jax.methods.base import Method
-from pgpis_jax.methods.pcdm import common, networks
-from pgpis_jax.models.pcdm import ImageProjector, PoseEncoder, join_canvas, pack_inpaint_input, split_canvas
-from pgpis_jax.trainer.precision import Policy
+from pgpis_jax.methods.pcdm import common
+from pgpis_jax.methods.pcdm.latent_stage import LatentStage
+from pgpis_jax.models.pcdm import PoseEncoder, join_canvas, pack_inpaint_input, split_canvas
 
 TRAINABLE = ("unet", "pose_proj", "image_proj_model_p")
 
 
-class PCDMInpaint(Method):
+class PCDMInpaint(LatentStage):
+    ENCODERS = ("image_encoder", "dinov2")
+
     def __init__(self, config):
         super().__init__(config)
-        policy = Policy.from_config(config)
-        m = config.model
-        missing = networks.MissingInputs()
-        kw = dict(dtype=policy.compute_dtype, param_dtype=policy.param_dtype)
-        self.unet = networks.diffusers_network(m.unet, "config.model.unet", missing, remat=config.remat != "none",
-                                               attention_implementation=m.attention_implementation, **kw)
-        self.codec, self.vae = networks.codec(m.vae, "config.model.vae", missing, policy.compute_dtype)
-        self.encoders = common.Encoders(config, ("image_encoder", "dinov2"), missing, policy)
-        common.check_dataset(config, missing)
-        missing.raise_if_any(f"{config.method}")
         unet = self.unet.module
         self.embedding_dim = self.encoders.module("image_encoder").projection_dim
-        self.token_dim = self.encoders.module("dinov2").hidden_size
         _check_unet(unet, self.codec.channels, self.embedding_dim)
         self.pose_proj = PoseEncoder(features=unet.block_out_channels[0],
-                                     block_out_channels=tuple(m.pose_encoder.block_out_channels), **kw)
-        self.image_proj = ImageProjector(hidden=m.image_proj.hidden, features=unet.cross_attention_dim, **kw)
-        self.diffusion = common.Diffusion(config)
-        self.condition_dropout = float(config.diffusion.condition_dropout)
+                                     block_out_channels=tuple(config.model.pose_encoder.block_out_channels),
+                                     **self.module_kw)
 
-    # ------------------------------------------------------------------------------------------ params
-
-    def init(self, rng):
-        keys = jax.random.split(rng, 4)
-        params = {"unet": self.unet.module.init_params(keys[0]),
-                  "pose_proj": self.pose_proj.init_params(keys[1]),
-                  "image_proj_model_p": self.image_proj.init_params(keys[2], self.token_dim),
-                  **self.encoders.init(keys[3])}
-        vae = self.codec.init_params(keys[3])
-        return {**params, "vae": vae} if vae else params
-
-    def warm_start(self, params):
-        params = dict(params, unet=networks.load_pretrained(self.unet, params["unet"], "diffusers"),
-                      **self.encoders.warm_start(params))
-        if self.vae is not None:
-            params["vae"] = networks.load_pretrained(self.vae, params["vae"], "diffusers")
-        return params
-
-    def train_iterator(self, process_index: int, process_count: int):
-        return common.train_iterator(self.config, process_index, process_count)
-
-    # ------------------------------------------------------------------------------------------ network
-
-    def latents(self, params, images, keys):
-        return common.encode_latents(self.codec, params.get("vae"), images, keys)
+    def init_extra(self, rng):
+        return {"pose_proj": self.pose_proj.init_params(rng)}
 
     def denoise(self, params, x_t, t, masked_latent, context, global_embedding, pose_features):
         """The UNet's prediction for noisy canvas latents x_t [B, h, 2w, C]."""
@@ -93,8 +58,7 @@ class PCDMInpaint(Method):
 
     def conditions(self, params, source_dino, global_embedding, pose):
         """(context [B, N+1, E] = projected DINOv2 tokens and the global token, pose features)."""
-        tokens = self.image_proj.apply({"params": params["image_proj_model_p"]},
-                                       self.encoders.tokens(params, source_dino))
+        tokens = self.source_tokens(params, source_dino)
         context = jnp.concatenate([tokens, global_embedding[:, None].astype(tokens.dtype)], axis=1)
         return context, self.pose_proj.apply({"params": params["pose_proj"]}, pose)
 

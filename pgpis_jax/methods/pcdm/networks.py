@@ -39,6 +39,7 @@ class Resolved:
     module: Any
     directory: Optional[str]
     spec: Any
+    family: str              # "diffusers" or "transformers": the checkpoint layout of `directory`
 
 
 class MissingInputs:
@@ -51,10 +52,10 @@ class MissingInputs:
         """Records one problem; only the first line of a nested error message is kept (one-line report)."""
         self.problems.append(problem.strip().splitlines()[0])
 
-    def raise_if_any(self, config_file_hint: str) -> None:
+    def raise_if_any(self, method: str) -> None:
         if self.problems:
             raise UserError(
-                f"cannot start {config_file_hint}: " + "; ".join(self.problems) +
+                f"cannot start {method}: " + "; ".join(self.problems) +
                 ". Point at local copies with the config keys named above (README, 'Pretrained weights and "
                 "data'); the `:demo` variant of the config needs none of them.")
 
@@ -84,53 +85,43 @@ def _network_config(spec, directory: Optional[str], key: str) -> Dict[str, Any]:
     return config
 
 
-def _options_error(key: str, error: Exception) -> UserError:
-    return UserError(f"{key}: {error}")
+_MODULE_FROM_CONFIG = {"diffusers": diffusers_io.module_from_diffusers_config,
+                       "transformers": transformers_io.module_from_transformers_config}
 
 
-def diffusers_network(spec, key: str, missing: MissingInputs, **module_options) -> Resolved:
-    """A UNet or AutoencoderKL spec -> Resolved (module built from the pretrained config + overrides)."""
+def resolve_network(spec, key: str, missing: MissingInputs, family: str, **module_options) -> Resolved:
+    """A spec -> Resolved, its module built from the pretrained config + overrides (or spec.config); family
+    "diffusers" (UNet, AutoencoderKL) or "transformers" (CLIP vision, DINOv2). An unresolvable `weights` is
+    added to `missing` and gives a Resolved without module."""
     directory = resolve_directory(spec, key, missing)
     if spec.weights and directory is None:
-        return Resolved(key, None, None, spec)
+        return Resolved(key, None, None, spec, family)
     try:
-        module = diffusers_io.module_from_diffusers_config(_network_config(spec, directory, key), **module_options)
+        module = _MODULE_FROM_CONFIG[family](_network_config(spec, directory, key), **module_options)
     except (ValueError, TypeError) as error:
-        raise _options_error(key, error) from None
-    return Resolved(key, module, directory, spec)
-
-
-def transformers_network(spec, key: str, missing: MissingInputs, **module_options) -> Resolved:
-    """A CLIP vision or DINOv2 spec -> Resolved."""
-    directory = resolve_directory(spec, key, missing)
-    if spec.weights and directory is None:
-        return Resolved(key, None, None, spec)
-    try:
-        module = transformers_io.module_from_transformers_config(_network_config(spec, directory, key),
-                                                                  **module_options)
-    except (ValueError, TypeError) as error:
-        raise _options_error(key, error) from None
-    return Resolved(key, module, directory, spec)
+        raise UserError(f"{key}: {error}") from None
+    return Resolved(key, module, directory, spec, family)
 
 
 def codec(spec, key: str, missing: MissingInputs, dtype) -> Any:
-    """config.model.vae: kind "sd" (an AutoencoderKL spec) or "pixel_shuffle" (factor, scaling)."""
+    """(codec, Resolved or None) for config.model.vae: kind "sd" (an AutoencoderKL spec) or "pixel_shuffle"
+    (factor, scaling; no other fields)."""
     if spec.kind == "pixel_shuffle":
         return PixelShuffleCodec(factor=int(spec.factor), scaling=float(spec.scaling)), None
     if spec.kind != "sd":
         raise UserError(f"{key}.kind={spec.kind!r}; expected 'sd' or 'pixel_shuffle'")
-    resolved = diffusers_network(spec, key, missing, dtype=dtype)
+    resolved = resolve_network(spec, key, missing, "diffusers", dtype=dtype)
     return (VAECodec(resolved.module) if resolved.module is not None else None), resolved
 
 
-def load_pretrained(resolved: Resolved, fresh_params, kind: str):
+def load_pretrained(resolved: Resolved, fresh_params):
     """The network's parameters for a fresh run: `fresh_params` if it has no weights, else the pretrained
-    ones merged per keep_fresh / drop_pretrained. kind: "diffusers" or "transformers"."""
+    ones merged per keep_fresh / drop_pretrained."""
     if resolved.directory is None:
         return fresh_params
     spec = resolved.spec
     source = f"{resolved.key} ({resolved.directory})"
-    if kind == "diffusers":
+    if resolved.family == "diffusers":
         state = read_state_dict(resolved.directory, diffusers_io.WEIGHTS_STEM)
         if resolved.module.__class__.__name__ == "AutoencoderKL":
             state = diffusers_io.rename_deprecated_attention(state)

@@ -13,7 +13,8 @@ given, the others come as options. Which stages run:
 Outputs are named as the original names them: `<source stem>_to_<target stem>.png` (S x S, the squashed
 canvas half), the final stage's in output_dir and stage 2's in output_dir/stage2 when stage 3 runs; existing
 outputs are kept (a batch whose outputs all exist is skipped). `results.json` holds the stage-1 cosine
-similarity between predicted and true target embeddings when the prior ran.
+similarity between predicted and true target embeddings when the prior ran, over the pairs recorded in
+`prior_cosine.<process>.json` (kept across resumed runs).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from PIL import Image
 from pgpis_jax import input_pipeline, poses
 from pgpis_jax.datasets import formats
 from pgpis_jax.errors import UserError
+from pgpis_jax.methods.pcdm.prior import cosine_similarity
 from pgpis_jax.preprocessing import clip_preprocess
 
 ABLATIONS = ("full", "B1", "B2", "B3", "true")
@@ -98,7 +100,7 @@ class PCDMPipeline:
 
     def _global_embedding(self, batch, prior_inputs, rng):
         """(global embeddings [B, E], cosine similarities to the true embedding [B] or None)."""
-        m, p = self.inpaint.method, self.inpaint.params
+        p = self.inpaint.params
         if self.ablation == "true":
             return self._embed(p, batch["target_clip"]), None
         if self.prior is None:
@@ -109,10 +111,7 @@ class PCDMPipeline:
                                  prior_inputs["source_pose_coords"], prior_inputs["target_pose_coords"], rng)
         cosine = None
         if "target_clip" in prior_inputs:
-            true = self._prior_embed(pp, prior_inputs["target_clip"])
-            cosine = jnp.sum(predicted * true, -1) / (jnp.linalg.norm(predicted, axis=-1) *
-                                                      jnp.linalg.norm(true, axis=-1))
-        del m
+            cosine = cosine_similarity(predicted, self._prior_embed(pp, prior_inputs["target_clip"]))
         return predicted, cosine
 
     def generate(self, batch, prior_inputs, rng):
@@ -133,22 +132,32 @@ class PCDMPipeline:
         reference_dir also writes each pair's ground-truth target (S x S) there under the same name."""
         common = dict(split=split, train=False, include_names=True, process_index=jax.process_index(),
                       process_count=jax.process_count())
-        pipe = input_pipeline.from_config(_with_batch(self.inpaint.config, batch_size), **common)
+        pipe = input_pipeline.from_config(with_batch_size(self.inpaint.config, batch_size), **common)
         prior_pipe = None
         if self.prior is not None:
-            prior_pipe = input_pipeline.from_config(_with_batch(self.prior.config, batch_size), **common)
+            prior_pipe = input_pipeline.from_config(with_batch_size(self.prior.config, batch_size), **common)
         os.makedirs(output_dir, exist_ok=True)
-        cosines, written = [], 0
+        cosine_path = os.path.join(output_dir, f"prior_cosine.{jax.process_index()}.json")
+        cosines = {}
+        if self.prior is not None and os.path.exists(cosine_path):
+            with open(cosine_path) as f:
+                cosines = json.load(f)
+        written = 0
         for index, batch in enumerate(pipe):
             prior_inputs = next(prior_pipe) if prior_pipe is not None else None
             names = [pair_stem(s, t) for s, t in zip(batch["source_name"], batch["target_name"])]
             real = batch["mask"]
-            final_paths = [os.path.join(output_dir, f"{n}.png") for n, r in zip(names, real) if r]
-            if all(os.path.exists(p) for p in final_paths) and prior_inputs is None:
+            done = [os.path.join(output_dir, f"{n}.png") for n, r in zip(names, real) if r]
+            if reference_dir is not None:
+                done += [os.path.join(reference_dir, f"{n}.png") for n, r in zip(names, real) if r]
+            if all(os.path.exists(p) for p in done) and all(n in cosines for n, r in zip(names, real)
+                                                            if r and self.prior is not None):
                 continue
             out, cosine = self.generate(batch, prior_inputs, jax.random.fold_in(self.rng, index))
             if cosine is not None:
-                cosines.extend(np.asarray(cosine)[real].tolist())
+                cosines.update((n, float(c)) for n, c, r in zip(names, np.asarray(cosine), real) if r)
+                with open(cosine_path, "w") as f:
+                    json.dump(cosines, f)
             if reference_dir is not None:
                 half = batch["image"].shape[2] // 2
                 save_images(reference_dir, [n for n, r in zip(names, real) if r], batch["image"][real, :, half:])
@@ -160,7 +169,7 @@ class PCDMPipeline:
                    "steps": {name: stage.step for name, stage in (("prior", self.prior), ("inpaint", self.inpaint),
                                                                   ("refine", self.refine)) if stage is not None}}
         if cosines:
-            results["prior_cosine_similarity"] = float(np.mean(cosines))
+            results["prior_cosine_similarity"] = float(np.mean(list(cosines.values())))
             results["prior_pairs"] = len(cosines)
         return results
 
@@ -195,7 +204,8 @@ class PCDMPipeline:
         Image.fromarray(to_uint8(np.asarray(final[0]))).save(output_path)
 
 
-def _with_batch(config, batch_size: int):
+def with_batch_size(config, batch_size: int):
+    """A copy of `config` with another batch_size (sampling batches need not be the training batch)."""
     config = ml_collections.ConfigDict(config.to_dict())
     config.batch_size = batch_size
     return config

@@ -40,7 +40,7 @@ class PCDMPrior(Method):
         if m.prior.weights:
             self.pretrained = networks.Resolved("config.model.prior", None,
                                                 networks.resolve_directory(m.prior, "config.model.prior", missing),
-                                                m.prior)
+                                                m.prior, "diffusers")
         common.check_dataset(config, missing)
         missing.raise_if_any(config.method)
         self.embedding_dim = self.encoders.module("image_encoder").projection_dim
@@ -61,7 +61,7 @@ class PCDMPrior(Method):
     def warm_start(self, params):
         params = dict(params, **self.encoders.warm_start(params))
         if self.pretrained is not None:
-            params["prior"] = networks.load_pretrained(self.pretrained, params["prior"], "diffusers")
+            params["prior"] = networks.load_pretrained(self.pretrained, params["prior"])
         return params
 
     def train_iterator(self, process_index: int, process_count: int):
@@ -99,16 +99,14 @@ class PCDMPrior(Method):
         x0 = self.diffusion.sampler.sample(model_fn, x_T, step_key, num_inference_steps=num_inference_steps)
         return self.denormalize(x0)
 
-    def cosine_similarity(self, params, batch, rng, num_inference_steps: int):
-        """[B] cosine similarity between the predicted and the true target embedding (the original's
-        stage-1 number)."""
-        predicted = self.generate(params, self.encoders.embed(params, batch["source_clip"]),
-                                  batch["source_pose_coords"], batch["target_pose_coords"], rng, num_inference_steps)
-        true = self.encoders.embed(params, batch["target_clip"])
-        return jnp.sum(predicted * true, -1) / (jnp.linalg.norm(predicted, axis=-1) * jnp.linalg.norm(true, axis=-1))
-
     def preview_batch(self, num: int) -> Optional[Dict[str, np.ndarray]]:
         return None
+
+
+def cosine_similarity(a, b):
+    """[B] cosine similarity of embeddings a, b [B, E] (the original's stage-1 number: predicted vs true
+    target embedding)."""
+    return jnp.sum(a * b, -1) / (jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1))
 
 
 def build(config) -> PCDMPrior:

@@ -23,65 +23,25 @@ import numpy as np
 
 from pgpis_jax.diffusion import guidance
 from pgpis_jax.errors import UserError
-from pgpis_jax.methods.base import Method
-from pgpis_jax.methods.pcdm import common, networks
-from pgpis_jax.models.pcdm import ImageProjector, pack_refine_input
-from pgpis_jax.trainer.precision import Policy
+from pgpis_jax.methods.pcdm import common
+from pgpis_jax.methods.pcdm.latent_stage import LatentStage
+from pgpis_jax.models.pcdm import pack_refine_input
 
 TRAINABLE = ("unet", "image_proj_model_p")
 
 
-class PCDMRefine(Method):
+class PCDMRefine(LatentStage):
     def __init__(self, config):
         super().__init__(config)
-        policy = Policy.from_config(config)
-        m = config.model
-        missing = networks.MissingInputs()
-        kw = dict(dtype=policy.compute_dtype, param_dtype=policy.param_dtype)
-        self.unet = networks.diffusers_network(m.unet, "config.model.unet", missing, remat=config.remat != "none",
-                                               attention_implementation=m.attention_implementation, **kw)
-        self.codec, self.vae = networks.codec(m.vae, "config.model.vae", missing, policy.compute_dtype)
-        self.encoders = common.Encoders(config, ("dinov2",), missing, policy)
-        common.check_dataset(config, missing)
-        missing.raise_if_any(config.method)
         unet = self.unet.module
         if unet.in_channels != 2 * self.codec.channels or unet.class_embed_type is not None:
             raise UserError(f"config.model.unet does not fit stage 3: in_channels={unet.in_channels} (expected 2 x "
                             f"{self.codec.channels} latent channels), class_embed_type={unet.class_embed_type!r} "
                             f"(expected None)")
-        self.token_dim = self.encoders.module("dinov2").hidden_size
-        self.image_proj = ImageProjector(hidden=m.image_proj.hidden, features=unet.cross_attention_dim, **kw)
-        self.diffusion = common.Diffusion(config)
-        self.condition_dropout = float(config.diffusion.condition_dropout)
-
-    def init(self, rng):
-        keys = jax.random.split(rng, 3)
-        params = {"unet": self.unet.module.init_params(keys[0]),
-                  "image_proj_model_p": self.image_proj.init_params(keys[1], self.token_dim),
-                  **self.encoders.init(keys[2])}
-        vae = self.codec.init_params(keys[2])
-        return {**params, "vae": vae} if vae else params
-
-    def warm_start(self, params):
-        params = dict(params, unet=networks.load_pretrained(self.unet, params["unet"], "diffusers"),
-                      **self.encoders.warm_start(params))
-        if self.vae is not None:
-            params["vae"] = networks.load_pretrained(self.vae, params["vae"], "diffusers")
-        return params
-
-    def train_iterator(self, process_index: int, process_count: int):
-        return common.train_iterator(self.config, process_index, process_count)
-
-    def latents(self, params, images, keys):
-        return common.encode_latents(self.codec, params.get("vae"), images, keys)
 
     def denoise(self, params, x_t, t, coarse_latent, context):
         return self.unet.module.apply({"params": params["unet"]}, pack_refine_input(x_t, coarse_latent), t,
                                       context).astype(jnp.float32)
-
-    def context(self, params, source_dino):
-        return self.image_proj.apply({"params": params["image_proj_model_p"]},
-                                     self.encoders.tokens(params, source_dino))
 
     def loss_fn(self, params, batch, rng):
         k = common.per_example_keys(rng, batch, 4)
@@ -89,7 +49,7 @@ class PCDMRefine(Method):
         x0 = self.latents(params, batch["target_image"], k[1])
         coarse_latent = self.latents(params, coarse, k[2])
         t, x_t, target = self.diffusion.training_pair(k[3], x0)
-        prediction = self.denoise(params, x_t, t, coarse_latent, self.context(params, batch["source_dino"]))
+        prediction = self.denoise(params, x_t, t, coarse_latent, self.source_tokens(params, batch["source_dino"]))
         return common.mean_squared_error(prediction, target), {}
 
     def generate(self, params, coarse_image, source_dino, rng, num_inference_steps: int, guidance_scale: float,
@@ -98,7 +58,7 @@ class PCDMRefine(Method):
         CLIP-normalised source_dino [B, 224, 224, 3]."""
         vae_key, noise_key, step_key = jax.random.split(rng, 3)
         coarse_latent = self.latents(params, coarse_image, jax.random.split(vae_key, coarse_image.shape[0]))
-        cond = (coarse_latent, self.context(params, source_dino))
+        cond = (coarse_latent, self.source_tokens(params, source_dino))
         if guidance_scale > 1.0:
             both = jax.tree.map(lambda c: jnp.concatenate([jnp.zeros_like(c), c]), cond)
             model_fn = guidance.guided(lambda x, t: self.denoise(params, x, t, *both), 2,
