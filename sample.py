@@ -5,7 +5,7 @@
 PCDMs (the stage-2 workdir is --workdir; see pgpis_jax/methods/pcdm/pipeline.py for the ablations):
 
     python sample.py --config=configs/pcdm_inpaint.py --workdir=runs/pcdm_inpaint \\
-        --prior_workdir=runs/pcdm_prior --refine_workdir=runs/pcdm_refine --split=test --output_dir=out/test
+        --prior_workdir=runs/pcdm_prior --refine_workdir=runs/pcdm_refine --split=test --output_dir=out/test [--best_of=4]
     python sample.py ... --source_image=a.png --source_pose=a.txt --target_pose=b.txt --output=b_pred.png
 """
 
@@ -20,8 +20,11 @@ _FLAGS = {
     "prior_workdir": flags.DEFINE_string("prior_workdir", None, "PCDMs: the trained stage-1 workdir."),
     "refine_workdir": flags.DEFINE_string("refine_workdir", None, "PCDMs: the trained stage-3 workdir."),
     "split": flags.DEFINE_string("split", None, "Generate every pair of this split (e.g. test, train)."),
-    "output_dir": flags.DEFINE_string("output_dir", None, "Where split mode writes <source>_to_<target>.png."),
+    "output_dir": flags.DEFINE_string("output_dir", None, "Where split mode writes <stage>/<source>_to_<target>.png."),
     "batch_size": flags.DEFINE_integer("batch_size", None, "Pairs per sampling call in split mode."),
+    "best_of": flags.DEFINE_integer("best_of", 1, "Split mode: N candidates per pair and stage, all kept in "
+                                    "<stage>_candidates/sample_<k>; <stage>/ gets the one of highest SSIM against "
+                                    "the ground truth (PCDMs' oracle selection; the original uses 4)."),
     "source_image": flags.DEFINE_string("source_image", None, "Single mode: the source photo."),
     "source_pose": flags.DEFINE_string("source_pose", None, "Single mode: 18-line 'x y' keypoints or a pose image."),
     "target_pose": flags.DEFINE_string("target_pose", None, "Single mode: 18-line 'x y' keypoints or a pose image."),

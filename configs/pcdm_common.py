@@ -22,9 +22,11 @@ KANDINSKY_PRIOR = ("kandinsky-community/kandinsky-2-2-prior", "prior")
 SD21_BASE_SAMPLING = dict(common.SD_SCHEDULE, steps_offset=1, set_alpha_to_one=False, clip_sample=False,
                           prediction_type="epsilon")
 
-# The demo's tiny random networks (CPU, 64x64 images, 4x4 pixel-shuffle latents of 48 channels).
+# The demo's tiny random networks (CPU, 64x64 images). Its autoencoder is an 8x8 pixel shuffle: latents at 1/8 of
+# the image size as the SD VAE's, 8 x 8 x 3 = 192 channels.
 DEMO_EMBEDDING = 32
-DEMO_LATENT_CHANNELS = 48
+DEMO_LATENT_FACTOR = 8
+DEMO_LATENT_CHANNELS = 3 * DEMO_LATENT_FACTOR ** 2
 DEMO_ENCODER_SIZE = 56   # CLIP / DINOv2 input size in the demo (patch 14 -> 16 tokens + CLS)
 
 
@@ -50,12 +52,14 @@ def demo_dinov2():
 
 
 def demo_unet(in_channels, class_embedding):
+    """Three levels (8x16, 4x8, 2x4 latents on the stage-2 canvas), self- and cross-attention in the first two."""
     config = dict(
-        _class_name="UNet2DConditionModel", sample_size=16, in_channels=in_channels,
-        out_channels=DEMO_LATENT_CHANNELS, down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], block_out_channels=[32, 64], layers_per_block=1,
-        attention_head_dim=[1, 2], cross_attention_dim=DEMO_EMBEDDING, use_linear_projection=True,
-        norm_num_groups=32)
+        _class_name="UNet2DConditionModel", sample_size=64 // DEMO_LATENT_FACTOR, in_channels=in_channels,
+        out_channels=DEMO_LATENT_CHANNELS,
+        down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], block_out_channels=[32, 64, 64],
+        layers_per_block=1, attention_head_dim=[1, 2, 2], cross_attention_dim=DEMO_EMBEDDING,
+        use_linear_projection=True, norm_num_groups=32)
     if class_embedding:
         config.update(class_embed_type="projection", projection_class_embeddings_input_dim=DEMO_EMBEDDING)
     return network(config=config)
@@ -92,7 +96,8 @@ def pcdm_config(method, arg, total_steps, batch_size):
     config.data = ml_collections.ConfigDict(dict(
         dataset="market1501" if arg.market else "deepfashion",
         image_size=(128, 64) if arg.market else ((512, 352) if arg.res == 512 else (256, 176)),
-        data_dir="", pipeline={}))
+        data_dir="", pipeline={},
+        features_dir=""))   # offline features of the frozen networks (extract_features.py); "" reads pixels
     config.model = ml_collections.ConfigDict(dict(
         attention_implementation="xla",   # "cudnn" on GPUs with bf16 compute
         image_encoder=network(*CLIP_VIT_H), dinov2=network(DINOV2_GIANT)))
@@ -141,7 +146,14 @@ def unet_stage_config(method, arg, total_steps, class_embedding):
         config.grad.clip_norm = 1.0
     if arg.demo:
         config.model.unet = demo_unet(2 * DEMO_LATENT_CHANNELS + (1 if class_embedding else 0), class_embedding)
-        config.model.vae = ml_collections.ConfigDict(dict(kind="pixel_shuffle", factor=4, scaling=1.0))
+        config.model.vae = ml_collections.ConfigDict(dict(kind="pixel_shuffle", factor=DEMO_LATENT_FACTOR, scaling=1.0))
         config.model.image_proj = ml_collections.ConfigDict(dict(hidden=64))
-        config.sampling.scheduler = common.scheduler_config("DDIMScheduler", **SD21_BASE_SAMPLING)
+        # A network trained for minutes on a CPU: x0 prediction and no guidance give clean (if soft) samples,
+        # where epsilon prediction and w = 2 leave visible noise (measured in the demo; see the README).
+        config.total_steps = 800
+        config.checkpoint_every_steps = 800
+        config.diffusion.train_scheduler.prediction_type = "sample"
+        config.sampling.scheduler = common.scheduler_config("DDIMScheduler",
+                                                            **dict(SD21_BASE_SAMPLING, prediction_type="sample"))
+        config.sampling.guidance_scale = 1.0
     return config, arg

@@ -1,9 +1,10 @@
 """PCDMs stage 3: the refining UNet conditioned on the stage-2 result.
 
 Training needs the stage-2 results for the training pairs in config.data.pipeline.coarse_dir
-(<source>_to_<target>.png), made with the true target embedding as the original does:
-    python sample.py --config=configs/pcdm_inpaint.py --workdir=runs/pcdm_inpaint --stage=inpaint \
-        --split=train --output_dir=runs/coarse_train
+(<source>_to_<target>.png), made with the true target embedding and the best of 4 as the original does:
+    python sample.py --config=configs/pcdm_inpaint.py --workdir=runs/pcdm_inpaint --ablation=true \
+        --split=train --best_of=4 --output_dir=runs/coarse_train
+then train with `--config.data.pipeline.coarse_dir=runs/coarse_train/stage2`.
 Arguments: see configs/pcdm_common.py (`demo`, `market`, `res=512`, `released`).
 """
 

@@ -146,7 +146,11 @@ def run_method(action: str, config_json_name: str, options: Callable[[], dict] =
 
             trainer.train(method.build(config), config, workdir)
             return
-        function = getattr(method, action)
+        function = getattr(method, action, None)
+        if function is None:
+            hint = {"sample": " (PCDMs samples through its stage-2 config: configs/pcdm_inpaint.py with "
+                              "--prior_workdir / --refine_workdir)"}.get(action, "")
+            raise UserError(f"method {config.method!r} has no {action} action{hint}")
         given = options()
         accepted = inspect.signature(function).parameters
         unknown = sorted(name for name in given if name not in accepted)

@@ -164,8 +164,6 @@ def select_oracle(pairs: Sequence[Pair], setting: protocols.SSIMSetting,
     """Best-of-N selection (PCDMs): per pair the candidate with the highest SSIM (`setting`) against the
     reference resized to the candidate's size with PIL bicubic. Returns the pairs with one candidate left
     and the chosen candidate index per pair."""
-    from pgpis_jax.metrics import ssim as ssim_lib
-
     def load(pair):
         candidates = [images.read_rgb(path) for path in pair.generated]
         if len({c.shape for c in candidates}) > 1:
@@ -180,18 +178,11 @@ def select_oracle(pairs: Sequence[Pair], setting: protocols.SSIMSetting,
         candidates = np.stack([c for c, _ in loaded])      # [B, N, h, w, 3]
         references = np.stack([r for _, r in loaded])     # [B, h, w, 3]
         count = candidates.shape[1]
-        scores = _ssim(candidates.reshape((-1,) + candidates.shape[2:]), np.repeat(references, count, axis=0),
-                       setting, ssim_lib)
+        scores = setting.score(candidates.reshape((-1,) + candidates.shape[2:]),
+                               np.repeat(references, count, axis=0))
         chosen.extend(int(k) for k in np.argmax(scores.reshape(len(batch), count), axis=1))
     selected = [Pair(pair.name, (pair.generated[k],), pair.reference) for pair, k in zip(pairs, chosen)]
     return selected, chosen
-
-
-def _ssim(generated: np.ndarray, reference: np.ndarray, setting: protocols.SSIMSetting, ssim_lib) -> np.ndarray:
-    scale = setting.value_scale / 255.0
-    return ssim_lib.ssim(generated * scale, reference * scale, data_range=setting.data_range, window=setting.window,
-                         sigma=setting.sigma, win_size=setting.win_size,
-                         use_sample_covariance=setting.use_sample_covariance)
 
 
 def _pixel_metrics(pairs: Sequence[Pair], protocol: protocols.Protocol, metrics: Sequence[str],
@@ -209,7 +200,7 @@ def _pixel_metrics(pairs: Sequence[Pair], protocol: protocols.Protocol, metrics:
         reference = np.stack([r for _, r in loaded])
         if "ssim" in metrics:
             for setting in protocol.ssim:
-                values.setdefault(setting.name, []).append(_ssim(generated, reference, setting, ssim_lib))
+                values.setdefault(setting.name, []).append(setting.score(generated, reference))
         if "psnr" in metrics:
             scale = protocol.psnr.value_scale / 255.0
             values.setdefault("psnr", []).append(

@@ -234,7 +234,8 @@ def _pcdm_refine(o, stored, train):
     s = _size(o["image_size"])
     if not o["coarse_dir"]:
         raise UserError("input pipeline method 'pcdm_refine' needs the option coarse_dir: the folder of stage-2 "
-                        "results <source>_to_<target>.png for this split (sample.py --stage=inpaint writes it)")
+                        "results <source>_to_<target>.png for this split (sample.py --ablation=true --split=train writes it as "
+                        "<output_dir>/stage2)")
     coarse_dir = str(o["coarse_dir"]).rstrip("/") + "/"
 
     def preprocess(ex, seed):

@@ -92,36 +92,68 @@ def _run(*args, cwd):
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("pcdm_data")
-    sys.path.insert(0, os.path.join(REPO, "data"))
-    from synthetic_people import synthetic_people_dataset_builder as module
+def test_prior_and_inpaint_train_then_sample_a_split_best_of_two_with_reference_names_and_resume(demo_data,
+                                                                                                  tmp_path):
+    from skimage.metrics import structural_similarity
 
-    module.Builder(config="64x64_demo", data_dir=str(data_dir)).download_and_prepare()
-    return str(data_dir)
-
-
-def test_prior_and_inpaint_train_then_sample_a_split_with_reference_names_and_resume(demo_data, tmp_path):
     common = [f"--config.data.data_dir={demo_data}", "--config.total_steps=2", "--config.checkpoint_every_steps=2"]
     for stage in ("prior", "inpaint"):
         result = _run(os.path.join(REPO, "train.py"), f"--config={REPO}/configs/pcdm_{stage}.py:demo",
                       f"--workdir={tmp_path / stage}", *common, cwd=REPO)
         assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "out"
     sample = [os.path.join(REPO, "sample.py"), f"--config={REPO}/configs/pcdm_inpaint.py:demo",
               f"--workdir={tmp_path / 'inpaint'}", f"--prior_workdir={tmp_path / 'prior'}", "--split=test",
-              f"--output_dir={tmp_path / 'out'}", "--batch_size=48", *common,
+              f"--output_dir={out}", "--batch_size=48", "--best_of=2", *common,
               "--config.sampling.num_inference_steps=2"]
     result = _run(*sample, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert results["ablation"] == "B2" and results["images_written"] == 96 and results["prior_pairs"] == 96
+    results = json.loads((out / "results.json").read_text())
+    assert results["ablation"] == "B2" and results["best_of"] == 2 and results["prior_pairs"] == 96
+    assert results["images_written"] == 3 * 96
     assert -1.0 <= results["prior_cosine_similarity"] <= 1.0
-    names = sorted(os.listdir(tmp_path / "out"))
-    assert len([n for n in names if n.endswith(".png")]) == 96
-    assert all("_to_" in n for n in names if n.endswith(".png"))
+    names = sorted(os.listdir(out / "stage2"))
+    assert len(names) == 96 and all(n.endswith(".png") and "_to_" in n for n in names)
+    assert [sorted(os.listdir(out / "stage2_candidates" / f"sample_{k}")) for k in (0, 1)] == [names, names]
+
+    # The kept image is the candidate of higher SSIM (Gaussian 1.2, candidate's range) against the ground truth.
+    from PIL import Image
+
+    truth = {}
+    for records in _test_pairs(demo_data):
+        truth.update(records)
+    chosen = []
+    for name in names:
+        kept = np.asarray(Image.open(out / "stage2" / name))
+        candidates = [np.asarray(Image.open(out / "stage2_candidates" / f"sample_{k}" / name)) for k in (0, 1)]
+        scores = [structural_similarity(c.astype(np.float64), truth[name].astype(np.float64), channel_axis=2,
+                                        gaussian_weights=True, sigma=1.2, use_sample_covariance=False,
+                                        data_range=float(c.max()) - float(c.min())) for c in candidates]
+        chosen.append(int(np.argmax(scores)))
+        np.testing.assert_array_equal(kept, candidates[chosen[-1]])
+    assert 0 < sum(chosen) < len(chosen)   # both candidates win somewhere: the selection is not a constant
+
     result = _run(*sample, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
-    resumed = json.loads((tmp_path / "out" / "results.json").read_text())
+    resumed = json.loads((out / "results.json").read_text())
     assert resumed["images_written"] == 0 and resumed["prior_pairs"] == 96
     assert resumed["prior_cosine_similarity"] == results["prior_cosine_similarity"]
+
+
+def _test_pairs(data_dir):
+    """{<source>_to_<target>.png: ground-truth target as the pipeline squashes it (uint8)} per test batch."""
+    import ml_collections
+
+    from configs import pcdm_inpaint
+    from pgpis_jax import input_pipeline
+    from pgpis_jax.methods.pcdm import pipeline
+
+    config = pcdm_inpaint.get_config("demo")
+    config.data.data_dir = data_dir
+    config.batch_size = 48
+    for batch in input_pipeline.from_config(ml_collections.ConfigDict(config), split="test", train=False,
+                                            include_names=True, process_index=0, process_count=1):
+        target = pipeline.to_uint8(np.split(np.asarray(batch["image"]), 2, axis=2)[1])
+        yield {f"{pipeline.pair_stem(s, t)}.png": image
+               for s, t, image, real in zip(batch["source_name"], batch["target_name"], target, batch["mask"])
+               if real}

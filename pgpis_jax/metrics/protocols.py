@@ -54,6 +54,14 @@ class SSIMSetting:
     data_range: Union[float, str]
     value_scale: float
 
+    def score(self, generated, reference):
+        """SSIM per image [N] of generated / reference images [N, H, W, 3] on the 0..255 pixel scale."""
+        from pgpis_jax.metrics import ssim
+
+        scale = self.value_scale / 255.0
+        return ssim.ssim(generated * scale, reference * scale, data_range=self.data_range, window=self.window,
+                         sigma=self.sigma, win_size=self.win_size, use_sample_covariance=self.use_sample_covariance)
+
 
 @dataclasses.dataclass(frozen=True)
 class PSNRSetting:

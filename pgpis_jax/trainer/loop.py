@@ -69,15 +69,25 @@ def setup(method, config, mesh: Mesh) -> Setup:
                  init_rest=init_rest)
 
 
-def init_state(s: Setup, method, config) -> Dict[str, Any]:
-    """A fresh state created already sharded: jit(init, out_shardings=...), then the method's warm start."""
-    params_key, train_key = jax.random.split(jax.random.key(config.seed))
-    params = jax.jit(s.init_params, out_shardings=s.param_shardings)(params_key)
+def _initial_keys(config):
+    """(parameter key, training key) of a fresh run."""
+    return jax.random.split(jax.random.key(config.seed))
+
+
+def initial_params(s: Setup, method, config):
+    """The parameters a fresh run starts from, created already sharded: jit(init, out_shardings=...) with the
+    run's seed, then the method's warm start, in param_dtype."""
+    params = jax.jit(s.init_params, out_shardings=s.param_shardings)(_initial_keys(config)[0])
     warm = method.warm_start(params)
     if warm is not params:
         params = jax.device_put(s.policy.cast_params(warm), s.param_shardings)
-    rng_data = jax.random.key_data(train_key)
-    return jax.jit(s.init_rest, out_shardings=s.state_shardings)(params, rng_data)
+    return params
+
+
+def init_state(s: Setup, method, config) -> Dict[str, Any]:
+    """A fresh state: initial_params, then the optimizer state, EMA and training key."""
+    rng_data = jax.random.key_data(_initial_keys(config)[1])
+    return jax.jit(s.init_rest, out_shardings=s.state_shardings)(initial_params(s, method, config), rng_data)
 
 
 def _mean_metrics(window) -> Dict[str, float]:

@@ -1,9 +1,10 @@
-"""What the three PCDMs stages share: schedulers from the config, per-example random draws, the frozen image
-encoders (CLIP ViT-H/14 image embedding, DINOv2 tokens), and the up-front check for weights and data."""
+"""What the three PCDMs stages share: the Stage base (frozen networks run in the step or read from offline
+features), schedulers from the config, per-example random draws, the frozen image encoders (CLIP ViT-H/14 image
+embedding, DINOv2 tokens), and the up-front check for weights and data."""
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +13,64 @@ import numpy as np
 from pgpis_jax import input_pipeline
 from pgpis_jax.diffusion import forward
 from pgpis_jax.errors import UserError
-from pgpis_jax.methods.base import example_keys, scheduler_from_config
-from pgpis_jax.methods.pcdm import networks
+from pgpis_jax.methods.base import Method, example_keys, scheduler_from_config
+from pgpis_jax.methods.pcdm import features, networks
 from pgpis_jax.trainer.precision import Policy
+
+
+class Stage(Method):
+    """A PCDMs stage. Its frozen networks (FROZEN, parameter-tree names) turn a pixel batch into the inputs of its
+    trainable networks (`extract`); with config.data.features_dir those come from an offline feature dataset
+    instead (pgpis_jax.methods.pcdm.features) and the training step runs only the trainable networks.
+    Condition dropout zeroes a pixel input (a DROPPABLE key) before the encoders, or, on features, swaps in the
+    features of that zeroed input."""
+
+    FROZEN: Tuple[str, ...] = ()
+    INPUTS: Tuple[str, ...] = ()                          # the pixel batch keys `extract` reads
+    DROPPABLE: Dict[str, Tuple[str, ...]] = {}            # pixel input -> the features computed from it
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.features = features.open_for_training(config, self.FROZEN)
+
+    def extract(self, params, batch) -> Dict[str, Any]:
+        """{feature: [B, ...]} of a pixel batch (its INPUTS keys); the frozen networks' outputs."""
+        raise NotImplementedError
+
+    def frozen_params(self, params) -> Dict[str, Any]:
+        return {name: params[name] for name in self.FROZEN if name in params}
+
+    def check_frozen(self, params) -> None:
+        """On features: UserError unless the run's frozen parameters are those the features were made with."""
+        if self.features is None:
+            return
+        differ = features.fingerprint_mismatches(self.features.index["fingerprint"],
+                                                 features.fingerprint(self.frozen_params(params)))
+        if differ:
+            raise UserError(f"config.data.features_dir={self.features.directory} was extracted with other weights "
+                            f"for {len(differ)} frozen tensors (e.g. {', '.join(differ[:3])}); extract again with "
+                            f"this config")
+
+    def train_iterator(self, process_index: int, process_count: int):
+        """Pixel batches from the input pipeline, or feature batches from config.data.features_dir."""
+        if self.features is not None:
+            return features.FeatureIterator(self.features, self.config.batch_size, process_index, process_count,
+                                            self.config.seed)
+        return input_pipeline.from_config(self.config, split="train", train=True, process_index=process_index,
+                                          process_count=process_count)
+
+    def training_inputs(self, params, batch, drops) -> Dict[str, Any]:
+        """The features of a training batch with condition dropout applied; drops: {pixel input: bool [B]}."""
+        if self.features is None:
+            pixels = {key: batch[key] for key in self.INPUTS}
+            pixels.update({key: zero_where(drop, batch[key]) for key, drop in drops.items()})
+            return self.extract(params, pixels)
+        out = {key: jnp.asarray(batch[key]) for key in self.features.keys}
+        for key, drop in drops.items():
+            for name in (n for n in self.DROPPABLE[key] if n in out):
+                constant = jnp.asarray(self.features.constants[name], out[name].dtype)
+                out[name] = jnp.where(drop.reshape((-1,) + (1,) * (out[name].ndim - 1)), constant, out[name])
+        return out
 
 
 class Diffusion:
@@ -63,10 +119,35 @@ def zero_where(drop, x):
 
 def encode_latents(codec, vae_params, images, keys):
     """Posterior samples times the scaling factor for images [B, H, W, 3] in [-1, 1], one key per example."""
-    mean, logvar = codec.moments(vae_params, images)
+    return sample_latents(codec, *codec.moments(vae_params, images), keys)
+
+
+def sample_latents(codec, mean, logvar, keys):
+    """Posterior samples times the scaling factor from moments [B, h, w, C] (logvar None: deterministic)."""
     if logvar is None:
         return codec.latent(mean, None, None)
     return jax.vmap(codec.latent)(mean, logvar, keys)
+
+
+def moments(codec, vae_params, images, name: str) -> Dict[str, Any]:
+    """{name_mean, name_logvar (if the codec has one)}: the posterior moments of images, as features."""
+    mean, logvar = codec.moments(vae_params, images)
+    return {f"{name}_mean": mean, **({f"{name}_logvar": logvar} if logvar is not None else {})}
+
+
+def latents_of(codec, inputs, name: str, keys):
+    """Posterior samples from the features `moments` made."""
+    return sample_latents(codec, inputs[f"{name}_mean"], inputs.get(f"{name}_logvar"), keys)
+
+
+def signed_to_uint8(x):
+    """[-1, 1] images made from uint8 (u / 127.5 - 1) back to uint8, exactly (compact features)."""
+    return jnp.round((x + 1.0) * 127.5).astype(jnp.uint8)
+
+
+def uint8_to_signed(x):
+    """uint8 -> [-1, 1] as the input pipeline makes it (u / 127.5 - 1, float32)."""
+    return x.astype(jnp.float32) / 127.5 - 1.0
 
 
 def mean_squared_error(prediction, target):
@@ -114,12 +195,6 @@ def check_dataset(config, missing: networks.MissingInputs) -> None:
         missing.add(f"config.data.dataset={config.data.dataset!r} ({input_pipeline.dataset_name(config.data)}) is not "
                     f"prepared in config.data.data_dir={config.data.get('data_dir') or '(the TFDS default)'}: build it "
                     f"with `tfds build data/{config.data.dataset}` (README, Datasets)")
-
-
-def train_iterator(config, process_index: int, process_count: int):
-    """The stage's training batches from the input pipeline (pcdm_* batch layouts)."""
-    return input_pipeline.from_config(config, split="train", train=True, process_index=process_index,
-                                      process_count=process_count)
 
 
 def first_test_examples(config, num: int, **options) -> Dict[str, np.ndarray]:

@@ -76,8 +76,8 @@ def run(workdir: str, out_dir: str) -> dict:
     for name, config in stages.items():
         train_stage(config, os.path.join(workdir, name))
     inpaint = pipeline.load_stage(os.path.join(workdir, "inpaint"), "pcdm_inpaint", stages["inpaint"])
-    coarse_dir = os.path.join(workdir, "coarse_train")
-    pipeline.PCDMPipeline(inpaint, "true").run_split("train", coarse_dir, batch_size=120)
+    coarse_dir = pipeline.PCDMPipeline(inpaint, "true").run_split(
+        "train", os.path.join(workdir, "coarse_train"), batch_size=120)["folders"]["stage2"]
     print(f"[demo] stage-2 results for the training pairs -> {coarse_dir}", flush=True)
     stages["refine"] = stage_config("refine", data_dir, coarse_dir=coarse_dir)
     train_stage(stages["refine"], os.path.join(workdir, "refine"))

@@ -4,7 +4,8 @@ Parameters: `unet` (SD 2.1-base, 2C+1 input channels, projection class embedding
 added after conv_in), `image_proj_model_p` (DINOv2 tokens -> cross-attention width) - trained; `vae`,
 `image_encoder` (CLIP ViT-H/14), `dinov2` - frozen.
 
-Training step, per example (pcdm_inpaint batches, see pgpis_jax/input_pipeline.py):
+Training step, per example (pcdm_inpaint batches, see pgpis_jax/input_pipeline.py, or the same quantities read
+from offline features, see pgpis_jax/methods/pcdm/features.py):
   x0 = latent of the canvas [source | target]; masked = latent of [source | black] (posterior samples)
   t ~ U{0..999}; noise = N(0, 1) + 0.1 N(0, 1) per channel; x_t = add_noise(x0, noise, t)
   with p = 0.1 each: DINOv2 input pixels zeroed, CLIP input pixels of the target zeroed
@@ -28,7 +29,7 @@ import numpy as np
 
 from pgpis_jax.diffusion import guidance
 from pgpis_jax.errors import UserError
-from pgpis_jax.methods.pcdm import common
+from pgpis_jax.methods.pcdm import common, features
 from pgpis_jax.methods.pcdm.latent_stage import LatentStage
 from pgpis_jax.models.pcdm import PoseEncoder, join_canvas, pack_inpaint_input, split_canvas
 
@@ -37,6 +38,9 @@ TRAINABLE = ("unet", "pose_proj", "image_proj_model_p")
 
 class PCDMInpaint(LatentStage):
     ENCODERS = ("image_encoder", "dinov2")
+    FROZEN = ("image_encoder", "dinov2", "vae")
+    INPUTS = ("image", "pose", "source_dino", "target_clip")
+    DROPPABLE = {"source_dino": ("source_tokens",), "target_clip": ("target_embedding",)}
 
     def __init__(self, config):
         super().__init__(config)
@@ -56,24 +60,32 @@ class PCDMInpaint(LatentStage):
                                       context, class_labels=global_embedding,
                                       conv_in_residual=pose_features).astype(jnp.float32)
 
-    def conditions(self, params, source_dino, global_embedding, pose):
-        """(context [B, N+1, E] = projected DINOv2 tokens and the global token, pose features)."""
-        tokens = self.source_tokens(params, source_dino)
-        context = jnp.concatenate([tokens, global_embedding[:, None].astype(tokens.dtype)], axis=1)
+    def conditions(self, params, tokens, global_embedding, pose):
+        """(context [B, N+1, E] = projected DINOv2 tokens [B, N, D] and the global token, pose features)."""
+        projected = self.project_tokens(params, tokens)
+        context = jnp.concatenate([projected, global_embedding[:, None].astype(projected.dtype)], axis=1)
         return context, self.pose_proj.apply({"params": params["pose_proj"]}, pose)
 
     # ------------------------------------------------------------------------------------------ training
 
+    def extract(self, params, batch):
+        """Moments of the canvas and the masked canvas, the target's CLIP embedding, the source's DINOv2
+        tokens and the pose canvas as uint8."""
+        image = batch["image"]
+        return {**self.moments(params, image, "canvas"), **self.moments(params, masked_canvas(image), "masked"),
+                "target_embedding": self.encoders.embed(params, batch["target_clip"]),
+                "source_tokens": self.encoders.tokens(params, batch["source_dino"]),
+                "pose": common.signed_to_uint8(batch["pose"])}
+
     def loss_fn(self, params, batch, rng):
         k = common.per_example_keys(rng, batch, 5)
-        image = batch["image"]
-        masked_image = masked_canvas(image)
-        x0 = self.latents(params, image, k[0])
-        masked_latent = self.latents(params, masked_image, k[1])
-        source_dino = common.zero_where(common.dropped(k[2], self.condition_dropout), batch["source_dino"])
-        target_clip = common.zero_where(common.dropped(k[3], self.condition_dropout), batch["target_clip"])
-        g = self.encoders.embed(params, target_clip)
-        context, pose_features = self.conditions(params, source_dino, g, batch["pose"])
+        inputs = self.training_inputs(params, batch, {"source_dino": common.dropped(k[2], self.condition_dropout),
+                                                      "target_clip": common.dropped(k[3], self.condition_dropout)})
+        x0 = common.latents_of(self.codec, inputs, "canvas", k[0])
+        masked_latent = common.latents_of(self.codec, inputs, "masked", k[1])
+        g = inputs["target_embedding"]
+        context, pose_features = self.conditions(params, inputs["source_tokens"], g,
+                                                 common.uint8_to_signed(inputs["pose"]))
         t, x_t, target = self.diffusion.training_pair(k[4], x0)
         prediction = self.denoise(params, x_t, t, masked_latent, context, g, pose_features)
         return common.mean_squared_error(prediction, target), {}
@@ -91,7 +103,8 @@ class PCDMInpaint(LatentStage):
         batch = source_image.shape[0]
         canvas = join_canvas(source_image, source_image)
         masked_latent = self.latents(params, masked_canvas(canvas), jax.random.split(vae_key, batch))
-        context, pose_features = self.conditions(params, source_dino, global_embedding, pose)
+        context, pose_features = self.conditions(params, self.encoders.tokens(params, source_dino),
+                                                 global_embedding, pose)
         cond = (context, global_embedding.astype(jnp.float32))
         if guidance_scale > 1.0:
             uncond = jax.tree.map(jnp.zeros_like, cond)
@@ -155,27 +168,38 @@ def build(config) -> PCDMInpaint:
     return PCDMInpaint(config)
 
 
+def extract_features(config, workdir: str, split: str = "train", batch_size=None, dtype: str = "float32"):
+    """extract_features.py: the frozen networks' outputs over `split` into workdir (methods/pcdm/features.py)."""
+    return features.extract_split(build, config, workdir, split, batch_size, dtype)
+
+
 def sample(config, workdir: str, ablation=None, prior_workdir=None, refine_workdir=None, split=None,
-           output_dir=None, batch_size=None, source_image=None, source_pose=None, target_pose=None, output=None):
+           output_dir=None, batch_size=None, best_of=1, source_image=None, source_pose=None, target_pose=None, output=None):
     """sample.py: the three-stage pipeline with this workdir as stage 2 (pipeline.sample_command)."""
     from pgpis_jax.methods.pcdm import pipeline
 
     pipeline.sample_command(config, workdir, ablation=ablation, prior_workdir=prior_workdir,
                             refine_workdir=refine_workdir, split=split, output_dir=output_dir,
-                            batch_size=batch_size, source_image=source_image, source_pose=source_pose,
+                            batch_size=batch_size, best_of=best_of, source_image=source_image, source_pose=source_pose,
                             target_pose=target_pose, output=output)
 
 
 def generate_test_set(config, workdir: str, output_dir: str):
-    """The test split through this stage alone (ablation B1: blank global token) into output_dir/generated,
-    with the ground truth in output_dir/reference; existing images are kept. Returns both folders."""
+    """The test split through this stage alone (ablation B1: blank global token) into output_dir/stage2, with the
+    ground truth in output_dir/reference; existing images are kept. A protocol with best-of-N selection
+    (config.eval.protocol, e.g. pcdms) gets N candidates in output_dir/stage2_candidates. Returns the folder to
+    score and the reference folder."""
+    from pgpis_jax import evaluation
     from pgpis_jax.methods.pcdm import pipeline
+    from pgpis_jax.metrics import protocols
 
-    generated, reference = os.path.join(output_dir, "generated"), os.path.join(output_dir, "reference")
+    protocol = (config.get("eval") or {}).get("protocol", evaluation.default_eval_config().protocol)
+    best_of = protocols.get_protocol(protocol).oracle_candidates
+    reference = os.path.join(output_dir, "reference")
     stage = pipeline.load_stage(workdir, "pcdm_inpaint", config)
-    pipeline.PCDMPipeline(stage, "B1", seed=config.seed).run_split("test", generated, config.batch_size,
-                                                                     reference_dir=reference)
-    return generated, reference
+    results = pipeline.PCDMPipeline(stage, "B1", seed=config.seed).run_split(
+        "test", output_dir, config.batch_size, best_of, reference_dir=reference)
+    return results["folders"]["stage2_candidates" if best_of > 1 else "stage2"], reference
 
 
 def eval(config, workdir: str):  # noqa: A001 - the entry points call method.eval

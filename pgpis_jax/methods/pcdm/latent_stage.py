@@ -1,6 +1,6 @@
 """What PCDMs stages 2 and 3 share: an SD UNet over autoencoder latents whose cross-attention context is the
 source's DINOv2 tokens through a trainable projector (`image_proj_model_p`), frozen encoders and VAE, the
-warm start and the data. Subclasses add their own networks (`init_extra`), loss and sampler."""
+warm start and the data. Subclasses add their own networks (`init_extra`), features, loss and sampler."""
 
 from __future__ import annotations
 
@@ -8,13 +8,12 @@ from typing import Any, Dict, Tuple
 
 import jax
 
-from pgpis_jax.methods.base import Method
 from pgpis_jax.methods.pcdm import common, networks
 from pgpis_jax.models.pcdm import ImageProjector
 from pgpis_jax.trainer.precision import Policy
 
 
-class LatentStage(Method):
+class LatentStage(common.Stage):
     ENCODERS: Tuple[str, ...] = ("dinov2",)
 
     def __init__(self, config):
@@ -28,7 +27,8 @@ class LatentStage(Method):
                                              attention_implementation=m.attention_implementation, **self.module_kw)
         self.codec, self.vae = networks.codec(m.vae, "config.model.vae", missing, policy.compute_dtype)
         self.encoders = common.Encoders(config, self.ENCODERS, missing, policy)
-        common.check_dataset(config, missing)
+        if self.features is None:
+            common.check_dataset(config, missing)
         missing.raise_if_any(config.method)
         self.token_dim = self.encoders.module("dinov2").hidden_size
         self.image_proj = ImageProjector(hidden=m.image_proj.hidden, features=self.unet.module.cross_attention_dim,
@@ -53,10 +53,12 @@ class LatentStage(Method):
                       **self.encoders.warm_start(params))
         if self.vae is not None:
             params["vae"] = networks.load_pretrained(self.vae, params["vae"])
+        self.check_frozen(params)
         return params
 
-    def train_iterator(self, process_index: int, process_count: int):
-        return common.train_iterator(self.config, process_index, process_count)
+    def moments(self, params, images, name: str):
+        """{name_mean, name_logvar}: VAE posterior moments of images [B, H, W, 3] in [-1, 1] (features)."""
+        return common.moments(self.codec, params.get("vae"), images, name)
 
     def latents(self, params, images, keys):
         """Scaled posterior samples of images [B, H, W, 3] in [-1, 1], one key per example."""
@@ -64,5 +66,8 @@ class LatentStage(Method):
 
     def source_tokens(self, params, source_dino):
         """Projected DINOv2 tokens [B, N, cross_attention_dim] of CLIP-normalised source pixels."""
-        return self.image_proj.apply({"params": params["image_proj_model_p"]},
-                                     self.encoders.tokens(params, source_dino))
+        return self.project_tokens(params, self.encoders.tokens(params, source_dino))
+
+    def project_tokens(self, params, tokens):
+        """DINOv2 tokens [B, N, D] through the trainable projector -> [B, N, cross_attention_dim]."""
+        return self.image_proj.apply({"params": params["image_proj_model_p"]}, tokens)

@@ -10,11 +10,19 @@ given, the others come as options. Which stages run:
     B3     inpaint + refine, blank global token    (needs refine_workdir)
     true   inpaint with the true target embedding (how the original makes stage-3 training data)
 
-Outputs are named as the original names them: `<source stem>_to_<target stem>.png` (S x S, the squashed
-canvas half), the final stage's in output_dir and stage 2's in output_dir/stage2 when stage 3 runs; existing
-outputs are kept (a batch whose outputs all exist is skipped). `results.json` holds the stage-1 cosine
-similarity between predicted and true target embeddings when the prior ran, over the pairs recorded in
-`prior_cosine.<process>.json` (kept across resumed runs).
+Split mode writes images named as the original names them, `<source stem>_to_<target stem>.png` (S x S, the
+squashed canvas half), one folder per stage so that each can be scored by eval.py:
+
+    <output_dir>/stage2/                       stage-2 results (with --ablation=true: stage 3's training inputs)
+    <output_dir>/stage3/                       stage-3 results, when refining
+    <output_dir>/stage{2,3}_candidates/sample_<k>/   with --best_of=N > 1: all N candidates per pair; the stage
+                                               folder then holds the one of highest SSIM against the ground
+                                               truth (the original's oracle selection), which stage 3 refines
+    <output_dir>/results.json                  counts, folders and the stage-1 cosine similarity between
+                                               predicted and true target embeddings (when the prior ran)
+    <output_dir>/prior_cosine.<process>.json   that similarity per pair, kept across resumed runs
+
+Existing outputs are kept (a batch whose outputs all exist is skipped).
 """
 
 from __future__ import annotations
@@ -34,8 +42,11 @@ from pgpis_jax import input_pipeline, poses
 from pgpis_jax.datasets import formats
 from pgpis_jax.errors import UserError
 from pgpis_jax.methods.pcdm.prior import cosine_similarity
+from pgpis_jax.metrics import protocols
 from pgpis_jax.preprocessing import clip_preprocess
 
+# PCDMs' selection SSIM: Gaussian sigma 1.2, population covariance, data range of the candidate, uint8 scale.
+ORACLE_SSIM = protocols.PCDMS.oracle_ssim
 ABLATIONS = ("full", "B1", "B2", "B3", "true")
 _NEEDS = {"full": ("prior", "refine"), "B1": (), "B2": ("prior",), "B3": ("refine",), "true": ()}
 
@@ -114,28 +125,62 @@ class PCDMPipeline:
             cosine = cosine_similarity(predicted, self._prior_embed(pp, prior_inputs["target_clip"]))
         return predicted, cosine
 
-    def generate(self, batch, prior_inputs, rng):
-        """{"stage2": [B, S, S, 3], "stage3": ... (if refining)} in [-1, 1], and the cosine similarities."""
-        k1, k2, k3 = jax.random.split(rng, 3)
-        g, cosine = self._global_embedding(batch, prior_inputs, k1)
-        source = batch["image"][:, :, :batch["image"].shape[2] // 2]
-        out = {"stage2": self._stage2(self.inpaint.params, source, batch["pose"], batch["source_dino"], g, k2)}
+    def generate(self, batch, prior_inputs, rng, best_of: int = 1):
+        """Images per stage in [-1, 1], {"stage2": [B, S, S, 3], "stage3": ... (if refining)}, and the prior's
+        cosine similarities [B] (or None).
+
+        best_of = N > 1: each stage draws N candidates per pair, also returned as "<stage>_candidates"
+        [N, B, S, S, 3], and keeps the one of highest oracle SSIM against the ground truth (the right half of
+        batch["image"]); stage 3 refines stage 2's choice, as the original's scripts chain them."""
+        prior_key, stage2_key, stage3_key = jax.random.split(rng, 3)
+        g, cosine = self._global_embedding(batch, prior_inputs, prior_key)
+        source, truth = np.split(np.asarray(batch["image"]), 2, axis=2)
+        out = {}
+
+        def run_stage(name, generate_one, key):
+            candidates = [np.asarray(generate_one(jax.random.fold_in(key, k))) for k in range(best_of)]
+            if best_of == 1:
+                out[name] = candidates[0]
+                return
+            out[f"{name}_candidates"] = np.stack(candidates)
+            chosen = oracle_choice(out[f"{name}_candidates"], truth)
+            out[name] = out[f"{name}_candidates"][chosen, np.arange(len(chosen))]
+
+        run_stage("stage2", lambda key: self._stage2(self.inpaint.params, source, batch["pose"],
+                                                     batch["source_dino"], g, key), stage2_key)
         if self.refine is not None:
-            out["stage3"] = self._stage3(self.refine.params, out["stage2"], batch["source_dino"], k3)
+            run_stage("stage3", lambda key: self._stage3(self.refine.params, out["stage2"], batch["source_dino"],
+                                                         key), stage3_key)
         return out, cosine
 
     # ------------------------------------------------------------------------------------------ split mode
 
-    def run_split(self, split: str, output_dir: str, batch_size: int,
+    def output_folders(self, output_dir: str, best_of: int) -> Dict[str, list]:
+        """{output key of generate(): [folder per candidate]} for split mode."""
+        stages = ["stage2"] + (["stage3"] if self.refine is not None else [])
+        folders = {stage: [os.path.join(output_dir, stage)] for stage in stages}
+        if best_of > 1:
+            folders.update({f"{stage}_candidates": [os.path.join(output_dir, f"{stage}_candidates", f"sample_{k}")
+                                                    for k in range(best_of)] for stage in stages})
+        return folders
+
+    def run_split(self, split: str, output_dir: str, batch_size: int, best_of: int = 1,
                   reference_dir: Optional[str] = None) -> Dict[str, Any]:
-        """Generates every pair of `split` (sharded over processes, resumable) into output_dir; with
-        reference_dir also writes each pair's ground-truth target (S x S) there under the same name."""
+        """Generates every pair of `split` (sharded over processes, resumable) into output_dir/stage2 and, when
+        refining, output_dir/stage3; with best_of = N > 1 also every candidate into
+        output_dir/<stage>_candidates/sample_<k> (see generate). With reference_dir also writes each pair's
+        ground-truth target (S x S) there under the same name. Returns the totals over all processes."""
+        if best_of < 1:
+            raise UserError(f"--best_of={best_of}: expected a number of candidates >= 1")
         common = dict(split=split, train=False, include_names=True, process_index=jax.process_index(),
                       process_count=jax.process_count())
         pipe = input_pipeline.from_config(with_batch_size(self.inpaint.config, batch_size), **common)
         prior_pipe = None
         if self.prior is not None:
             prior_pipe = input_pipeline.from_config(with_batch_size(self.prior.config, batch_size), **common)
+        folders = self.output_folders(output_dir, best_of)
+        if reference_dir is not None:
+            folders["reference"] = [reference_dir]
         os.makedirs(output_dir, exist_ok=True)
         cosine_path = os.path.join(output_dir, f"prior_cosine.{jax.process_index()}.json")
         cosines = {}
@@ -145,32 +190,37 @@ class PCDMPipeline:
         written = 0
         for index, batch in enumerate(pipe):
             prior_inputs = next(prior_pipe) if prior_pipe is not None else None
-            names = [pair_stem(s, t) for s, t in zip(batch["source_name"], batch["target_name"])]
-            real = batch["mask"]
-            done = [os.path.join(output_dir, f"{n}.png") for n, r in zip(names, real) if r]
-            if reference_dir is not None:
-                done += [os.path.join(reference_dir, f"{n}.png") for n, r in zip(names, real) if r]
-            if all(os.path.exists(p) for p in done) and all(n in cosines for n, r in zip(names, real)
-                                                            if r and self.prior is not None):
+            real = np.asarray(batch["mask"])
+            names = [pair_stem(s, t) for s, t, r in zip(batch["source_name"], batch["target_name"], real) if r]
+            finished = all(os.path.exists(os.path.join(folder, f"{name}.png"))
+                           for group in folders.values() for folder in group for name in names)
+            if finished and (self.prior is None or all(name in cosines for name in names)):
                 continue
-            out, cosine = self.generate(batch, prior_inputs, jax.random.fold_in(self.rng, index))
+            out, cosine = self.generate(batch, prior_inputs, jax.random.fold_in(self.rng, index), best_of)
             if cosine is not None:
-                cosines.update((n, float(c)) for n, c, r in zip(names, np.asarray(cosine), real) if r)
+                cosines.update((n, float(c)) for n, c in zip(names, np.asarray(cosine)[real]))
                 with open(cosine_path, "w") as f:
                     json.dump(cosines, f)
             if reference_dir is not None:
-                half = batch["image"].shape[2] // 2
-                save_images(reference_dir, [n for n, r in zip(names, real) if r], batch["image"][real, :, half:])
-            final = "stage3" if "stage3" in out else "stage2"
-            for key, images in out.items():
-                folder = output_dir if key == final else os.path.join(output_dir, key)
-                written += save_images(folder, [n for n, r in zip(names, real) if r], np.asarray(images)[real])
-        results = {"split": split, "ablation": self.ablation, "images_written": written,
+                out["reference"] = np.split(np.asarray(batch["image"]), 2, axis=2)[1]
+            for key, group in folders.items():
+                candidates = out[key] if len(group) > 1 else out[key][None]
+                for folder, images in zip(group, candidates):
+                    written += save_images(folder, names, images[real])
+        written, cosine_sum, cosine_count = summed_over_processes(
+            [written, sum(cosines.values()), len(cosines)])
+        results = {"split": split, "ablation": self.ablation, "best_of": best_of, "images_written": int(written),
+                   "folders": {key: os.path.commonpath(group) for key, group in folders.items()},
                    "steps": {name: stage.step for name, stage in (("prior", self.prior), ("inpaint", self.inpaint),
                                                                   ("refine", self.refine)) if stage is not None}}
-        if cosines:
-            results["prior_cosine_similarity"] = float(np.mean(list(cosines.values())))
-            results["prior_pairs"] = len(cosines)
+        if best_of > 1:
+            results["selection"] = (f"oracle: per pair and stage the candidate of highest SSIM against the ground "
+                                    f"truth (Gaussian sigma 1.2, population covariance, data range of the candidate, on uint8), "
+                                    f"as the original's --calculate_metrics; scores of the selected images are "
+                                    f"best-of-{best_of} oracle numbers")
+        if cosine_count:
+            results["prior_cosine_similarity"] = float(cosine_sum / cosine_count)
+            results["prior_pairs"] = int(cosine_count)
         return results
 
     # ------------------------------------------------------------------------------------------ single mode
@@ -202,6 +252,25 @@ class PCDMPipeline:
         final = out.get("stage3", out["stage2"])
         os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
         Image.fromarray(to_uint8(np.asarray(final[0]))).save(output_path)
+
+
+def oracle_choice(candidates, truth) -> np.ndarray:
+    """Index [B] of the candidate [N, B, S, S, 3] in [-1, 1] of highest SSIM against truth [B, S, S, 3], both
+    as saved (uint8), with the SSIM of PCDMs' scripts (ORACLE_SSIM)."""
+    count, batch = candidates.shape[:2]
+    generated = to_uint8(candidates).reshape((count * batch,) + candidates.shape[2:]).astype(np.float64)
+    reference = np.tile(to_uint8(truth).astype(np.float64), (count, 1, 1, 1))
+    return np.argmax(ORACLE_SSIM.score(generated, reference).reshape(count, batch), axis=0)
+
+
+def summed_over_processes(values) -> np.ndarray:
+    """The element-wise sum over all processes of a few numbers (every process calls this)."""
+    values = np.asarray(values, np.float64)
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(values)).sum(axis=0)
 
 
 def with_batch_size(config, batch_size: int):
@@ -263,17 +332,20 @@ def _pose(path: str, image_hw, size: int):
 
 def sample_command(config, workdir: str, ablation: Optional[str] = None, prior_workdir: Optional[str] = None,
                    refine_workdir: Optional[str] = None, split: Optional[str] = None,
-                   output_dir: Optional[str] = None, batch_size: Optional[int] = None,
+                   output_dir: Optional[str] = None, batch_size: Optional[int] = None, best_of: int = 1,
                    source_image: Optional[str] = None, source_pose: Optional[str] = None,
                    target_pose: Optional[str] = None, output: Optional[str] = None) -> Optional[Dict[str, Any]]:
-    """sample.py for PCDMs: split mode (--split, --output_dir) or single mode (--source_image, --source_pose,
-    --target_pose, --output). Returns split mode's results (also written to output_dir/results.json)."""
+    """sample.py for PCDMs: split mode (--split, --output_dir, optionally --best_of) or single mode
+    (--source_image, --source_pose, --target_pose, --output). Returns split mode's results (also written by
+    process 0 to output_dir/results.json)."""
     single = (source_image, source_pose, target_pose, output)
     if split is None and not any(single):
         raise UserError("give --split and --output_dir (every pair of a split) or --source_image, --source_pose, "
                         "--target_pose and --output (one image)")
     if split is not None and any(single):
         raise UserError("--split cannot be combined with --source_image / --source_pose / --target_pose / --output")
+    if split is None and best_of != 1:
+        raise UserError("--best_of selects by SSIM against the ground truth, which only split mode has")
     if ablation is None:
         ablation = {(True, True): "full", (True, False): "B2", (False, True): "B3", (False, False): "B1"}[
             (prior_workdir is not None, refine_workdir is not None)]
@@ -283,10 +355,11 @@ def sample_command(config, workdir: str, ablation: Optional[str] = None, prior_w
     if split is not None:
         if not output_dir:
             raise UserError("--split needs --output_dir")
-        results = pipe.run_split(split, output_dir, batch_size or config.batch_size)
-        with open(os.path.join(output_dir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        print(json.dumps(results), flush=True)
+        results = pipe.run_split(split, output_dir, batch_size or config.batch_size, best_of)
+        if jax.process_index() == 0:
+            with open(os.path.join(output_dir, "results.json"), "w") as f:
+                json.dump(results, f, indent=2)
+            print(json.dumps(results), flush=True)
         return results
     if not all(single):
         raise UserError("single mode needs --source_image, --source_pose, --target_pose and --output")

@@ -21,15 +21,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pgpis_jax.methods.base import Method
-from pgpis_jax.methods.pcdm import common, networks
+from pgpis_jax.methods.pcdm import common, features, networks
 from pgpis_jax.models.pcdm import PriorTransformer
 from pgpis_jax.trainer.precision import Policy
 
 TRAINABLE = ("prior",)
 
 
-class PCDMPrior(Method):
+class PCDMPrior(common.Stage):
+    FROZEN = ("image_encoder",)
+    INPUTS = ("source_clip", "target_clip", "source_pose_coords", "target_pose_coords")
+    DROPPABLE = {"source_clip": ("source_embedding",), "source_pose_coords": ("source_pose_coords",),
+                 "target_pose_coords": ("target_pose_coords",)}
+
     def __init__(self, config):
         super().__init__(config)
         policy = Policy.from_config(config)
@@ -41,7 +45,8 @@ class PCDMPrior(Method):
             self.pretrained = networks.Resolved("config.model.prior", None,
                                                 networks.resolve_directory(m.prior, "config.model.prior", missing),
                                                 m.prior, "diffusers")
-        common.check_dataset(config, missing)
+        if self.features is None:
+            common.check_dataset(config, missing)
         missing.raise_if_any(config.method)
         self.embedding_dim = self.encoders.module("image_encoder").projection_dim
         self.prior = PriorTransformer(
@@ -62,10 +67,8 @@ class PCDMPrior(Method):
         params = dict(params, **self.encoders.warm_start(params))
         if self.pretrained is not None:
             params["prior"] = networks.load_pretrained(self.pretrained, params["prior"])
+        self.check_frozen(params)
         return params
-
-    def train_iterator(self, process_index: int, process_count: int):
-        return common.train_iterator(self.config, process_index, process_count)
 
     def normalize(self, embedding):
         return (embedding - self.embedding_mean) / self.embedding_std
@@ -76,15 +79,21 @@ class PCDMPrior(Method):
     def predict(self, params, x_t, t, source_embedding, source_pose, target_pose):
         return self.prior.apply({"params": params["prior"]}, x_t, t, source_embedding, source_pose, target_pose)
 
+    def extract(self, params, batch):
+        """Both CLIP embeddings and both poses' coordinates."""
+        return {"source_embedding": self.encoders.embed(params, batch["source_clip"]),
+                "target_embedding": self.encoders.embed(params, batch["target_clip"]),
+                "source_pose_coords": batch["source_pose_coords"], "target_pose_coords": batch["target_pose_coords"]}
+
     def loss_fn(self, params, batch, rng):
         k = common.per_example_keys(rng, batch, 4)
-        source_clip = common.zero_where(common.dropped(k[0], self.condition_dropout), batch["source_clip"])
-        source_pose = common.zero_where(common.dropped(k[1], self.condition_dropout), batch["source_pose_coords"])
-        target_pose = common.zero_where(common.dropped(k[2], self.condition_dropout), batch["target_pose_coords"])
-        x0 = self.normalize(self.encoders.embed(params, batch["target_clip"]))
+        inputs = self.training_inputs(params, batch, {
+            key: common.dropped(key_rng, self.condition_dropout)
+            for key, key_rng in zip(("source_clip", "source_pose_coords", "target_pose_coords"), k[:3])})
+        x0 = self.normalize(inputs["target_embedding"])
         t, x_t, target = self.diffusion.training_pair(k[3], x0, varying_axes=(0,))
-        prediction = self.predict(params, x_t, t, self.encoders.embed(params, source_clip), source_pose,
-                                  target_pose)
+        prediction = self.predict(params, x_t, t, inputs["source_embedding"], inputs["source_pose_coords"],
+                                  inputs["target_pose_coords"])
         return common.mean_squared_error(prediction, target), {}
 
     def generate(self, params, source_embedding, source_pose, target_pose, rng, num_inference_steps: int):
@@ -111,3 +120,8 @@ def cosine_similarity(a, b):
 
 def build(config) -> PCDMPrior:
     return PCDMPrior(config)
+
+
+def extract_features(config, workdir: str, split: str = "train", batch_size=None, dtype: str = "float32"):
+    """extract_features.py: the frozen networks' outputs over `split` into workdir (methods/pcdm/features.py)."""
+    return features.extract_split(build, config, workdir, split, batch_size, dtype)

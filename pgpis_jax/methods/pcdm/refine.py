@@ -4,7 +4,8 @@ Parameters: `unet` (SD 2.1-base with 2C input channels), `image_proj_model_p` - 
 frozen.
 
 Training step, per example (pcdm_refine batches; `coarse_dir` holds stage-2 results for the training pairs,
-made as the original does with the true target embedding: sample.py --stage=inpaint --split=train):
+made as the original does with the true target embedding: sample.py --ablation=true --split=train; or the same
+quantities read from offline features):
   x0 = latent of the target; coarse = latent of the stage-2 result; t, noise (+ 0.1 offset), x_t as stage 2
   with p = 0.1 the coarse image's pixels are zeroed (the original's `s_img_drop_rate`); DINOv2 is never dropped
   loss = mean (unet([x_t, coarse], t, image_proj(DINOv2(source))) - noise)^2
@@ -23,7 +24,7 @@ import numpy as np
 
 from pgpis_jax.diffusion import guidance
 from pgpis_jax.errors import UserError
-from pgpis_jax.methods.pcdm import common
+from pgpis_jax.methods.pcdm import common, features
 from pgpis_jax.methods.pcdm.latent_stage import LatentStage
 from pgpis_jax.models.pcdm import pack_refine_input
 
@@ -31,6 +32,10 @@ TRAINABLE = ("unet", "image_proj_model_p")
 
 
 class PCDMRefine(LatentStage):
+    FROZEN = ("dinov2", "vae")
+    INPUTS = ("target_image", "coarse_image", "source_dino")
+    DROPPABLE = {"coarse_image": ("coarse_mean", "coarse_logvar")}
+
     def __init__(self, config):
         super().__init__(config)
         unet = self.unet.module
@@ -43,13 +48,19 @@ class PCDMRefine(LatentStage):
         return self.unet.module.apply({"params": params["unet"]}, pack_refine_input(x_t, coarse_latent), t,
                                       context).astype(jnp.float32)
 
+    def extract(self, params, batch):
+        """Moments of the target and of the stage-2 result, and the source's DINOv2 tokens."""
+        return {**self.moments(params, batch["target_image"], "target"),
+                **self.moments(params, batch["coarse_image"], "coarse"),
+                "source_tokens": self.encoders.tokens(params, batch["source_dino"])}
+
     def loss_fn(self, params, batch, rng):
         k = common.per_example_keys(rng, batch, 4)
-        coarse = common.zero_where(common.dropped(k[0], self.condition_dropout), batch["coarse_image"])
-        x0 = self.latents(params, batch["target_image"], k[1])
-        coarse_latent = self.latents(params, coarse, k[2])
+        inputs = self.training_inputs(params, batch, {"coarse_image": common.dropped(k[0], self.condition_dropout)})
+        x0 = common.latents_of(self.codec, inputs, "target", k[1])
+        coarse_latent = common.latents_of(self.codec, inputs, "coarse", k[2])
         t, x_t, target = self.diffusion.training_pair(k[3], x0)
-        prediction = self.denoise(params, x_t, t, coarse_latent, self.source_tokens(params, batch["source_dino"]))
+        prediction = self.denoise(params, x_t, t, coarse_latent, self.project_tokens(params, inputs["source_tokens"]))
         return common.mean_squared_error(prediction, target), {}
 
     def generate(self, params, coarse_image, source_dino, rng, num_inference_steps: int, guidance_scale: float,
@@ -77,3 +88,8 @@ class PCDMRefine(LatentStage):
 
 def build(config) -> PCDMRefine:
     return PCDMRefine(config)
+
+
+def extract_features(config, workdir: str, split: str = "train", batch_size=None, dtype: str = "float32"):
+    """extract_features.py: the frozen networks' outputs over `split` into workdir (methods/pcdm/features.py)."""
+    return features.extract_split(build, config, workdir, split, batch_size, dtype)
