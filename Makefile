@@ -5,9 +5,9 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 INSTALLED := $(VENV)/.installed
 TEST_WORKERS ?= 2
-DEMO_WORKDIR ?= runs/demo
+DEMO_WORKDIR ?= runs/pcdm_demo
 
-.PHONY: install demo pcdm-demo test clean
+.PHONY: install demo toy-demo test clean
 
 install: $(INSTALLED)
 
@@ -20,12 +20,13 @@ $(INSTALLED): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(INSTALLED)
 
-demo: $(INSTALLED)
-	$(PY) demo.py --config=configs/toy_mixture.py --workdir=$(DEMO_WORKDIR)
-
 # PCDMs end to end on synthetic people (three tiny stages, then the test pairs): demo_out/grid.png, metrics.json.
-pcdm-demo: $(INSTALLED)
-	$(PY) demo.py --config=configs/pcdm_inpaint.py:demo --workdir=runs/pcdm_demo --output_dir=demo_out
+demo: $(INSTALLED)
+	$(PY) demo.py --config=configs/pcdm_inpaint.py:demo --workdir=$(DEMO_WORKDIR) --output_dir=demo_out
+
+# Every sampler of the diffusion core on a 2-D Gaussian mixture with its exact denoiser (seconds).
+toy-demo: $(INSTALLED)
+	$(PY) demo.py --config=configs/toy_mixture.py --workdir=runs/toy_demo
 
 test: $(INSTALLED)
 	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m pytest -q -n $(TEST_WORKERS) --durations=10

@@ -33,6 +33,23 @@ def test_pixel_shuffle_codec_is_torch_pixel_unshuffle_and_exactly_invertible():
     np.testing.assert_allclose(np.asarray(codec.decode({}, latent)), images, atol=1e-7)
 
 
+def test_dct_basis_is_scipy_block_dct_with_frequency_gain_and_exactly_invertible():
+    import scipy.fft
+
+    rng = np.random.default_rng(1)
+    images = rng.uniform(-1, 1, (2, 16, 24, 3)).astype(np.float32)
+    codec = PixelShuffleCodec(factor=8, scaling=0.5, basis="dct", high_frequency_gain=1.5)
+    mean, _ = codec.moments({}, images)
+    blocks = images.reshape(2, 2, 8, 3, 8, 3).transpose(0, 1, 3, 2, 4, 5).astype(np.float64)
+    gain = 1 + 1.5 * np.add.outer(np.arange(8), np.arange(8))[..., None]
+    expected = scipy.fft.dctn(blocks, type=2, norm="ortho", axes=(3, 4)) * gain
+    np.testing.assert_allclose(np.asarray(mean), expected.reshape(2, 2, 3, 192), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(mean)[..., :3], 8 * blocks.mean(axis=(3, 4)), atol=1e-5)   # (0, 0)
+    np.testing.assert_allclose(np.asarray(codec.decode({}, codec.latent(mean, None, None))), images, atol=1e-5)
+    with pytest.raises(ValueError, match="needs basis 'dct'"):
+        PixelShuffleCodec(factor=8, high_frequency_gain=1.0)
+
+
 def _tiny_unet_config(in_channels):
     return dict(sample_size=8, in_channels=in_channels, out_channels=4, layers_per_block=1,
                 block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
