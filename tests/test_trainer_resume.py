@@ -238,3 +238,11 @@ def test_sample_and_eval_actions_read_the_newest_checkpoint(reference, capsys):
     with open(os.path.join(workdir, "eval_metrics.json")) as f:
         metrics = json.load(f)
     assert metrics["step"] == TOTAL and np.isfinite([metrics["heldout_loss"], metrics["predict_zero_loss"]]).all()
+
+
+def test_relative_workdir_checkpoints_and_resumes_under_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert _train("runs/rel", total_steps=10) == "done"
+    assert committed_steps(str(tmp_path / "runs" / "rel")) == [10]
+    assert _train("runs/rel", total_steps=20) == "done"
+    assert committed_steps(str(tmp_path / "runs" / "rel")) == [10, 20]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import logging as pylogging
+import os
 import signal
 import sys
 import threading
@@ -217,7 +218,8 @@ class Checkpoints:
     """orbax CheckpointManager over <workdir>/checkpoints with the checks described above."""
 
     def __init__(self, workdir: str, config):
-        self.workdir = epath.Path(workdir)
+        # orbax needs absolute paths; a relative local workdir is taken from the current directory.
+        self.workdir = epath.Path(str(workdir) if "://" in str(workdir) else os.path.abspath(workdir))
         self.directory = self.workdir / "checkpoints"
         self.config = config
         settings = config.checkpoint
