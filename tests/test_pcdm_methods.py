@@ -48,6 +48,13 @@ def test_dct_basis_is_scipy_block_dct_with_frequency_gain_and_exactly_invertible
     np.testing.assert_allclose(np.asarray(codec.decode({}, codec.latent(mean, None, None))), images, atol=1e-5)
     with pytest.raises(ValueError, match="needs basis 'dct'"):
         PixelShuffleCodec(factor=8, high_frequency_gain=1.0)
+    import ml_collections
+
+    from pgpis_jax.methods.pcdm import networks
+
+    spec = ml_collections.ConfigDict(dict(kind="pixel_shuffle", factor=8, scaling=1.0, basis="wavelet"))
+    with pytest.raises(UserError, match=r"config.model.vae: PixelShuffleCodec basis 'wavelet'"):
+        networks.codec(spec, "config.model.vae", networks.MissingInputs(), np.float32)
 
 
 def _tiny_unet_config(in_channels):

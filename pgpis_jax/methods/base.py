@@ -92,6 +92,17 @@ def scheduler_from_config(scheduler_config, key: str):
         raise UserError(f"{key}: {error}") from None
 
 
+def diffusion_schedules(config):
+    """(alphas_cumprod [T] float32, prediction_type, sampler) from config.diffusion.train_scheduler and
+    config.sampling.scheduler; a UserError when the sampler expects another prediction than the training."""
+    train = scheduler_from_config(config.diffusion.train_scheduler, "config.diffusion.train_scheduler")
+    sampler = scheduler_from_config(config.sampling.scheduler, "config.sampling.scheduler")
+    if sampler.prediction_type != train.prediction_type:
+        raise UserError(f"config.sampling.scheduler predicts {sampler.prediction_type!r} but the network is trained "
+                        f"for {train.prediction_type!r} (config.diffusion.train_scheduler)")
+    return np.asarray(train.schedule.alphas_cumprod, np.float32), train.prediction_type, sampler
+
+
 def example_keys(rng: jax.Array, example_ids: jax.Array) -> jax.Array:
     """One key per example: fold_in(rng, id). Keys, hence noise, then do not depend on how a batch is split
     into micro-batches or over devices."""

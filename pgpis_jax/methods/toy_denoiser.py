@@ -24,7 +24,7 @@ from etils import epath
 
 from pgpis_jax.diffusion import forward
 from pgpis_jax.errors import UserError
-from pgpis_jax.methods.base import Method, example_keys, scheduler_from_config
+from pgpis_jax.methods.base import Method, example_keys, diffusion_schedules
 from pgpis_jax.nn.embeddings import get_timestep_embedding
 from pgpis_jax.trainer.precision import Policy, remat_policy
 
@@ -143,13 +143,7 @@ class ToyDenoiser(Method):
         self.net = ToyDenoiserNet(hidden=config.model.hidden, depth=config.model.depth,
                                   time_embedding=config.model.time_embedding, dtype=policy.compute_dtype,
                                   param_dtype=policy.param_dtype, remat=config.remat)
-        trainer_sampler = scheduler_from_config(config.diffusion.train_scheduler, "config.diffusion.train_scheduler")
-        self.alphas_cumprod = np.asarray(trainer_sampler.schedule.alphas_cumprod, np.float32)
-        self.prediction_type = trainer_sampler.prediction_type
-        self.sampler = scheduler_from_config(config.sampling.scheduler, "config.sampling.scheduler")
-        if self.sampler.prediction_type != self.prediction_type:
-            raise UserError(f"config.sampling.scheduler predicts {self.sampler.prediction_type!r} but the network "
-                            f"is trained for {self.prediction_type!r} (config.diffusion.train_scheduler)")
+        self.alphas_cumprod, self.prediction_type, self.sampler = diffusion_schedules(config)
         self.image_shape = (config.data.image_size, config.data.image_size, 3)
 
     def init(self, rng):

@@ -57,6 +57,14 @@ def _linear(features: int, fan_in: int, name: str, dtype, param_dtype) -> nn.Den
     return nn.Dense(features, kernel_init=init, bias_init=init, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
+def _gelu_mlp(x, hidden: int, features: int, kw):
+    """Linear `net_0`, exact GELU, LayerNorm `net_3` (eps 1e-5), Linear `net_4` - inside the caller's compact
+    scope, so the parameters are the caller's."""
+    h = _linear(hidden, x.shape[-1], "net_0", **kw)(x.astype(kw["dtype"]))
+    h = LayerNorm(1e-5, name="net_3", **kw)(nn.gelu(h, approximate=False))
+    return _linear(features, hidden, "net_4", **kw)(h)
+
+
 class PoseCoordinateMLP(nn.Module):
     """Stage-1 pose MLP: Linear `net_0` (-> hidden), exact GELU, LayerNorm `net_3`, Linear `net_4`
     (-> features), LayerNorm `net_6` (eps 1e-5; torch's dropouts at indices 2 and 5 have p = 0).
@@ -70,10 +78,7 @@ class PoseCoordinateMLP(nn.Module):
     @nn.compact
     def __call__(self, coords):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = _linear(self.hidden, coords.shape[-1], "net_0", **kw)(coords.astype(self.dtype))
-        h = LayerNorm(1e-5, name="net_3", **kw)(nn.gelu(h, approximate=False))
-        h = _linear(self.features, self.hidden, "net_4", **kw)(h)
-        return LayerNorm(1e-5, name="net_6", **kw)(h)
+        return LayerNorm(1e-5, name="net_6", **kw)(_gelu_mlp(coords, self.hidden, self.features, kw))
 
 
 class ImageProjector(nn.Module):
@@ -87,10 +92,7 @@ class ImageProjector(nn.Module):
 
     @nn.compact
     def __call__(self, tokens):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = _linear(self.hidden, tokens.shape[-1], "net_0", **kw)(tokens.astype(self.dtype))
-        h = LayerNorm(1e-5, name="net_3", **kw)(nn.gelu(h, approximate=False))
-        return _linear(self.features, self.hidden, "net_4", **kw)(h)
+        return _gelu_mlp(tokens, self.hidden, self.features, dict(dtype=self.dtype, param_dtype=self.param_dtype))
 
     def init_params(self, rng, in_features: int = 1536):
         """Fresh parameters for tokens of width in_features (DINOv2-giant: 1536)."""

@@ -13,7 +13,7 @@ import numpy as np
 from pgpis_jax import input_pipeline
 from pgpis_jax.diffusion import forward
 from pgpis_jax.errors import UserError
-from pgpis_jax.methods.base import Method, example_keys, scheduler_from_config
+from pgpis_jax.methods.base import Method, diffusion_schedules, example_keys
 from pgpis_jax.methods.pcdm import features, networks
 from pgpis_jax.trainer.precision import Policy
 
@@ -77,13 +77,7 @@ class Diffusion:
     """The training schedule and the sampler of a stage (config.diffusion, config.sampling)."""
 
     def __init__(self, config):
-        train = scheduler_from_config(config.diffusion.train_scheduler, "config.diffusion.train_scheduler")
-        self.alphas_cumprod = np.asarray(train.schedule.alphas_cumprod, np.float32)
-        self.prediction_type = train.prediction_type
-        self.sampler = scheduler_from_config(config.sampling.scheduler, "config.sampling.scheduler")
-        if self.sampler.prediction_type != self.prediction_type:
-            raise UserError(f"config.sampling.scheduler predicts {self.sampler.prediction_type!r} but the network "
-                            f"is trained for {self.prediction_type!r} (config.diffusion.train_scheduler)")
+        self.alphas_cumprod, self.prediction_type, self.sampler = diffusion_schedules(config)
         self.noise_offset = float(config.diffusion.noise_offset)
         self.num_train_timesteps = len(self.alphas_cumprod)
 

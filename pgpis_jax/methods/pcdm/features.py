@@ -120,13 +120,13 @@ class ShardWriter:
         with open(path, "r+b") as f:
             f.truncate(size)
 
-    def stored(self, name: str, value: np.ndarray) -> np.ndarray:
+    def stored(self, value: np.ndarray) -> np.ndarray:
         """value as stored: uint8 stays uint8, floats become the storage dtype, little-endian."""
         dtype = np.dtype(np.uint8) if value.dtype == np.uint8 else np.dtype(self.storage_dtype)
         return np.ascontiguousarray(value, dtype=dtype.newbyteorder("<"))
 
     def append(self, rows: Dict[str, np.ndarray]) -> None:
-        stored = {k: self.stored(k, np.asarray(v)) for k, v in rows.items()}
+        stored = {k: self.stored(np.asarray(v)) for k, v in rows.items()}
         keys = {k: {"shape": list(v.shape[1:]), "dtype": v.dtype.str} for k, v in stored.items()}
         if self.keys is None:
             self.keys = keys

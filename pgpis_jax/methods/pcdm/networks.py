@@ -107,9 +107,12 @@ def codec(spec, key: str, missing: MissingInputs, dtype) -> Any:
     """(codec, Resolved or None) for config.model.vae: kind "sd" (an AutoencoderKL spec) or "pixel_shuffle"
     (factor, scaling, optionally basis and high_frequency_gain; no other fields)."""
     if spec.kind == "pixel_shuffle":
-        return PixelShuffleCodec(factor=int(spec.factor), scaling=float(spec.scaling),
-                                 basis=spec.get("basis", "pixels"),
-                                 high_frequency_gain=float(spec.get("high_frequency_gain", 0.0))), None
+        try:
+            return PixelShuffleCodec(factor=int(spec.factor), scaling=float(spec.scaling),
+                                     basis=spec.get("basis", "pixels"),
+                                     high_frequency_gain=float(spec.get("high_frequency_gain", 0.0))), None
+        except ValueError as error:
+            raise UserError(f"{key}: {error}") from None
     if spec.kind != "sd":
         raise UserError(f"{key}.kind={spec.kind!r}; expected 'sd' or 'pixel_shuffle'")
     resolved = resolve_network(spec, key, missing, "diffusers", dtype=dtype)

@@ -138,11 +138,11 @@ class PCDMPipeline:
         out = {}
 
         def run_stage(name, generate_one, key):
-            candidates = [np.asarray(generate_one(jax.random.fold_in(key, k))) for k in range(best_of)]
             if best_of == 1:
-                out[name] = candidates[0]
+                out[name] = generate_one(jax.random.fold_in(key, 0))   # stays on the device for stage 3
                 return
-            out[f"{name}_candidates"] = np.stack(candidates)
+            out[f"{name}_candidates"] = np.stack([np.asarray(generate_one(jax.random.fold_in(key, k)))
+                                                  for k in range(best_of)])
             chosen = oracle_choice(out[f"{name}_candidates"], truth)
             out[name] = out[f"{name}_candidates"][chosen, np.arange(len(chosen))]
 
@@ -204,7 +204,7 @@ class PCDMPipeline:
             if reference_dir is not None:
                 out["reference"] = np.split(np.asarray(batch["image"]), 2, axis=2)[1]
             for key, group in folders.items():
-                candidates = out[key] if len(group) > 1 else out[key][None]
+                candidates = np.asarray(out[key]) if len(group) > 1 else np.asarray(out[key])[None]
                 for folder, images in zip(group, candidates):
                     written += save_images(folder, names, images[real])
         written, cosine_sum, cosine_count = summed_over_processes(
