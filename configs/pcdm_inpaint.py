@@ -18,5 +18,5 @@ def get_config(arg=None):
         config.batch_size = 64            # 8 GPUs x 8; lr 1e-4 as the paper
         config.total_steps = 1_000_000    # the script's maximum
     if arg.demo:
-        config.model.pose_encoder.block_out_channels = (8, 16, 32, 64)   # 8x down, as the latents
+        config.model.pose_encoder.block_out_channels = (4, 8, 16, 32)   # 8x down, as the latents
     return config

@@ -45,8 +45,8 @@ def get_config(arg=None):
             **{k: v for k, v in COSINE_X0.items() if k != "beta_schedule"})
     if arg.demo:
         config.batch_size = 64
-        config.total_steps = 400
-        config.checkpoint_every_steps = 400
+        config.total_steps = 200
+        config.checkpoint_every_steps = 200
         config.model.prior.update(dict(weights="", subfolder="", keep_fresh=(), drop_pretrained=(),
                                        num_layers=2, num_attention_heads=2, attention_head_dim=16, pose_hidden=64,
                                        embedding_mean=0.0, embedding_std=1.0))

@@ -18,4 +18,7 @@ def get_config(arg=None):
     if arg.released:
         config.optimizer.learning_rate = 1e-5
         config.total_steps = 1_000_000    # the script's maximum; global batch 128 as the paper
+    if arg.demo:
+        config.total_steps = 560          # a refinement in place: fewer steps than stage 2 fit the demo's minutes
+        config.checkpoint_every_steps = 560
     return config

@@ -23,7 +23,7 @@ def _one_torch_thread():
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
-    """synthetic_people/64x64_demo (480 train / 96 test pairs) prepared once per session; its data_dir."""
+    """synthetic_people/64x64_demo (640 train / 96 test pairs) prepared once per session; its data_dir."""
     import sys
 
     data_dir = tmp_path_factory.mktemp("synthetic_demo_data")

@@ -78,7 +78,7 @@ def test_loss_on_features_equals_loss_on_pixels(stage, tiny_vae, demo_data, coar
         config = _with_tiny_vae(config)
     build = methods.get_method(config.method).build
     index = features.extract_split(build, config, str(tmp_path / "features"), batch_size=96)
-    assert index["rows"] == 480 and index["shards"] == [{"name": "shard-0-of-1", "rows": 480}]
+    assert index["rows"] == 640 and index["shards"] == [{"name": "shard-0-of-1", "rows": 640}]
 
     pixel_method = build(config)
     params = trainer.initial_params(trainer.setup(pixel_method, config, mesh_lib.make_mesh(config)), pixel_method,

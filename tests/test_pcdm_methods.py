@@ -46,7 +46,7 @@ def test_dct_basis_is_scipy_block_dct_with_frequency_gain_and_exactly_invertible
     np.testing.assert_allclose(np.asarray(mean), expected.reshape(2, 2, 3, 192), rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(np.asarray(mean)[..., :3], 8 * blocks.mean(axis=(3, 4)), atol=1e-5)   # (0, 0)
     np.testing.assert_allclose(np.asarray(codec.decode({}, codec.latent(mean, None, None))), images, atol=1e-5)
-    with pytest.raises(ValueError, match="needs basis 'dct'"):
+    with pytest.raises(ValueError, match="high_frequency_gain and low_pass need basis .dct."):
         PixelShuffleCodec(factor=8, high_frequency_gain=1.0)
     import ml_collections
 
@@ -55,6 +55,28 @@ def test_dct_basis_is_scipy_block_dct_with_frequency_gain_and_exactly_invertible
     spec = ml_collections.ConfigDict(dict(kind="pixel_shuffle", factor=8, scaling=1.0, basis="wavelet"))
     with pytest.raises(UserError, match=r"config.model.vae: PixelShuffleCodec basis 'wavelet'"):
         networks.codec(spec, "config.model.vae", networks.MissingInputs(), np.float32)
+
+
+def test_low_pass_dct_keeps_the_coefficients_below_the_cutoff_and_decodes_as_scipy_idct():
+    import scipy.fft
+
+    rng = np.random.default_rng(2)
+    images = rng.uniform(-1, 1, (2, 16, 24, 3)).astype(np.float32)
+    codec = PixelShuffleCodec(factor=8, basis="dct", high_frequency_gain=1.0, low_pass=4)
+    assert codec.channels == 30                      # (u, v) with u + v < 4: 1 + 2 + 3 + 4 = 10 pairs
+    mean, _ = codec.moments({}, images)
+    blocks = images.reshape(2, 2, 8, 3, 8, 3).transpose(0, 1, 3, 2, 4, 5).astype(np.float64)
+    coefficients = scipy.fft.dctn(blocks, type=2, norm="ortho", axes=(3, 4))
+    kept = [(u, v) for u in range(8) for v in range(8) if u + v < 4]
+    expected = np.stack([coefficients[:, :, :, u, v] * (1 + u + v) for u, v in kept], axis=3)
+    np.testing.assert_allclose(np.asarray(mean), expected.reshape(2, 2, 3, 30), rtol=1e-5, atol=1e-4)
+    low = np.zeros_like(coefficients)
+    for u, v in kept:
+        low[:, :, :, u, v] = coefficients[:, :, :, u, v]
+    expected_images = scipy.fft.idctn(low, type=2, norm="ortho", axes=(3, 4)).transpose(0, 1, 3, 2, 4, 5)
+    np.testing.assert_allclose(np.asarray(codec.decode({}, mean)), expected_images.reshape(images.shape), atol=1e-5)
+    with pytest.raises(ValueError, match="low_pass=16"):
+        PixelShuffleCodec(factor=8, basis="dct", low_pass=16)
 
 
 def _tiny_unet_config(in_channels):

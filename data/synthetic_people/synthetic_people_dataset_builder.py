@@ -35,8 +35,10 @@ class Builder(tfds_builder.PairDatasetBuilder):
     BUILDER_CONFIGS = [
         SyntheticConfig(name="64x64", height=64, width=64,
                         description="200 train / 50 test identities, 4 photos each (2,400 / 600 pairs)."),
-        SyntheticConfig(name="64x64_demo", height=64, width=64, num_train_identities=40, num_test_identities=8,
-                        description="The PCDMs CPU demo's set: 40 train / 8 test identities (480 / 96 pairs)."),
+        SyntheticConfig(name="64x64_demo", height=64, width=64, num_train_identities=320, num_test_identities=48,
+                        poses_per_identity=2, textured_backdrop_prob=0.0,
+                        description="The PCDMs CPU demo's set: 320 train / 48 test identities, 2 photos each "
+                                    "(640 / 96 pairs), plain backdrops."),
         SyntheticConfig(name="128x128", height=128, width=128, num_train_identities=100, num_test_identities=25,
                         description="100 train / 25 test identities, 4 photos each (1,200 / 300 pairs)."),
         SyntheticConfig(name="256x176", height=256, width=176, num_train_identities=40, num_test_identities=10,

@@ -19,6 +19,7 @@ from typing import Any, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pgpis_jax.models.vae import AutoencoderKL, sample_posterior
 
@@ -61,22 +62,35 @@ class PixelShuffleCodec:
     colour); (0, 0) is f times the block mean), and coefficient (u, v) is multiplied by 1 + high_frequency_gain
     * (u + v). With gain 0 this is a rotation of the pixel basis (the same squared errors, the same signal-to-
     noise ratio per frequency); with a gain, errors in high-frequency channels decode attenuated by it, so an
-    imprecise network gives smooth rather than speckled images. Still exactly invertible."""
+    imprecise network gives smooth rather than speckled images. Still exactly invertible.
+
+    low_pass K > 0 (basis "dct") keeps only the coefficients with u + v < K, in (u, v, colour) order (C = 3 x their
+    count, e.g. 30 for f = 8, K = 4): a lossy code, as JPEG drops high frequencies; decoding fills in zeros."""
 
     factor: int = 4
     scaling: float = 1.0
     basis: str = "pixels"
     high_frequency_gain: float = 0.0
+    low_pass: int = 0
 
     def __post_init__(self):
         if self.basis not in ("pixels", "dct"):
             raise ValueError(f"PixelShuffleCodec basis {self.basis!r}: expected 'pixels' or 'dct'")
-        if self.basis == "pixels" and self.high_frequency_gain:
-            raise ValueError("PixelShuffleCodec: high_frequency_gain needs basis 'dct'")
+        if self.basis == "pixels" and (self.high_frequency_gain or self.low_pass):
+            raise ValueError("PixelShuffleCodec: high_frequency_gain and low_pass need basis 'dct'")
+        if not 0 <= self.low_pass <= 2 * self.factor - 1:
+            raise ValueError(f"PixelShuffleCodec low_pass={self.low_pass}: expected 0 (keep all) to "
+                             f"{2 * self.factor - 1} (u + v < low_pass)")
+
+    def _kept(self) -> np.ndarray:
+        """Indices into the f * f (u, v) coefficients of those the code keeps (static, numpy)."""
+        u = np.arange(self.factor)
+        total = (u[:, None] + u[None, :]).reshape(-1)
+        return np.flatnonzero(total < self.low_pass) if self.low_pass else np.arange(total.size)
 
     @property
     def channels(self) -> int:
-        return 3 * self.factor ** 2
+        return 3 * len(self._kept())
 
     def init_params(self, rng) -> dict:
         return {}
@@ -101,7 +115,8 @@ class PixelShuffleCodec:
         if self.basis == "dct":
             d = self._dct_matrix()
             blocks = jnp.einsum("uy,...yxc,vx->...uvc", d, blocks, d, precision="highest") * self._gain()
-        return blocks.reshape(b, h // f, w // f, f * f * c), None
+            blocks = blocks.reshape(b, h // f, w // f, f * f, c)[..., self._kept(), :]
+        return blocks.reshape(b, h // f, w // f, -1), None
 
     def latent(self, mean, logvar, rng):
         return mean * self.scaling
@@ -109,7 +124,10 @@ class PixelShuffleCodec:
     def decode(self, params, latents):
         b, h, w, _ = latents.shape
         f = self.factor
-        blocks = (latents.astype(jnp.float32) / self.scaling).reshape(b, h, w, f, f, 3)
+        blocks = (latents.astype(jnp.float32) / self.scaling).reshape(b, h, w, -1, 3)
+        if self.basis == "dct":
+            blocks = jnp.zeros((b, h, w, f * f, 3), blocks.dtype).at[..., self._kept(), :].set(blocks)
+        blocks = blocks.reshape(b, h, w, f, f, 3)
         if self.basis == "dct":
             d = self._dct_matrix()
             blocks = jnp.einsum("uy,...uvc,vx->...yxc", d, blocks / self._gain(), d, precision="highest")

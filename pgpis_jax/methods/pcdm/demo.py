@@ -1,9 +1,10 @@
 """`make demo`: PCDMs end to end on a 2-core CPU, on procedurally generated people at 64x64.
 
-1. builds `synthetic_people/64x64_demo` (40 train / 8 test identities: 480 / 96 pairs) into <workdir>/data;
-2. trains the three `:demo` stages (tiny random networks, a pixel-shuffle autoencoder) in <workdir>/<stage>;
+1. builds `synthetic_people/64x64_demo` (320 train / 48 test identities, 2 photos each, plain backdrops: 640 / 96
+   pairs) into <workdir>/data;
+2. trains the three `:demo` stages (tiny random networks, a parameter-free DCT autoencoder) in <workdir>/<stage>;
    stage 3's training inputs are stage 2's results on the training pairs with the true target embedding,
-   as the original makes them;
+   as the original makes them (with COARSE_STEPS DDIM steps, for time);
 3. samples every held-out test pair through prior -> inpainting -> refining and writes
    <out_dir>/grid.png (source | target pose | ground truth | stage 2 | stage 3) and <out_dir>/metrics.json:
    SSIM (Wang et al.: Gaussian 11x11, sigma 1.5, per channel, uint8, range 255) and PSNR (uint8, range 255) of
@@ -25,10 +26,11 @@ from pgpis_jax import input_pipeline
 from pgpis_jax.methods.pcdm import pipeline
 
 GRID_ROWS = 8
+COARSE_STEPS = 5   # stage 2's sampling steps for stage 3's training inputs (test pairs use the config's 20)
 
 
 def build_data(data_dir: str) -> None:
-    """synthetic_people/64x64_demo (40 train / 8 test identities) in data_dir, unless already prepared."""
+    """synthetic_people/64x64_demo (320 train / 48 test identities) in data_dir, unless already prepared."""
     import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "data"))
@@ -75,13 +77,16 @@ def run(workdir: str, out_dir: str) -> dict:
     stages = {"prior": stage_config("prior", data_dir), "inpaint": stage_config("inpaint", data_dir)}
     for name, config in stages.items():
         train_stage(config, os.path.join(workdir, name))
-    inpaint = pipeline.load_stage(os.path.join(workdir, "inpaint"), "pcdm_inpaint", stages["inpaint"])
-    coarse_dir = pipeline.PCDMPipeline(inpaint, "true").run_split(
-        "train", os.path.join(workdir, "coarse_train"), batch_size=120)["folders"]["stage2"]
+    coarse_config = stages["inpaint"].copy_and_resolve_references()
+    coarse_config.sampling.num_inference_steps = COARSE_STEPS
+    coarse_dir = pipeline.PCDMPipeline(
+        pipeline.load_stage(os.path.join(workdir, "inpaint"), "pcdm_inpaint", coarse_config), "true").run_split(
+        "train", os.path.join(workdir, "coarse_train"), batch_size=128)["folders"]["stage2"]
     print(f"[demo] stage-2 results for the training pairs -> {coarse_dir}", flush=True)
     stages["refine"] = stage_config("refine", data_dir, coarse_dir=coarse_dir)
     train_stage(stages["refine"], os.path.join(workdir, "refine"))
 
+    inpaint = pipeline.load_stage(os.path.join(workdir, "inpaint"), "pcdm_inpaint", stages["inpaint"])
     pipe = pipeline.PCDMPipeline(
         inpaint, "full", prior=pipeline.load_stage(os.path.join(workdir, "prior"), "pcdm_prior", stages["prior"]),
         refine=pipeline.load_stage(os.path.join(workdir, "refine"), "pcdm_refine", stages["refine"]))

@@ -105,12 +105,13 @@ def resolve_network(spec, key: str, missing: MissingInputs, family: str, **modul
 
 def codec(spec, key: str, missing: MissingInputs, dtype) -> Any:
     """(codec, Resolved or None) for config.model.vae: kind "sd" (an AutoencoderKL spec) or "pixel_shuffle"
-    (factor, scaling, optionally basis and high_frequency_gain; no other fields)."""
+    (factor, scaling, optionally basis, high_frequency_gain and low_pass; no other fields)."""
     if spec.kind == "pixel_shuffle":
         try:
             return PixelShuffleCodec(factor=int(spec.factor), scaling=float(spec.scaling),
                                      basis=spec.get("basis", "pixels"),
-                                     high_frequency_gain=float(spec.get("high_frequency_gain", 0.0))), None
+                                     high_frequency_gain=float(spec.get("high_frequency_gain", 0.0)),
+                                     low_pass=int(spec.get("low_pass", 0))), None
         except ValueError as error:
             raise UserError(f"{key}: {error}") from None
     if spec.kind != "sd":
