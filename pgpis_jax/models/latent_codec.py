@@ -8,8 +8,9 @@ Both expose the same three functions, so a method never asks which one it has:
     codec.decode(params, latents)        scaled latents -> images [B, H, W, 3], roughly in [-1, 1]
 
 `VAECodec` is diffusers' AutoencoderKL (Stable Diffusion: f = 8, C = 4, scaling 0.18215). `PixelShuffleCodec`
-rearranges each f x f pixel block into channels (C = 3 f^2), as pixels or as frequency-weighted DCT coefficients:
-exactly invertible, no parameters. The CPU demo uses it in place of the SD VAE.
+rearranges each f x f pixel block into channels (C = 3 f^2), as pixels or as frequency-weighted DCT coefficients
+(optionally only the low frequencies): no parameters, exactly invertible unless it drops frequencies. The CPU demo
+uses it in place of the SD VAE.
 """
 
 from __future__ import annotations
@@ -126,11 +127,12 @@ class PixelShuffleCodec:
         f = self.factor
         blocks = (latents.astype(jnp.float32) / self.scaling).reshape(b, h, w, -1, 3)
         if self.basis == "dct":
-            blocks = jnp.zeros((b, h, w, f * f, 3), blocks.dtype).at[..., self._kept(), :].set(blocks)
-        blocks = blocks.reshape(b, h, w, f, f, 3)
-        if self.basis == "dct":
+            coefficients = jnp.zeros((b, h, w, f * f, 3), blocks.dtype).at[..., self._kept(), :].set(blocks)
             d = self._dct_matrix()
-            blocks = jnp.einsum("uy,...uvc,vx->...yxc", d, blocks / self._gain(), d, precision="highest")
+            blocks = jnp.einsum("uy,...uvc,vx->...yxc", d, coefficients.reshape(b, h, w, f, f, 3) / self._gain(), d,
+                                precision="highest")
+        else:
+            blocks = blocks.reshape(b, h, w, f, f, 3)
         return blocks.transpose(0, 1, 3, 2, 4, 5).reshape(b, h * f, w * f, 3)
 
 

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -77,16 +78,15 @@ def run(workdir: str, out_dir: str) -> dict:
     stages = {"prior": stage_config("prior", data_dir), "inpaint": stage_config("inpaint", data_dir)}
     for name, config in stages.items():
         train_stage(config, os.path.join(workdir, name))
+    inpaint = pipeline.load_stage(os.path.join(workdir, "inpaint"), "pcdm_inpaint", stages["inpaint"])
     coarse_config = stages["inpaint"].copy_and_resolve_references()
     coarse_config.sampling.num_inference_steps = COARSE_STEPS
-    coarse_dir = pipeline.PCDMPipeline(
-        pipeline.load_stage(os.path.join(workdir, "inpaint"), "pcdm_inpaint", coarse_config), "true").run_split(
+    coarse_dir = pipeline.PCDMPipeline(dataclasses.replace(inpaint, config=coarse_config), "true").run_split(
         "train", os.path.join(workdir, "coarse_train"), batch_size=128)["folders"]["stage2"]
     print(f"[demo] stage-2 results for the training pairs -> {coarse_dir}", flush=True)
     stages["refine"] = stage_config("refine", data_dir, coarse_dir=coarse_dir)
     train_stage(stages["refine"], os.path.join(workdir, "refine"))
 
-    inpaint = pipeline.load_stage(os.path.join(workdir, "inpaint"), "pcdm_inpaint", stages["inpaint"])
     pipe = pipeline.PCDMPipeline(
         inpaint, "full", prior=pipeline.load_stage(os.path.join(workdir, "prior"), "pcdm_prior", stages["prior"]),
         refine=pipeline.load_stage(os.path.join(workdir, "refine"), "pcdm_refine", stages["refine"]))
