@@ -1,8 +1,9 @@
 """Evaluates generated images with FID, LPIPS, SSIM and PSNR.
 
-Config mode: a trained method generates its test set and scores it (settings in config.eval):
+Config mode: a trained run generates its test set into --output_dir and scores it (settings in config.eval;
+--config is optional, the run's saved config is used, e.g. --config.eval.metrics=ssim,psnr overrides it):
 
-    python eval.py --config=configs/pcdm_inpaint.py --workdir=runs/pcdm_inpaint
+    python eval.py --workdir=runs/pcdm_inpaint --output_dir=out/eval
 
 Folder mode: scores a folder of generated images against the reference images of the same names:
 
@@ -36,7 +37,9 @@ FOLDER_FLAGS = (
                         "(default: no cache)."),
     flags.DEFINE_string("output", None, "Folder mode: JSON file for the results."),
 )
-CONFIG_MODE_FLAGS = (cli.CONFIG_FLAG, "workdir")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Config mode: where the generated test set (test_set/) and "
+                                  "metrics.json go; nothing is written into the run.")
+CONFIG_MODE_FLAGS = (cli.CONFIG_FLAG, "workdir", "output_dir")
 
 
 def _given(argv, name: str) -> bool:
@@ -89,7 +92,7 @@ def main(argv):
         sys.exit(f"{program}: error: --{folder_flags[0]} belongs to folder mode (with --generated_dir); in config "
                  "mode set config.eval instead, e.g. --config.eval.metrics=ssim,psnr")
     else:
-        cli.run_method("eval", "eval_config.json")
+        cli.run_method("eval", lambda: {"output_dir": _OUTPUT_DIR.value})
 
 
 if __name__ == "__main__":

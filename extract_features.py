@@ -26,4 +26,4 @@ def _given():
 
 
 if __name__ == "__main__":
-    cli.run_method("extract_features", "extract_config.json", _given)
+    cli.run_method("extract_features", _given)

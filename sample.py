@@ -1,12 +1,15 @@
-"""Samples with a trained method.
+"""Samples with a trained run. The run directory is all it needs: its saved config (--config is optional; inference
+settings such as --config.sampling.num_inference_steps=50 may be overridden), network configs and checkpoints.
+Nothing is written into a run.
 
-    python sample.py --config=configs/toy_denoiser.py:demo --workdir=runs/toy
+PCDMs (--workdir is the stage-2 run; see pgpis_jax/methods/pcdm/pipeline.py for the ablations):
 
-PCDMs (the stage-2 workdir is --workdir; see pgpis_jax/methods/pcdm/pipeline.py for the ablations):
+    python sample.py --workdir=runs/pcdm_inpaint --prior_workdir=runs/pcdm_prior \
+        --refine_workdir=runs/pcdm_refine --split=test --output_dir=out/test [--best_of=4]
+    python sample.py --workdir=runs/pcdm_inpaint --prior_workdir=... --refine_workdir=... \
+        --source_image=a.png --source_pose=a.txt --target_pose=b.txt --output=b_pred.png
 
-    python sample.py --config=configs/pcdm_inpaint.py --workdir=runs/pcdm_inpaint \\
-        --prior_workdir=runs/pcdm_prior --refine_workdir=runs/pcdm_refine --split=test --output_dir=out/test [--best_of=4]
-    python sample.py ... --source_image=a.png --source_pose=a.txt --target_pose=b.txt --output=b_pred.png
+The toy denoiser: python sample.py --workdir=runs/toy --output_dir=out/toy (a grid of samples).
 """
 
 from absl import flags
@@ -20,7 +23,8 @@ _FLAGS = {
     "prior_workdir": flags.DEFINE_string("prior_workdir", None, "PCDMs: the trained stage-1 workdir."),
     "refine_workdir": flags.DEFINE_string("refine_workdir", None, "PCDMs: the trained stage-3 workdir."),
     "split": flags.DEFINE_string("split", None, "Generate every pair of this split (e.g. test, train)."),
-    "output_dir": flags.DEFINE_string("output_dir", None, "Where split mode writes <stage>/<source>_to_<target>.png."),
+    "output_dir": flags.DEFINE_string("output_dir", None, "Where split mode writes <stage>/<source>_to_<target>.png "
+                                      "(the toy denoiser: samples.png)."),
     "batch_size": flags.DEFINE_integer("batch_size", None, "Pairs per sampling call in split mode."),
     "best_of": flags.DEFINE_integer("best_of", 1, "Split mode: N candidates per pair and stage, all kept in "
                                     "<stage>_candidates/sample_<k>; <stage>/ gets the one of highest SSIM against "
@@ -37,4 +41,4 @@ def _given():
 
 
 if __name__ == "__main__":
-    cli.run_method("sample", "sample_config.json", _given)
+    cli.run_method("sample", _given)

@@ -6,4 +6,4 @@
 from pgpis_jax import cli
 
 if __name__ == "__main__":
-    cli.run_method("train", "config.json")
+    cli.run_method("train")

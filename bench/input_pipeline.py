@@ -39,7 +39,7 @@ def build_deepfashion(workdir, identities, poses_per_identity):
 
 
 def measure(builder, method, batch_size, num_batches):
-    pipeline = input_pipeline.InputPipeline(builder, split="train", batch_size=batch_size, method=method,
+    pipeline = input_pipeline.InputPipeline(builder, split="train", batch_size=batch_size, layout=method,
                                             seed=0, process_index=0, process_count=1)
     if num_batches + 1 > pipeline.steps_per_epoch:
         raise SystemExit(f"{num_batches + 1} batches exceed one epoch ({pipeline.steps_per_epoch}); "

@@ -34,12 +34,12 @@ DEMO_LATENT_CHANNELS = 3 * DEMO_LOW_PASS * (DEMO_LOW_PASS + 1) // 2
 DEMO_ENCODER_SIZE = 56   # CLIP / DINOv2 input size in the demo (patch 14 -> 16 tokens + CLS)
 
 
-def network(weights="", subfolder="", config=None, overrides=None, keep_fresh=(), drop_pretrained=()):
-    """A network spec (pgpis_jax/methods/pcdm/networks.py): pretrained `weights` (hub id or directory), or a
-    full `config` for a random-init network."""
+def network(weights="", subfolder="", config=None, overrides=None, keep_fresh=(), drop_pretrained=(), options=None):
+    """A network spec (pgpis_jax/methods/common/networks.py): pretrained `weights` (hub id or directory), or a
+    full `config` for a random-init network; `options` are module options that are not config.json keys."""
     return ml_collections.ConfigDict(dict(weights=weights, subfolder=subfolder, config=config or {},
                                           overrides=overrides or {}, keep_fresh=tuple(keep_fresh),
-                                          drop_pretrained=tuple(drop_pretrained)))
+                                          drop_pretrained=tuple(drop_pretrained), options=options or {}))
 
 
 def demo_clip():
@@ -100,6 +100,7 @@ def pcdm_config(method, arg, total_steps, batch_size):
     config.sampling = ml_collections.ConfigDict(dict(num_inference_steps=20, guidance_scale=2.0,
                                                      guidance_rescale=0.0))
     config.data = ml_collections.ConfigDict(dict(
+        layout=method,    # the batch layout (pgpis_jax/input_pipeline.py); each PCDMs stage reads its own
         dataset="market1501" if arg.market else "deepfashion",
         image_size=(128, 64) if arg.market else ((512, 352) if arg.res == 512 else (256, 176)),
         data_dir="", pipeline={},

@@ -26,11 +26,11 @@ def get_config(arg=None):
         train_scheduler=common.scheduler_config("DDPMScheduler", **COSINE_X0),
         noise_offset=0.1,         # one scalar per example, shared over the embedding
         condition_dropout=0.1))   # source CLIP pixels, source pose, target pose: each zeroed with p = 0.1
-    # The paper samples every stage with DDIM, 20 steps; the released test uses Kandinsky's UnCLIPScheduler
-    # (`released`). Neither applies guidance to the prior.
+    # The paper samples every stage with DDIM, 20 steps, and classifier-free guidance w = 2 (Eq. 4, Appendix B);
+    # the released test uses Kandinsky's UnCLIPScheduler and scale 0, i.e. no guidance (`released`).
     config.sampling.scheduler = common.scheduler_config(
         "DDIMScheduler", clip_sample=False, set_alpha_to_one=True, **COSINE_X0)
-    config.sampling.guidance_scale = 0.0
+    config.sampling.guidance_scale = 2.0
     config.model.prior = pcdm_common.network(*pcdm_common.KANDINSKY_PRIOR, keep_fresh=KANDINSKY_KEEP_FRESH,
                                              drop_pretrained=("clip_mean", "clip_std"))
     config.model.prior.update(dict(num_layers=20, num_attention_heads=32, attention_head_dim=64, pose_hidden=512,
@@ -40,6 +40,7 @@ def get_config(arg=None):
         config.batch_size = 1024           # 8 GPUs x 128
         config.optimizer.learning_rate = 1e-5
         config.grad.clip_norm = 10.0
+        config.sampling.guidance_scale = 0.0
         config.sampling.scheduler = common.scheduler_config(
             "UnCLIPScheduler", variance_type="fixed_small_log", clip_sample=True, clip_sample_range=10.0,
             **{k: v for k, v in COSINE_X0.items() if k != "beta_schedule"})

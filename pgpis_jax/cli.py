@@ -1,9 +1,10 @@
 """What the absl entry points share: the --config/--workdir flags, clear one-line errors for bad input,
-and the resolved config written into the workdir.
+and the resolved config written into the workdir (training and demos only: inference never writes into a run).
 
 Configs are Python files with `get_config(arg=None) -> ml_collections.ConfigDict`, chosen with
 `--config=configs/x.py[:arg]` and overridden with `--config.a.b=value`; the config is locked, so an
-override of a key the config does not have is an error naming that key.
+override of a key the config does not have is an error naming that key. sample.py and eval.py make --config
+optional: without it they load the run's saved config (pgpis_jax/run_config.py), overrides still apply.
 """
 
 from __future__ import annotations
@@ -63,6 +64,32 @@ def unknown_override(config, overrides: Sequence[str]) -> Optional[str]:
     return None
 
 
+def _flag_value(argv: Sequence[str], name: str) -> Optional[str]:
+    for i, item in enumerate(argv):
+        if item.startswith(f"--{name}="):
+            return item.split("=", 1)[1]
+        if item == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def with_saved_config(argv: List[str]) -> List[str]:
+    """argv with `--config=<pgpis_jax/run_config.py>:<workdir>` added when it has no --config (inference
+    commands: the run's saved config); exits with one line if --workdir is not a trained run."""
+    if _config_file_and_arg(argv) is not None:
+        return argv
+    program = os.path.basename(argv[0])
+    workdir = _flag_value(argv, "workdir")
+    if workdir is None:
+        sys.exit(f"{program}: error: --workdir (a trained run directory) is required")
+    if not os.path.isfile(os.path.join(workdir, "config.json")):
+        sys.exit(f"{program}: error: {os.path.join(workdir, 'config.json')} not found: --workdir={workdir} is not a "
+                 f"trained run directory (or give --{CONFIG_FLAG})")
+    from pgpis_jax import run_config
+
+    return list(argv) + [f"--{CONFIG_FLAG}={run_config.__file__}:{workdir}"]
+
+
 def parse_flags(argv: List[str]) -> List[str]:
     """absl flag parsing with one-line errors for a missing config file and unknown override keys."""
     program = os.path.basename(argv[0])
@@ -112,9 +139,10 @@ def _differing_keys(a, b, prefix: str = "") -> List[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
-def run(main: Callable[[ml_collections.ConfigDict, str], None]) -> None:
+def run(main: Callable[[ml_collections.ConfigDict, str], None], inference: bool = False) -> None:
     """Runs main(config, workdir) under absl with flags parsed as above and a UserError printed as one line.
-    main validates what it needs, then records the config with `write_config_json`."""
+    With `inference`, --config may be left out (the run's saved config is used). main validates what it needs;
+    training and demos then record the config with `write_config_json`."""
 
     def absl_main(argv):
         if len(argv) > 1:
@@ -127,17 +155,22 @@ def run(main: Callable[[ml_collections.ConfigDict, str], None]) -> None:
         except UserError as error:
             sys.exit(f"{program}: error: {error}")
 
-    app.run(absl_main, flags_parser=parse_flags)
+    parser = (lambda argv: parse_flags(with_saved_config(argv))) if inference else parse_flags
+    app.run(absl_main, flags_parser=parser)
 
 
-def run_method(action: str, config_json_name: str, options: Callable[[], dict] = dict) -> None:
-    """The train/sample/eval entry points: runs `action` of the method named by config.method, after
-    checking that the method exists and recording the config as workdir/config_json_name.
+INFERENCE_ACTIONS = ("sample", "eval")
 
-    "train" goes to the shared trainer with the method's `build(config)`; the trainer records the config
-    itself (it allows the keys that may change when resuming, e.g. total_steps, to differ). `options()`
-    returns the entry point's own flags that were given on the command line, passed to the action as keyword
-    arguments; a method whose action does not take one is an error naming the flag."""
+
+def run_method(action: str, options: Callable[[], dict] = dict) -> None:
+    """The train/sample/eval/extract_features entry points: runs `action` of the method named by config.method.
+
+    "train" goes to the shared trainer with the method's `build(config)` (the trainer records the config itself
+    and allows the keys that may change when resuming, e.g. total_steps, to differ). "sample" and "eval" call the
+    method module's `action(workdir, config=config, **options)`, which opens the run read-only. Other actions
+    (extract_features) record the config as <workdir>/<action>_config.json and call `action(config, workdir,
+    **options)`. `options()` returns the entry point's own flags given on the command line; a flag the action
+    does not take is an error naming it."""
 
     def main(config, workdir):
         method = methods.get_method(config.method)
@@ -148,7 +181,7 @@ def run_method(action: str, config_json_name: str, options: Callable[[], dict] =
             return
         function = getattr(method, action, None)
         if function is None:
-            hint = {"sample": " (PCDMs samples through its stage-2 config: configs/pcdm_inpaint.py with "
+            hint = {"sample": " (PCDMs samples through its stage-2 run: --workdir=<the pcdm_inpaint run> with "
                               "--prior_workdir / --refine_workdir)"}.get(action, "")
             raise UserError(f"method {config.method!r} has no {action} action{hint}")
         given = options()
@@ -157,7 +190,10 @@ def run_method(action: str, config_json_name: str, options: Callable[[], dict] =
         if unknown:
             raise UserError(f"method {config.method!r} takes no {', '.join('--' + n for n in unknown)} for "
                             f"{action}")
-        write_config_json(config, workdir, config_json_name)
-        function(config, workdir, **given)
+        if action in INFERENCE_ACTIONS:
+            function(workdir, config=config, **given)
+        else:
+            write_config_json(config, workdir, f"{action}_config.json")
+            function(config, workdir, **given)
 
-    run(main)
+    run(main, inference=action in INFERENCE_ACTIONS)

@@ -31,7 +31,7 @@ METRICS = ("fid", "lpips", "ssim", "psnr")
 DEFAULT_METRICS = ",".join(METRICS)
 BATCH_SIZE = 32
 LOADER_THREADS = min(8, os.cpu_count() or 1)
-RESULTS_FILE = "eval_metrics.json"
+RESULTS_FILE = "metrics.json"
 STATS_CACHE_SUBDIR = "fid_stats"
 
 FeatureFn = Callable[[np.ndarray], np.ndarray]        # [N, H, W, 3] in [0, 1] -> [N, D]
@@ -385,18 +385,19 @@ def format_table(results: dict) -> str:
 
 
 def write_results(results: dict, path: str) -> None:
-    """results as indented JSON at `path` (folders created)."""
+    """results as indented JSON at `path` (folders created), written under a temporary name and renamed."""
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
         json.dump(results, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
-def evaluate_method_outputs(config, workdir: str, generated_dir: str, reference_dir: str) -> dict:
-    """What a method's eval(config, workdir) calls once its test-set images are written: scores them with the
-    settings of `config.eval` (fields of default_eval_config(); absent fields take those defaults), caches
-    real-set FID statistics in <workdir>/fid_stats, writes <workdir>/eval_metrics.json, prints the table and
-    returns the results."""
+def evaluate_method_outputs(config, output_dir: str, generated_dir: str, reference_dir: str) -> dict:
+    """What a method's eval (eval.py --workdir --output_dir) calls once its test-set images are written: scores
+    them with the settings of `config.eval` (fields of default_eval_config(); absent fields take those
+    defaults), caches real-set FID statistics in <output_dir>/fid_stats, writes <output_dir>/metrics.json,
+    prints the table and returns the results."""
     settings = default_eval_config()
     given = config.get("eval") or {}
     unknown = sorted(set(given.keys()) - set(settings.keys()))
@@ -405,9 +406,9 @@ def evaluate_method_outputs(config, workdir: str, generated_dir: str, reference_
     settings.update(dict(given))
     results = score_folders(generated_dir, reference_dir, settings.metrics, settings.protocol,
                             real_dir=settings.real_dir or None, weights_dir=settings.weights_dir or None,
-                            stats_cache_dir=os.path.join(workdir, STATS_CACHE_SUBDIR),
+                            stats_cache_dir=os.path.join(output_dir, STATS_CACHE_SUBDIR),
                             eval_size=protocols.parse_size(settings.eval_size) if settings.eval_size else None)
-    path = os.path.join(workdir, RESULTS_FILE)
+    path = os.path.join(output_dir, RESULTS_FILE)
     write_results(results, path)
     print(format_table(results), flush=True)
     print(f"metrics -> {path}", flush=True)

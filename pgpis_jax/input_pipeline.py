@@ -1,6 +1,7 @@
-"""tf.data input pipeline: TFDS pair records -> host-local batches of NumPy arrays, one method's layout each.
+"""tf.data input pipeline: TFDS pair records -> host-local batches of NumPy arrays in one of the registered
+batch layouts (a config chooses it with `config.data.layout`; a method names the layouts it reads).
 
-    pipeline = InputPipeline("deepfashion/256x176", split="train", batch_size=64, method="cfld", seed=42)
+    pipeline = InputPipeline("deepfashion/256x176", split="train", batch_size=64, layout="cfld", seed=42)
     batch = next(pipeline)                 # dict of NumPy arrays, leading dimension batch_size // process_count
     state = pipeline.get_state()           # small JSON-able dict: save it with the checkpoint
     pipeline = InputPipeline(..., state=state)    # continues with exactly the batches an uninterrupted run sees
@@ -18,7 +19,7 @@ What it does, per host:
   with zeros and every host yields the same number of batches (`mask` marks real examples).
 - Per record, in parallel (`num_parallel_calls`, deterministic order): JPEG/PNG decode, resize (bicubic with
   antialiasing, rounded to uint8 levels as PIL's output is), pose rendering (`pgpis_jax.poses`, on the host
-  through `tf.numpy_function`), the method's augmentation with stateless random numbers seeded by
+  through `tf.numpy_function`), the layout's augmentation with stateless random numbers seeded by
   (epoch seed, position in the epoch), normalisation; then batching and `prefetch`.
 
 Keypoints are (x, y) pixels (see `pgpis_jax.poses`), -1 = missing. Images are NHWC float32.
@@ -32,7 +33,7 @@ only) it has `source_name` and `target_name` (bytes [B]). S, C, P are the `image
 `pose_size` options; sizes are (height, width); "CLIP-norm" = (x/255 - OpenAI CLIP mean) / std, "ImageNet-norm"
 likewise with ImageNet statistics; [-1, 1] = x/127.5 - 1; [0, 1] = x/255.
 
-| method | key | shape | values |
+| layout | key | shape | values |
 |---|---|---|---|
 | `pairs` (generic, demo) | `source_image`, `target_image` | [B, H, W, 3] | [-1, 1], H x W = `image_size` (default: stored size) |
 | | `source_pose`, `target_pose` | [B, H, W, 3] | [0, 1], skeleton of `pose_style` ("pcdms"; widths scaled from 4 px at 512) |
@@ -154,7 +155,7 @@ def _flip_keypoints_np(kp, offset):
 # ----------------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class Method:
+class Layout:
     """A batch layout: `defaults` options, and `make(options, stored_hw, train)` -> preprocess(example, seed)."""
     name: str
     defaults: dict
@@ -233,7 +234,7 @@ def pair_stem(source_name, target_name):
 def _pcdm_refine(o, stored, train):
     s = _size(o["image_size"])
     if not o["coarse_dir"]:
-        raise UserError("input pipeline method 'pcdm_refine' needs the option coarse_dir: the folder of stage-2 "
+        raise UserError("batch layout 'pcdm_refine' needs the option coarse_dir: the folder of stage-2 "
                         "results <source>_to_<target>.png for this split (sample.py --ablation=true --split=train writes it as "
                         "<output_dir>/stage2)")
     coarse_dir = str(o["coarse_dir"]).rstrip("/") + "/"
@@ -343,29 +344,36 @@ def _reposedm(o, stored, train):
     return preprocess
 
 
-METHODS = {m.name: m for m in (
-    Method("pairs", dict(image_size=None, pose_style="pcdms", stickwidth=None, radius=None, flip_prob=0.0),
+LAYOUTS = {layout.name: layout for layout in (
+    Layout("pairs", dict(image_size=None, pose_style="pcdms", stickwidth=None, radius=None, flip_prob=0.0),
            _pairs),
-    Method("pcdm_prior", dict(clip_size=224), _pcdm_prior),
-    Method("pcdm_inpaint", dict(image_size=512, clip_size=224, stickwidth=None), _pcdm_inpaint),
-    Method("pcdm_refine", dict(image_size=512, clip_size=224, coarse_dir=""), _pcdm_refine),
-    Method("cfld", dict(image_size=512, condition_size=256, pose_size=256, sigma=6.0, flip_prob=0.5), _cfld),
-    Method("fpdm", dict(image_size=(512, 352), pose_canvas=(550, 375), dino_size=512, clip_size=224,
+    Layout("pcdm_prior", dict(clip_size=224), _pcdm_prior),
+    Layout("pcdm_inpaint", dict(image_size=512, clip_size=224, stickwidth=None), _pcdm_inpaint),
+    Layout("pcdm_refine", dict(image_size=512, clip_size=224, coarse_dir=""), _pcdm_refine),
+    Layout("cfld", dict(image_size=512, condition_size=256, pose_size=256, sigma=6.0, flip_prob=0.5), _cfld),
+    Layout("fpdm", dict(image_size=(512, 352), pose_canvas=(550, 375), dino_size=512, clip_size=224,
                         stickwidth=4, radius=4, identity_pair_prob=0.05, low_res_prob=0.5, low_res_size=256,
                         keypoint_noise=1.0, flip_prob=0.5), _fpdm),
-    Method("reposedm", dict(image_size=256, stickwidth=4, radius=4, scale_jitter=0.05, flip_prob=0.5),
+    Layout("reposedm", dict(image_size=256, stickwidth=4, radius=4, scale_jitter=0.05, flip_prob=0.5),
            _reposedm),
 )}
 
 
-def method_options(method, overrides=None):
-    """The method's options with `overrides` applied; unknown names are an error listing the known ones."""
-    if method not in METHODS:
-        raise UserError(f"unknown input pipeline method {method!r}; known: {', '.join(METHODS)}")
-    options = dict(METHODS[method].defaults)
+def register_layout(layout: Layout) -> None:
+    """Adds a batch layout (a method package may define its own); a name already taken is an error."""
+    if layout.name in LAYOUTS:
+        raise ValueError(f"batch layout {layout.name!r} is already registered")
+    LAYOUTS[layout.name] = layout
+
+
+def layout_options(layout, overrides=None):
+    """The layout's options with `overrides` applied; unknown names are an error listing the known ones."""
+    if layout not in LAYOUTS:
+        raise UserError(f"unknown batch layout {layout!r} (config.data.layout); known: {', '.join(LAYOUTS)}")
+    options = dict(LAYOUTS[layout].defaults)
     for key, value in dict(overrides or {}).items():
         if key not in options:
-            raise UserError(f"unknown option {key!r} of input pipeline method {method!r}; known: "
+            raise UserError(f"unknown option {key!r} of batch layout {layout!r} (config.data.pipeline); known: "
                             f"{', '.join(options)}")
         options[key] = value
     return options
@@ -395,7 +403,7 @@ def load_builder(dataset, data_dir=None):
 class InputPipeline:
     """Host-local iterator of batches (dicts of NumPy arrays); see the module docstring."""
 
-    def __init__(self, dataset, *, batch_size, split="train", method="pairs", options=None, data_dir=None,
+    def __init__(self, dataset, *, batch_size, split="train", layout="pairs", options=None, data_dir=None,
                  train=True, seed=0, shuffle_buffer_size=4096, process_index=None, process_count=None,
                  num_parallel_calls=tf.data.AUTOTUNE, prefetch=2, include_names=None, state=None):
         if process_index is None or process_count is None:
@@ -411,8 +419,8 @@ class InputPipeline:
             raise UserError(f"split {split!r} not in dataset {self.builder.name} (splits: "
                             f"{', '.join(self.builder.info.splits)})")
         self.split, self.train, self.seed = split, bool(train), int(seed)
-        self.method = method
-        self.options = method_options(method, options)
+        self.layout = layout
+        self.options = layout_options(layout, options)
         self.batch_size = int(batch_size)
         self.host_batch_size = self.batch_size // process_count
         self.process_index, self.process_count = int(process_index), int(process_count)
@@ -432,7 +440,7 @@ class InputPipeline:
             self.steps_per_epoch = math.ceil(math.ceil(n / process_count) / self.host_batch_size)
         shape = self.builder.info.features["source_image"].shape
         self.stored_hw = (int(shape[0]), int(shape[1]))
-        self._preprocess = METHODS[method].make(self.options, self.stored_hw, self.train)
+        self._preprocess = LAYOUTS[layout].make(self.options, self.stored_hw, self.train)
         self._epoch, self._step, self._iterator, self._template = 0, 0, None, None
         if state is not None:
             self.set_state(state)
@@ -441,7 +449,7 @@ class InputPipeline:
     def _identity(self):
         return {"dataset": self.builder.name, "split": self.split, "num_examples": self.num_split_examples,
                 "seed": self.seed, "batch_size": self.batch_size, "process_index": self.process_index,
-                "process_count": self.process_count, "method": self.method, "train": self.train}
+                "process_count": self.process_count, "layout": self.layout, "train": self.train}
 
     def get_state(self) -> dict:
         """The position of the next batch (epoch, step within the epoch) and what it is valid for."""
@@ -559,10 +567,10 @@ def dataset_name(data_config):
 
 def from_config(config, *, split="train", train=True, data_dir=None, state=None, **kwargs):
     """The pipeline a trainer config describes: `config.data.dataset` / `image_size` (the stored dataset),
-    `config.data.data_dir` (optional), `config.data.pipeline` (optional method options), `config.method`,
+    `config.data.data_dir` (optional), `config.data.layout`, `config.data.pipeline` (optional layout options),
     `config.batch_size`, `config.seed`."""
     data = config.data
     data_dir = data_dir or data.get("data_dir", None)
     options = dict(data.get("pipeline", None) or {})
-    return InputPipeline(dataset_name(data), split=split, batch_size=config.batch_size, method=config.method,
+    return InputPipeline(dataset_name(data), split=split, batch_size=config.batch_size, layout=data.layout,
                          options=options, data_dir=data_dir, train=train, seed=config.seed, state=state, **kwargs)

@@ -1,5 +1,6 @@
 """Guidance rules against closed forms and diffusers' `rescale_noise_cfg`."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -65,20 +66,25 @@ def test_pcdm():
     np.testing.assert_allclose(guidance.pcdm(u, c, 2.0, guidance_rescale=2.0), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_guided_stacks_branches_and_combines_slices():
+def test_guided_batches_condition_pytrees_branch_major_and_combines_slices():
     x = _branches(1, seed=3)[0]
-    batch, num_branches, seen = x.shape[0], 3, []
+    batch, seen = x.shape[0], []
+    conditions = [{"scale": jnp.full((batch,), float(k + 1)), "shift": (jnp.full((batch, 1), 10.0 * k),)}
+                  for k in range(3)]
 
-    def batched_model(xs, t):
-        seen.append((np.asarray(xs), t))
-        branch = jnp.arange(xs.shape[0]) // batch  # row position -> branch index
-        return xs * (branch + 1.0).reshape(-1, 1, 1, 1) + t
+    def denoise(xs, t, condition):
+        seen.append((np.asarray(xs), t, jax.tree.map(np.asarray, condition)))
+        return xs * condition["scale"].reshape(-1, 1, 1, 1) + condition["shift"][0].reshape(-1, 1, 1, 1) + t
 
-    model_fn = guidance.guided(batched_model, num_branches, lambda a, b, c: (a, b, c, a - 2 * b + 5 * c))
+    model_fn = guidance.guided(denoise, conditions, lambda a, b, c: (a, b, c, a - 2 * b + 5 * c))
     a, b, c, combined = model_fn(x, 0.25)
     assert len(seen) == 1
-    np.testing.assert_array_equal(seen[0][0], np.concatenate([x] * num_branches, axis=0))
+    np.testing.assert_array_equal(seen[0][0], np.concatenate([x] * 3, axis=0))
+    np.testing.assert_array_equal(seen[0][2]["scale"], np.repeat([1.0, 2.0, 3.0], batch))
     assert seen[0][1] == 0.25
     for k, out in enumerate((a, b, c)):
-        np.testing.assert_allclose(out, x * (k + 1) + 0.25, rtol=1e-6)
-    np.testing.assert_allclose(combined, (x + 0.25) - 2 * (2 * x + 0.25) + 5 * (3 * x + 0.25), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out, x * (k + 1) + 10.0 * k + 0.25, rtol=1e-6)
+    np.testing.assert_allclose(combined, a - 2 * b + 5 * c, rtol=1e-6)
+    single = guidance.guided(denoise, conditions[1:2])(x, 0.5)
+    np.testing.assert_allclose(single, 2 * x + 10.0 + 0.5, rtol=1e-6)
+    assert len(seen) == 2 and seen[1][0].shape == x.shape

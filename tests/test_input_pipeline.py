@@ -1,5 +1,5 @@
 """pgpis_jax.input_pipeline on a small synthetic set: per-host sharding, seeded determinism, exact resume,
-batch values (poses drawn where the keypoints are), each method's documented keys and shapes, eval padding."""
+batch values (poses drawn where the keypoints are), each layout's documented keys and shapes, eval padding."""
 
 import importlib
 import json
@@ -101,21 +101,21 @@ def test_same_seed_same_batches_other_seed_other_order(builder):
     assert epoch0 != epoch1
 
 
-@pytest.mark.parametrize("method, options, stop", [
+@pytest.mark.parametrize("layout, options, stop", [
     ("pairs", dict(flip_prob=0.5), 4),                 # mid-epoch
     ("pairs", dict(flip_prob=0.5), 7),                 # at the end of epoch 0 (steps_per_epoch = 7)
     ("reposedm", dict(image_size=32), 9),              # random crops and flips, in epoch 1
 ])
-def test_restored_iterator_continues_identically(builder, method, options, stop):
-    reference = _pipeline(builder, seed=11, method=method, options=options)
+def test_restored_iterator_continues_identically(builder, layout, options, stop):
+    reference = _pipeline(builder, seed=11, layout=layout, options=options)
     assert reference.steps_per_epoch == 7
     expected = [next(reference) for _ in range(stop + 6)]
-    interrupted = _pipeline(builder, seed=11, method=method, options=options)
+    interrupted = _pipeline(builder, seed=11, layout=layout, options=options)
     for _ in range(stop):
         next(interrupted)
     state = json.loads(json.dumps(interrupted.get_state()))        # as a checkpoint stores it
     assert (state["epoch"], state["step"]) == ((0, 7) if stop == 7 else divmod(stop, 7))
-    resumed = _pipeline(builder, seed=11, method=method, options=options, state=state)
+    resumed = _pipeline(builder, seed=11, layout=layout, options=options, state=state)
     for k in range(stop, stop + 6):
         _equal(next(resumed), expected[k])
 
@@ -154,7 +154,7 @@ def test_pairs_batch_values(builder):
 
 
 def test_cfld_heatmaps_peak_on_the_keypoints(builder):
-    p = _pipeline(builder, split="test", train=False, method="cfld",
+    p = _pipeline(builder, split="test", train=False, layout="cfld",
                   options=dict(image_size=32, condition_size=32, pose_size=64))
     batch = next(p)
     import tensorflow_datasets as tfds
@@ -197,14 +197,14 @@ SHAPES = {
 RANGES = {"image": (-1, 1), "pose": (0, 1), "clip": (-1.8, 2.2), "dino": (-2.2, 2.7), "coords": (-1, 1)}
 
 
-def _kind(method, key):
+def _kind(layout, key):
     for suffix in ("clip", "dino", "coords"):
         if key.endswith(suffix):
             return suffix
     if key.endswith("image"):
         return "image"
     if key.endswith("pose"):
-        return "image" if method == "pcdm_inpaint" else "pose"      # PCDMs' pose canvas is in [-1, 1]
+        return "image" if layout == "pcdm_inpaint" else "pose"      # PCDMs' pose canvas is in [-1, 1]
     return None
 
 
@@ -217,7 +217,7 @@ def coarse_dir(builder, tmp_path_factory):
     from PIL import Image
 
     folder = tmp_path_factory.mktemp("coarse")
-    pipe = _pipeline(builder, split="train", train=False, method="pairs", include_names=True, batch_size=60)
+    pipe = _pipeline(builder, split="train", train=False, layout="pairs", include_names=True, batch_size=60)
     batch = next(pipe)
     for s, t in _pairs(batch):
         stem = f"{Path(s.decode()).stem}_to_{Path(t.decode()).stem}"
@@ -225,24 +225,24 @@ def coarse_dir(builder, tmp_path_factory):
     return str(folder)
 
 
-@pytest.mark.parametrize("method", sorted(SMALL))
-def test_each_method_batch_matches_its_documentation(builder, coarse_dir, method):
-    assert set(input_pipeline.METHODS) == set(SMALL)
-    options = dict(SMALL[method], coarse_dir=coarse_dir) if method == "pcdm_refine" else SMALL[method]
-    batch = next(_pipeline(builder, batch_size=4, method=method, options=options, seed=5))
-    assert set(batch) == set(SHAPES[method]) | {"mask", "example_id"}
+@pytest.mark.parametrize("layout", sorted(SMALL))
+def test_each_layout_batch_matches_its_documentation(builder, coarse_dir, layout):
+    assert set(input_pipeline.LAYOUTS) == set(SMALL)
+    options = dict(SMALL[layout], coarse_dir=coarse_dir) if layout == "pcdm_refine" else SMALL[layout]
+    batch = next(_pipeline(builder, batch_size=4, layout=layout, options=options, seed=5))
+    assert set(batch) == set(SHAPES[layout]) | {"mask", "example_id"}
     assert len(set(batch["example_id"].tolist())) == 4
-    if method == "pcdm_refine":
+    if layout == "pcdm_refine":
         np.testing.assert_allclose(batch["coarse_image"], COARSE_LEVEL / 127.5 - 1.0, atol=1e-6)
-    for key, shape in SHAPES[method].items():
+    for key, shape in SHAPES[layout].items():
         assert batch[key].shape == (4, *shape) and batch[key].dtype == np.float32, key
-        kind = _kind(method, key)
+        kind = _kind(layout, key)
         if kind:
             lo, hi = RANGES[kind]
             assert lo - 1e-6 <= batch[key].min() and batch[key].max() <= hi + 1e-6, (key, batch[key].min(),
                                                                                    batch[key].max())
     assert batch["mask"].all()
-    assert f"| `{method}`" in input_pipeline.__doc__
+    assert f"| `{layout}`" in input_pipeline.__doc__
 
 
 def test_eval_pads_the_last_batch(builder):
@@ -256,10 +256,10 @@ def test_eval_pads_the_last_batch(builder):
 
 
 def test_bad_arguments(builder):
-    with pytest.raises(UserError, match="unknown input pipeline method 'nope'"):
-        _pipeline(builder, method="nope")
-    with pytest.raises(UserError, match="unknown option 'size' of input pipeline method 'cfld'"):
-        _pipeline(builder, method="cfld", options=dict(size=3))
+    with pytest.raises(UserError, match="unknown batch layout 'nope'"):
+        _pipeline(builder, layout="nope")
+    with pytest.raises(UserError, match="unknown option 'size' of batch layout 'cfld'"):
+        _pipeline(builder, layout="cfld", options=dict(size=3))
     with pytest.raises(UserError, match="batch_size 8 is not divisible by the 3 processes"):
         _pipeline(builder, process_count=3)
     with pytest.raises(UserError, match="fewer than one batch of 64"):

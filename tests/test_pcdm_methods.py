@@ -50,11 +50,11 @@ def test_dct_basis_is_scipy_block_dct_with_frequency_gain_and_exactly_invertible
         PixelShuffleCodec(factor=8, high_frequency_gain=1.0)
     import ml_collections
 
-    from pgpis_jax.methods.pcdm import networks
+    from pgpis_jax.methods.common.networks import NetworkBuilder
 
     spec = ml_collections.ConfigDict(dict(kind="pixel_shuffle", factor=8, scaling=1.0, basis="wavelet"))
     with pytest.raises(UserError, match=r"config.model.vae: PixelShuffleCodec basis 'wavelet'"):
-        networks.codec(spec, "config.model.vae", networks.MissingInputs(), np.float32)
+        NetworkBuilder().codec(spec, "config.model.vae", np.float32)
 
 
 def test_low_pass_dct_keeps_the_coefficients_below_the_cutoff_and_decodes_as_scipy_idct():
@@ -93,18 +93,18 @@ def test_stage2_warm_start_keeps_pretrained_weights_and_declared_fresh_ones(tmp_
     from diffusers import UNet2DConditionModel as TorchUNet
 
     from configs import pcdm_common
-    from pgpis_jax.methods.pcdm import networks
+    from pgpis_jax.methods.common.networks import NetworkBuilder, load_pretrained
 
     torch.manual_seed(0)
     TorchUNet(**_tiny_unet_config(4)).save_pretrained(tmp_path / "unet")
     spec = pcdm_common.network(str(tmp_path), "unet", overrides=dict(
         in_channels=9, class_embed_type="projection", projection_class_embeddings_input_dim=16),
         keep_fresh=("conv_in/kernel", "class_embedding/.*"))
-    missing = networks.MissingInputs()
-    resolved = networks.resolve_network(spec, "config.model.unet", missing, "diffusers")
-    missing.raise_if_any("test")
+    builder = NetworkBuilder()
+    resolved = builder.network(spec, "config.model.unet", "diffusers")
+    builder.raise_if_any("test")
     fresh = jax.device_get(resolved.module.init_params(jax.random.key(1)))
-    params = networks.load_pretrained(resolved, fresh)
+    params = load_pretrained(resolved, fresh)
     state = TorchUNet.from_pretrained(tmp_path / "unet").state_dict()
     np.testing.assert_array_equal(params["conv_in"]["kernel"], fresh["conv_in"]["kernel"])
     assert params["conv_in"]["kernel"].shape == (3, 3, 9, 32)
@@ -192,14 +192,14 @@ def _test_pairs(data_dir):
 
     from configs import pcdm_inpaint
     from pgpis_jax import input_pipeline
-    from pgpis_jax.methods.pcdm import pipeline
+    from pgpis_jax.methods.common.split_sampler import to_uint8
 
     config = pcdm_inpaint.get_config("demo")
     config.data.data_dir = data_dir
     config.batch_size = 48
     for batch in input_pipeline.from_config(ml_collections.ConfigDict(config), split="test", train=False,
                                             include_names=True, process_index=0, process_count=1):
-        target = pipeline.to_uint8(np.split(np.asarray(batch["image"]), 2, axis=2)[1])
-        yield {f"{pipeline.pair_stem(s, t)}.png": image
+        target = to_uint8(np.split(np.asarray(batch["image"]), 2, axis=2)[1])
+        yield {f"{input_pipeline.pair_stem(s, t)}.png": image
                for s, t, image, real in zip(batch["source_name"], batch["target_name"], target, batch["mask"])
                if real}

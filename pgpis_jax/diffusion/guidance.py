@@ -1,13 +1,14 @@
 """Classifier-free guidance rules: how the outputs of several conditioning branches combine into one.
 
 Each rule takes branch outputs of equal shape (batch on axis 0) and returns the guided output. `guided`
-turns a network evaluated on all branches at once (batched along axis 0, as the reference pipelines do)
-into a plain `model_fn(x_t, t)` for the samplers.
+turns a denoiser and one condition pytree per branch into a plain `model_fn(x_t, t)` for the samplers,
+evaluating all branches in one batched call (as the reference pipelines do); stages name their conditional
+and unconditional conditions and a rule, and never concatenate branches themselves.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -73,13 +74,23 @@ def pcdm(uncond, cond, scale: float = 2.0, guidance_rescale: float = 0.0):
     return guided
 
 
-def guided(batched_model_fn: Callable, num_branches: int, combine: Callable) -> Callable:
-    """A `model_fn(x_t, t)` that evaluates `batched_model_fn` once on num_branches copies of x_t stacked
-    along axis 0 (branch-major, the conditions for each branch being the model's concern), splits the
-    output into the branches and returns combine(*branch_outputs)."""
+def guided(denoise: Callable, conditions: Sequence[Any], combine: Optional[Callable] = None) -> Callable:
+    """A sampler's `model_fn(x_t, t)` from `denoise(x, t, condition)` and one condition pytree per branch
+    (ordered as `combine` takes them, e.g. (uncond, cond)).
+
+    With one branch: denoise(x_t, t, conditions[0]). With several: one call of `denoise` on all branches
+    batched along axis 0 (x_t repeated, each condition leaf concatenated branch-major, as the reference
+    pipelines batch them), then combine(*branch_outputs)."""
+    conditions = list(conditions)
+    if len(conditions) == 1:
+        return lambda x_t, t: denoise(x_t, t, conditions[0])
+    if combine is None:
+        raise ValueError("several guidance branches need a combine rule")
+    count = len(conditions)
+    batched = jax.tree.map(lambda *leaves: jnp.concatenate(leaves, axis=0), *conditions)
 
     def model_fn(x_t, t):
-        outputs = batched_model_fn(jnp.concatenate([x_t] * num_branches, axis=0), t)
-        return combine(*jnp.split(outputs, num_branches, axis=0))
+        outputs = denoise(jnp.concatenate([x_t] * count, axis=0), t, batched)
+        return combine(*jnp.split(outputs, count, axis=0))
 
     return model_fn

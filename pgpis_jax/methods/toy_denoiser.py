@@ -197,29 +197,37 @@ class ToyDenoiser(Method):
         return jnp.clip((x0 + 1.0) / 2.0, 0.0, 1.0)
 
 
-def build(config) -> ToyDenoiser:
+def build(config, saved_networks=None) -> ToyDenoiser:
+    """The toy denoiser (it has no pretrained networks, so `saved_networks` is unused)."""
     return ToyDenoiser(config)
 
 
-def sample(config, workdir: str) -> None:
-    """sample.py: a grid from the newest checkpoint's EMA (else raw) parameters -> <workdir>/samples.png."""
+def _require_output_dir(output_dir) -> str:
+    if not output_dir:
+        raise UserError("--output_dir is required (nothing is written into the run)")
+    return output_dir
+
+
+def sample(workdir: str, config, output_dir=None) -> None:
+    """sample.py: a grid from the newest checkpoint's EMA (else raw) parameters -> <output_dir>/samples.png."""
     from pgpis_jax.trainer import inference, metrics
 
+    path = epath.Path(_require_output_dir(output_dir)) / "samples.png"
     method = build(config)
     params, step = inference.load_params(method, config, workdir)
     rng = jax.random.key(config.seed)
     images = jax.jit(method.sample_fn)(params, method.preview_batch(config.logging.num_samples), rng)
     grid = metrics.image_grid(np.asarray(images))
-    path = epath.Path(workdir) / "samples.png"
     metrics.save_png(path, grid)
     print(f"{config.logging.num_samples} samples of checkpoint step {step} -> {path}", flush=True)
 
 
-def eval(config, workdir: str) -> None:  # noqa: A001 - the entry points call method.eval
+def eval(workdir: str, config, output_dir=None) -> None:  # noqa: A001 - the entry points call method.eval
     """eval.py: the denoising loss on held-out synthetic examples (ids after the training set) at the
-    newest checkpoint, and the loss of predicting zeros -> <workdir>/eval_metrics.json."""
+    newest checkpoint, and the loss of predicting zeros -> <output_dir>/metrics.json."""
     from pgpis_jax.trainer import inference
 
+    path = epath.Path(_require_output_dir(output_dir)) / "metrics.json"
     method = build(config)
     params, step = inference.load_params(method, config, workdir)
     d = config.data
@@ -228,6 +236,6 @@ def eval(config, workdir: str) -> None:  # noqa: A001 - the entry points call me
     rng = jax.random.key(config.seed + 1)
     loss, zeros = jax.jit(method.heldout_losses)(params, batch, rng)
     result = {"step": step, "heldout_loss": float(loss), "predict_zero_loss": float(zeros)}
-    path = epath.Path(workdir) / "eval_metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     print(json.dumps(result), flush=True)

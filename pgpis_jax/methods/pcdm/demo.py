@@ -24,6 +24,9 @@ import ml_collections
 import numpy as np
 
 from pgpis_jax import input_pipeline
+from pgpis_jax.methods.common.hosts import with_batch_size
+from pgpis_jax.methods.common.run import load_trained
+from pgpis_jax.methods.common.split_sampler import to_uint8
 from pgpis_jax.methods.pcdm import pipeline
 
 GRID_ROWS = 8
@@ -60,7 +63,7 @@ def train_stage(config, workdir: str) -> None:
 
 
 def _uint8(images) -> np.ndarray:
-    return pipeline.to_uint8(np.asarray(images))
+    return to_uint8(np.asarray(images))
 
 
 def score(predictions, targets) -> dict:
@@ -78,7 +81,7 @@ def run(workdir: str, out_dir: str) -> dict:
     stages = {"prior": stage_config("prior", data_dir), "inpaint": stage_config("inpaint", data_dir)}
     for name, config in stages.items():
         train_stage(config, os.path.join(workdir, name))
-    inpaint = pipeline.load_stage(os.path.join(workdir, "inpaint"), "pcdm_inpaint", stages["inpaint"])
+    inpaint = load_trained(os.path.join(workdir, "inpaint"), ("pcdm_inpaint",), stages["inpaint"])
     coarse_config = stages["inpaint"].copy_and_resolve_references()
     coarse_config.sampling.num_inference_steps = COARSE_STEPS
     coarse_dir = pipeline.PCDMPipeline(dataclasses.replace(inpaint, config=coarse_config), "true").run_split(
@@ -88,12 +91,12 @@ def run(workdir: str, out_dir: str) -> dict:
     train_stage(stages["refine"], os.path.join(workdir, "refine"))
 
     pipe = pipeline.PCDMPipeline(
-        inpaint, "full", prior=pipeline.load_stage(os.path.join(workdir, "prior"), "pcdm_prior", stages["prior"]),
-        refine=pipeline.load_stage(os.path.join(workdir, "refine"), "pcdm_refine", stages["refine"]))
+        inpaint, "full", prior=load_trained(os.path.join(workdir, "prior"), ("pcdm_prior",), stages["prior"]),
+        refine=load_trained(os.path.join(workdir, "refine"), ("pcdm_refine",), stages["refine"]))
     results = {k: [] for k in ("source", "pose", "target", "stage2", "stage3", "cosine")}
     common = dict(split="test", train=False, process_index=0, process_count=1)
-    batches = zip(input_pipeline.from_config(pipeline.with_batch_size(stages["inpaint"], 48), **common),
-                  input_pipeline.from_config(pipeline.with_batch_size(stages["prior"], 48), **common))
+    batches = zip(input_pipeline.from_config(with_batch_size(stages["inpaint"], 48), **common),
+                  input_pipeline.from_config(with_batch_size(stages["prior"], 48), **common))
     for index, (batch, prior_inputs) in enumerate(batches):
         out, cosine = pipe.generate(batch, prior_inputs, jax.random.fold_in(jax.random.key(0), index))
         real = batch["mask"]

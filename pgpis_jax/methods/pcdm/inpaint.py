@@ -20,7 +20,6 @@ right half.
 
 from __future__ import annotations
 
-import os
 from typing import Dict, Optional
 
 import jax
@@ -29,21 +28,23 @@ import numpy as np
 
 from pgpis_jax.diffusion import guidance
 from pgpis_jax.errors import UserError
-from pgpis_jax.methods.pcdm import common, features
-from pgpis_jax.methods.pcdm.latent_stage import LatentStage
+from pgpis_jax.methods.common import features, latents
+from pgpis_jax.methods.common.stage import dropped, first_test_examples, per_example_keys
+from pgpis_jax.methods.pcdm.latent_stage import SOURCE_TOKENS, TARGET_EMBEDDING, LatentStage
 from pgpis_jax.models.pcdm import PoseEncoder, join_canvas, pack_inpaint_input, split_canvas
 
 TRAINABLE = ("unet", "pose_proj", "image_proj_model_p")
 
 
 class PCDMInpaint(LatentStage):
-    ENCODERS = ("image_encoder", "dinov2")
+    ENCODED = (TARGET_EMBEDDING, SOURCE_TOKENS)
     FROZEN = ("image_encoder", "dinov2", "vae")
     INPUTS = ("image", "pose", "source_dino", "target_clip")
     DROPPABLE = {"source_dino": ("source_tokens",), "target_clip": ("target_embedding",)}
+    LAYOUTS = ("pcdm_inpaint",)
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, saved_networks=None):
+        super().__init__(config, saved_networks)
         unet = self.unet.module
         self.embedding_dim = self.encoders.module("image_encoder").projection_dim
         _check_unet(unet, self.codec.channels, self.embedding_dim)
@@ -54,8 +55,10 @@ class PCDMInpaint(LatentStage):
     def init_extra(self, rng):
         return {"pose_proj": self.pose_proj.init_params(rng)}
 
-    def denoise(self, params, x_t, t, masked_latent, context, global_embedding, pose_features):
-        """The UNet's prediction for noisy canvas latents x_t [B, h, 2w, C]."""
+    def denoise(self, params, x_t, t, condition):
+        """The UNet's prediction for noisy canvas latents x_t [B, h, 2w, C]; condition = (masked latent,
+        context [B, N+1, E], global embedding [B, E], pose features)."""
+        masked_latent, context, global_embedding, pose_features = condition
         return self.unet.module.apply({"params": params["unet"]}, pack_inpaint_input(x_t, masked_latent), t,
                                       context, class_labels=global_embedding,
                                       conv_in_residual=pose_features).astype(jnp.float32)
@@ -73,22 +76,20 @@ class PCDMInpaint(LatentStage):
         tokens and the pose canvas as uint8."""
         image = batch["image"]
         return {**self.moments(params, image, "canvas"), **self.moments(params, masked_canvas(image), "masked"),
-                "target_embedding": self.encoders.embed(params, batch["target_clip"]),
-                "source_tokens": self.encoders.tokens(params, batch["source_dino"]),
-                "pose": common.signed_to_uint8(batch["pose"])}
+                **self.encoders.features(params, batch), "pose": latents.signed_to_uint8(batch["pose"])}
 
     def loss_fn(self, params, batch, rng):
-        k = common.per_example_keys(rng, batch, 5)
-        inputs = self.training_inputs(params, batch, {"source_dino": common.dropped(k[2], self.condition_dropout),
-                                                      "target_clip": common.dropped(k[3], self.condition_dropout)})
-        x0 = common.latents_of(self.codec, inputs, "canvas", k[0])
-        masked_latent = common.latents_of(self.codec, inputs, "masked", k[1])
+        k = per_example_keys(rng, batch, 5)
+        inputs = self.training_inputs(params, batch, {"source_dino": dropped(k[2], self.condition_dropout),
+                                                      "target_clip": dropped(k[3], self.condition_dropout)})
+        x0 = latents.latents_of(self.codec, inputs, "canvas", k[0])
+        masked_latent = latents.latents_of(self.codec, inputs, "masked", k[1])
         g = inputs["target_embedding"]
         context, pose_features = self.conditions(params, inputs["source_tokens"], g,
-                                                 common.uint8_to_signed(inputs["pose"]))
-        t, x_t, target = self.diffusion.training_pair(k[4], x0)
-        prediction = self.denoise(params, x_t, t, masked_latent, context, g, pose_features)
-        return common.mean_squared_error(prediction, target), {}
+                                                 latents.uint8_to_signed(inputs["pose"]))
+        t, x_t, target = self.objective.training_pair(k[4], x0)
+        prediction = self.denoise(params, x_t, t, (masked_latent, context, g, pose_features))
+        return self.objective.loss(prediction, target, t), {}
 
     # ------------------------------------------------------------------------------------------ sampling
 
@@ -103,37 +104,27 @@ class PCDMInpaint(LatentStage):
         batch = source_image.shape[0]
         canvas = join_canvas(source_image, source_image)
         masked_latent = self.latents(params, masked_canvas(canvas), jax.random.split(vae_key, batch))
-        context, pose_features = self.conditions(params, self.encoders.tokens(params, source_dino),
+        context, pose_features = self.conditions(params, self.encoders.encode(params, "source_tokens", source_dino),
                                                  global_embedding, pose)
-        cond = (context, global_embedding.astype(jnp.float32))
-        if guidance_scale > 1.0:
-            uncond = jax.tree.map(jnp.zeros_like, cond)
-            both = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), uncond, cond)
-
-            def branches(x, t):
-                return self.denoise(params, x, t, jnp.concatenate([masked_latent] * 2), *both,
-                                    jnp.concatenate([pose_features] * 2))
-
-            model_fn = guidance.guided(branches, 2, lambda u, c: guidance.pcdm(u, c, guidance_scale,
-                                                                              guidance_rescale))
-        else:
-            def model_fn(x, t):
-                return self.denoise(params, x, t, masked_latent, *cond, pose_features)
-
+        cond = (masked_latent, context, global_embedding.astype(jnp.float32), pose_features)
+        uncond = (masked_latent, jnp.zeros_like(context), jnp.zeros_like(cond[2]), pose_features)
+        model_fn = guidance.guided(lambda x, t, c: self.denoise(params, x, t, c),
+                                   [uncond, cond] if guidance_scale > 1.0 else [cond],
+                                   lambda u, c: guidance.pcdm(u, c, guidance_scale, guidance_rescale))
         x_T = jax.random.normal(noise_key, masked_latent.shape, jnp.float32)
-        x0 = self.diffusion.sampler.sample(model_fn, x_T, step_key, num_inference_steps=num_inference_steps)
+        x0 = self.objective.sampler.sample(model_fn, x_T, step_key, num_inference_steps=num_inference_steps)
         _, target = split_canvas(self.codec.decode(params.get("vae"), x0))
         return jnp.clip(target, -1.0, 1.0)
 
     def preview_batch(self, num: int) -> Optional[Dict[str, np.ndarray]]:
-        batch = common.first_test_examples(self.config, num)
+        batch = first_test_examples(self.config, num)
         return {k: batch[k] for k in ("image", "pose", "source_dino", "target_clip")}
 
     def sample_fn(self, params, batch, rng):
         """Rows source | target pose | generated (true target embedding) | ground truth, in [0, 1]."""
         source, target = split_canvas(batch["image"])
         _, target_pose = split_canvas(batch["pose"])
-        g = self.encoders.embed(params, batch["target_clip"])
+        g = self.encoders.encode(params, "target_embedding", batch["target_clip"])
         s = self.config.sampling
         generated = self.generate(params, source, batch["pose"], batch["source_dino"], g, rng,
                                   s.num_inference_steps, s.guidance_scale)
@@ -164,48 +155,24 @@ def _check_unet(unet, latent_channels: int, embedding_dim: int) -> None:
         raise UserError("config.model.unet does not fit stage 2: " + "; ".join(problems))
 
 
-def build(config) -> PCDMInpaint:
-    return PCDMInpaint(config)
+def build(config, saved_networks=None) -> PCDMInpaint:
+    return PCDMInpaint(config, saved_networks)
 
 
 def extract_features(config, workdir: str, split: str = "train", batch_size=None, dtype: str = "float32"):
-    """extract_features.py: the frozen networks' outputs over `split` into workdir (methods/pcdm/features.py)."""
+    """extract_features.py: the frozen networks' outputs over `split` into workdir (methods/common/features.py)."""
     return features.extract_split(build, config, workdir, split, batch_size, dtype)
 
 
-def sample(config, workdir: str, ablation=None, prior_workdir=None, refine_workdir=None, split=None,
-           output_dir=None, batch_size=None, best_of=1, source_image=None, source_pose=None, target_pose=None, output=None):
-    """sample.py: the three-stage pipeline with this workdir as stage 2 (pipeline.sample_command)."""
+def sample(workdir: str, config=None, **options):
+    """sample.py: the three-stage pipeline with this run as stage 2 (pipeline.sample_command)."""
     from pgpis_jax.methods.pcdm import pipeline
 
-    pipeline.sample_command(config, workdir, ablation=ablation, prior_workdir=prior_workdir,
-                            refine_workdir=refine_workdir, split=split, output_dir=output_dir,
-                            batch_size=batch_size, best_of=best_of, source_image=source_image, source_pose=source_pose,
-                            target_pose=target_pose, output=output)
+    return pipeline.sample_command(workdir, config, **options)
 
 
-def generate_test_set(config, workdir: str, output_dir: str):
-    """The test split through this stage alone (ablation B1: blank global token) into output_dir/stage2, with the
-    ground truth in output_dir/reference; existing images are kept. A protocol with best-of-N selection
-    (config.eval.protocol, e.g. pcdms) gets N candidates in output_dir/stage2_candidates. Returns the folder to
-    score and the reference folder."""
-    from pgpis_jax import evaluation
+def eval(workdir: str, output_dir: str, config=None):  # noqa: A001 - the entry points call method.eval
+    """eval.py --workdir --output_dir: this run's test set (pipeline.evaluate_command)."""
     from pgpis_jax.methods.pcdm import pipeline
-    from pgpis_jax.metrics import protocols
 
-    protocol = (config.get("eval") or {}).get("protocol", evaluation.default_eval_config().protocol)
-    best_of = protocols.get_protocol(protocol).oracle_candidates
-    reference = os.path.join(output_dir, "reference")
-    stage = pipeline.load_stage(workdir, "pcdm_inpaint", config)
-    results = pipeline.PCDMPipeline(stage, "B1", seed=config.seed).run_split(
-        "test", output_dir, config.batch_size, best_of, reference_dir=reference)
-    return results["folders"]["stage2_candidates" if best_of > 1 else "stage2"], reference
-
-
-def eval(config, workdir: str):  # noqa: A001 - the entry points call method.eval
-    """eval.py --config --workdir: generate_test_set into <workdir>/test_set, then the metrics of config.eval
-    (pgpis_jax.evaluation) -> <workdir>/eval_metrics.json."""
-    from pgpis_jax import evaluation
-
-    generated, reference = generate_test_set(config, workdir, os.path.join(workdir, "test_set"))
-    return evaluation.evaluate_method_outputs(config, workdir, generated, reference)
+    return pipeline.evaluate_command(workdir, output_dir, config)

@@ -1,7 +1,8 @@
 """The three-stage PCDMs sampler: prior -> inpainting -> refining, over a split or for one image.
 
-Each stage is a trained workdir (its config.json and checkpoints); the stage-2 workdir is the one sample.py is
-given, the others come as options. Which stages run:
+Each stage is a trained run directory, opened read-only (pgpis_jax/methods/common/run.py: its saved config,
+network configs and checkpoints; no dataset or pretrained directory is needed for one image); the stage-2 run is
+sample.py's --workdir, the others come as options. Which stages run:
 
     full   prior, inpaint, refine                  (needs prior_workdir and refine_workdir)
     B1     inpaint only; global token = the embedding of a blank image (what training's condition dropout
@@ -20,69 +21,41 @@ squashed canvas half), one folder per stage so that each can be scored by eval.p
                                                truth (the original's oracle selection), which stage 3 refines
     <output_dir>/results.json                  counts, folders and the stage-1 cosine similarity between
                                                predicted and true target embeddings (when the prior ran)
-    <output_dir>/prior_cosine.<process>.json   that similarity per pair, kept across resumed runs
+    <output_dir>/scores.<process>.json         that similarity per pair, kept across resumed runs
+    <output_dir>/sample_config.json            the stage-2 config the images were sampled with
 
-Existing outputs are kept (a batch whose outputs all exist is skipped).
+Existing outputs are kept (a batch whose outputs all exist is skipped; pgpis_jax/methods/common/split_sampler.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 from typing import Any, Dict, Optional
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-from PIL import Image
 
 from pgpis_jax import input_pipeline, poses
-from pgpis_jax.datasets import formats
 from pgpis_jax.errors import UserError
+from pgpis_jax.methods.common import single_image
+from pgpis_jax.methods.common.hosts import with_batch_size
+from pgpis_jax.methods.common.run import Trained, load_trained
+from pgpis_jax.methods.common.split_sampler import (Generated, SplitSampler, candidate_folders, oracle_best_of,
+                                                    save_png_atomic, write_json_atomic)
 from pgpis_jax.methods.pcdm.prior import cosine_similarity
-from pgpis_jax.metrics import protocols
 from pgpis_jax.preprocessing import clip_preprocess
 
-# PCDMs' selection SSIM: Gaussian sigma 1.2, population covariance, data range of the candidate, uint8 scale.
-ORACLE_SSIM = protocols.PCDMS.oracle_ssim
 ABLATIONS = ("full", "B1", "B2", "B3", "true")
 _NEEDS = {"full": ("prior", "refine"), "B1": (), "B2": ("prior",), "B3": ("refine",), "true": ()}
-
-
-@dataclasses.dataclass
-class Stage:
-    config: Any
-    method: Any
-    params: Any
-    step: int
-
-
-def load_stage(workdir: str, expected_method: str, config=None) -> Stage:
-    """A trained stage: the config recorded in workdir/config.json (or `config`), its method and the newest
-    checkpoint's (EMA) parameters."""
-    from pgpis_jax import methods
-    from pgpis_jax.trainer import inference
-
-    if config is None:
-        path = os.path.join(workdir, "config.json")
-        if not os.path.isfile(path):
-            raise UserError(f"{path} not found: {workdir} is not a trained {expected_method} workdir")
-        with open(path) as f:
-            config = ml_collections.ConfigDict(json.load(f))
-    if config.method != expected_method:
-        raise UserError(f"{workdir} holds a {config.method!r} run; expected {expected_method!r}")
-    method = methods.get_method(expected_method).build(config)
-    params, step = inference.load_params(method, config, workdir)
-    return Stage(config, method, params, step)
+PRIOR_SCORE = "prior_cosine_similarity"
 
 
 class PCDMPipeline:
     """Stages loaded for one ablation; `run_split` and `run_single` produce images."""
 
-    def __init__(self, inpaint: Stage, ablation: str, prior: Optional[Stage] = None,
-                 refine: Optional[Stage] = None, seed: int = 42):
+    def __init__(self, inpaint: Trained, ablation: str, prior: Optional[Trained] = None,
+                 refine: Optional[Trained] = None, seed: int = 42):
         if ablation not in ABLATIONS:
             raise UserError(f"--ablation={ablation!r}; expected one of {', '.join(ABLATIONS)}")
         needed = _NEEDS[ablation]
@@ -96,16 +69,21 @@ class PCDMPipeline:
         s = inpaint.config.sampling
         self._stage2 = jax.jit(lambda p, src, pose, dino, g, rng: inpaint.method.generate(
             p, src, pose, dino, g, rng, s.num_inference_steps, s.guidance_scale, s.guidance_rescale))
-        self._embed = jax.jit(inpaint.method.encoders.embed)
+        self._embed = jax.jit(lambda p, pixels: inpaint.method.encoders.encode(p, "target_embedding", pixels))
         if prior is not None:
             ps = prior.config.sampling
-            self._stage1 = jax.jit(lambda p, e, sp, tp, rng: prior.method.generate(p, e, sp, tp, rng,
-                                                                                    ps.num_inference_steps))
-            self._prior_embed = jax.jit(prior.method.encoders.embed)
+            self._stage1 = jax.jit(lambda p, clip, sp, tp, rng: prior.method.generate(
+                p, clip, sp, tp, rng, ps.num_inference_steps, ps.get("guidance_scale", 1.0)))
+            self._prior_embed = jax.jit(lambda p, pixels: prior.method.encoders.encode(p, "target_embedding",
+                                                                                       pixels))
         if refine is not None:
             rs = refine.config.sampling
             self._stage3 = jax.jit(lambda p, coarse, dino, rng: refine.method.generate(
                 p, coarse, dino, rng, rs.num_inference_steps, rs.guidance_scale, rs.guidance_rescale))
+
+    @property
+    def stages(self):
+        return ["stage2"] + (["stage3"] if self.refine is not None else [])
 
     # ------------------------------------------------------------------------------------------ stages
 
@@ -115,11 +93,11 @@ class PCDMPipeline:
         if self.ablation == "true":
             return self._embed(p, batch["target_clip"]), None
         if self.prior is None:
-            blank = jnp.zeros_like(batch["target_clip"])
+            blank = jnp.zeros_like(batch["source_dino"])
             return self._embed(p, blank), None
         pp = self.prior.params
-        predicted = self._stage1(pp, self._prior_embed(pp, prior_inputs["source_clip"]),
-                                 prior_inputs["source_pose_coords"], prior_inputs["target_pose_coords"], rng)
+        predicted = self._stage1(pp, prior_inputs["source_clip"], prior_inputs["source_pose_coords"],
+                                 prior_inputs["target_pose_coords"], rng)
         cosine = None
         if "target_clip" in prior_inputs:
             cosine = cosine_similarity(predicted, self._prior_embed(pp, prior_inputs["target_clip"]))
@@ -135,105 +113,86 @@ class PCDMPipeline:
         prior_key, stage2_key, stage3_key = jax.random.split(rng, 3)
         g, cosine = self._global_embedding(batch, prior_inputs, prior_key)
         source, truth = np.split(np.asarray(batch["image"]), 2, axis=2)
-        out = {}
-
-        def run_stage(name, generate_one, key):
-            if best_of == 1:
-                out[name] = generate_one(jax.random.fold_in(key, 0))   # stays on the device for stage 3
-                return
-            out[f"{name}_candidates"] = np.stack([np.asarray(generate_one(jax.random.fold_in(key, k)))
-                                                  for k in range(best_of)])
-            chosen = oracle_choice(out[f"{name}_candidates"], truth)
-            out[name] = out[f"{name}_candidates"][chosen, np.arange(len(chosen))]
-
-        run_stage("stage2", lambda key: self._stage2(self.inpaint.params, source, batch["pose"],
-                                                     batch["source_dino"], g, key), stage2_key)
+        draws = {"stage2": (lambda key: self._stage2(self.inpaint.params, source, batch["pose"],
+                                                     batch["source_dino"], g, key), stage2_key)}
         if self.refine is not None:
-            run_stage("stage3", lambda key: self._stage3(self.refine.params, out["stage2"], batch["source_dino"],
-                                                         key), stage3_key)
+            draws["stage3"] = (lambda key: self._stage3(self.refine.params, out["stage2"], batch["source_dino"], key),
+                               stage3_key)
+        out = {}
+        for stage, (draw, key) in draws.items():
+            if best_of == 1:
+                out[stage] = draw(jax.random.fold_in(key, 0))   # stays on the device for stage 3
+            else:
+                out[stage], out[f"{stage}_candidates"] = oracle_best_of(draw, truth, best_of, key)
         return out, cosine
 
     # ------------------------------------------------------------------------------------------ split mode
 
-    def output_folders(self, output_dir: str, best_of: int) -> Dict[str, list]:
-        """{output key of generate(): [folder per candidate]} for split mode."""
-        stages = ["stage2"] + (["stage3"] if self.refine is not None else [])
-        folders = {stage: [os.path.join(output_dir, stage)] for stage in stages}
+    def output_folders(self, best_of: int) -> Dict[str, list]:
+        """{output key of generate(): [folder relative to the output directory, per candidate]}."""
+        folders = {stage: [stage] for stage in self.stages}
         if best_of > 1:
-            folders.update({f"{stage}_candidates": [os.path.join(output_dir, f"{stage}_candidates", f"sample_{k}")
-                                                    for k in range(best_of)] for stage in stages})
+            folders.update({f"{stage}_candidates": candidate_folders(stage, best_of) for stage in self.stages})
         return folders
 
     def run_split(self, split: str, output_dir: str, batch_size: int, best_of: int = 1,
-                  reference_dir: Optional[str] = None) -> Dict[str, Any]:
+                  reference: Optional[str] = None) -> Dict[str, Any]:
         """Generates every pair of `split` (sharded over processes, resumable) into output_dir/stage2 and, when
         refining, output_dir/stage3; with best_of = N > 1 also every candidate into
-        output_dir/<stage>_candidates/sample_<k> (see generate). With reference_dir also writes each pair's
-        ground-truth target (S x S) there under the same name. Returns the totals over all processes."""
+        output_dir/<stage>_candidates/sample_<k> (see generate). With `reference` (a folder name) also writes each
+        pair's ground-truth target (S x S) to output_dir/<reference>. Returns the totals over all processes."""
         if best_of < 1:
             raise UserError(f"--best_of={best_of}: expected a number of candidates >= 1")
-        common = dict(split=split, train=False, include_names=True, process_index=jax.process_index(),
-                      process_count=jax.process_count())
-        pipe = input_pipeline.from_config(with_batch_size(self.inpaint.config, batch_size), **common)
+        options = dict(split=split, train=False, include_names=True, process_index=jax.process_index(),
+                       process_count=jax.process_count())
+        pipe = input_pipeline.from_config(with_batch_size(self.inpaint.config, batch_size), **options)
         prior_pipe = None
         if self.prior is not None:
-            prior_pipe = input_pipeline.from_config(with_batch_size(self.prior.config, batch_size), **common)
-        folders = self.output_folders(output_dir, best_of)
-        if reference_dir is not None:
-            folders["reference"] = [reference_dir]
-        os.makedirs(output_dir, exist_ok=True)
-        cosine_path = os.path.join(output_dir, f"prior_cosine.{jax.process_index()}.json")
-        cosines = {}
-        if self.prior is not None and os.path.exists(cosine_path):
-            with open(cosine_path) as f:
-                cosines = json.load(f)
-        written = 0
-        for index, batch in enumerate(pipe):
-            prior_inputs = next(prior_pipe) if prior_pipe is not None else None
-            real = np.asarray(batch["mask"])
-            names = [pair_stem(s, t) for s, t, r in zip(batch["source_name"], batch["target_name"], real) if r]
-            finished = all(os.path.exists(os.path.join(folder, f"{name}.png"))
-                           for group in folders.values() for folder in group for name in names)
-            if finished and (self.prior is None or all(name in cosines for name in names)):
-                continue
-            out, cosine = self.generate(batch, prior_inputs, jax.random.fold_in(self.rng, index), best_of)
-            if cosine is not None:
-                cosines.update((n, float(c)) for n, c in zip(names, np.asarray(cosine)[real]))
-                with open(cosine_path, "w") as f:
-                    json.dump(cosines, f)
-            if reference_dir is not None:
+            prior_pipe = input_pipeline.from_config(with_batch_size(self.prior.config, batch_size), **options)
+        folders = self.output_folders(best_of)
+        if reference is not None:
+            folders["reference"] = [reference]
+
+        def batches():
+            for batch in pipe:
+                yield dict(batch, prior=next(prior_pipe) if prior_pipe is not None else None)
+
+        def generate(batch, rng):
+            out, cosine = self.generate(batch, batch["prior"], rng, best_of)
+            if reference is not None:
                 out["reference"] = np.split(np.asarray(batch["image"]), 2, axis=2)[1]
-            for key, group in folders.items():
-                candidates = np.asarray(out[key]) if len(group) > 1 else np.asarray(out[key])[None]
-                for folder, images in zip(group, candidates):
-                    written += save_images(folder, names, images[real])
-        written, cosine_sum, cosine_count = summed_over_processes(
-            [written, sum(cosines.values()), len(cosines)])
-        results = {"split": split, "ablation": self.ablation, "best_of": best_of, "images_written": int(written),
-                   "folders": {key: os.path.commonpath(group) for key, group in folders.items()},
-                   "steps": {name: stage.step for name, stage in (("prior", self.prior), ("inpaint", self.inpaint),
-                                                                  ("refine", self.refine)) if stage is not None}}
+            images = {folder: (out[key][k] if len(group) > 1 else out[key])
+                      for key, group in folders.items() for k, folder in enumerate(group)}
+            return Generated(images, {PRIOR_SCORE: cosine} if cosine is not None else {})
+
+        sampler = SplitSampler(output_dir, [f for group in folders.values() for f in group],
+                               scores=(PRIOR_SCORE,) if self.prior is not None else ())
+        info = {"split": split, "ablation": self.ablation, "best_of": best_of,
+                "steps": {name: stage.step for name, stage in (("prior", self.prior), ("inpaint", self.inpaint),
+                                                               ("refine", self.refine)) if stage is not None}}
         if best_of > 1:
-            results["selection"] = (f"oracle: per pair and stage the candidate of highest SSIM against the ground "
-                                    f"truth (Gaussian sigma 1.2, population covariance, data range of the candidate, on uint8), "
-                                    f"as the original's --calculate_metrics; scores of the selected images are "
-                                    f"best-of-{best_of} oracle numbers")
-        if cosine_count:
-            results["prior_cosine_similarity"] = float(cosine_sum / cosine_count)
-            results["prior_pairs"] = int(cosine_count)
-        return results
+            info["selection"] = (f"oracle: per pair and stage the candidate of highest SSIM against the ground truth "
+                                 f"(Gaussian sigma 1.2, population covariance, data range of the candidate, on "
+                                 f"uint8), as the original's --calculate_metrics; scores of the selected images are "
+                                 f"best-of-{best_of} oracle numbers")
+        return sampler.run(batches(), generate, self.rng, info)
 
     # ------------------------------------------------------------------------------------------ single mode
 
     def run_single(self, source_image: str, source_pose: str, target_pose: str, output_path: str) -> None:
         """One source image file and two poses (18-line `x y` keypoint files in their image's pixels, or
-        rendered pose images) -> output_path (PNG, S x S)."""
-        o = input_pipeline.method_options("pcdm_inpaint", self.inpaint.config.data.get("pipeline", {}))
+        rendered pose images) -> output_path (PNG, S x S), written under a temporary name and renamed."""
+        o = input_pipeline.layout_options("pcdm_inpaint", self.inpaint.config.data.get("pipeline", {}))
         size = int(o["image_size"])
-        image = _read_rgb(source_image)
+        image = single_image.read_rgb(source_image)
         hw = image.shape[:2]
-        source_kp, source_pose_image = _pose(source_pose, hw, size)
-        target_kp, target_pose_image = _pose(target_pose, hw, size)
+        source_kp, source_pose_image = single_image.read_pose(source_pose, hw, size, "pcdms")
+        target_kp, target_pose_image = single_image.read_pose(target_pose, hw, size, "pcdms")
+        if self.prior is not None and (source_kp is None or target_kp is None):
+            raise UserError("the prior needs keypoint files for --source_pose and --target_pose (pose images "
+                            "carry no coordinates); use --ablation=B1 or B3 with pose images")
+        from PIL import Image
+
         squashed = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC), np.float32) / 127.5 - 1
         clip_in = clip_preprocess(Image.fromarray(image).resize((o["clip_size"],) * 2, Image.BICUBIC),
                                   size=o["clip_size"], crop=o["clip_size"])
@@ -242,102 +201,36 @@ class PCDMPipeline:
                  "source_dino": clip_in[None]}
         prior_inputs = None
         if self.prior is not None:
-            if source_kp is None or target_kp is None:
-                raise UserError("the prior needs keypoint files for --source_pose and --target_pose (pose images "
-                                "carry no coordinates); use --ablation=B1 or B3 with pose images")
             prior_inputs = {"source_clip": clip_in[None],
                             "source_pose_coords": poses.normalize_keypoints(source_kp, hw)[None],
                             "target_pose_coords": poses.normalize_keypoints(target_kp, hw)[None]}
         out, _ = self.generate(batch, prior_inputs, self.rng)
         final = out.get("stage3", out["stage2"])
         os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
-        Image.fromarray(to_uint8(np.asarray(final[0]))).save(output_path)
+        save_png_atomic(output_path, np.asarray(final[0]))
 
 
-def oracle_choice(candidates, truth) -> np.ndarray:
-    """Index [B] of the candidate [N, B, S, S, 3] in [-1, 1] of highest SSIM against truth [B, S, S, 3], both
-    as saved (uint8), with the SSIM of PCDMs' scripts (ORACLE_SSIM)."""
-    count, batch = candidates.shape[:2]
-    generated = to_uint8(candidates).reshape((count * batch,) + candidates.shape[2:]).astype(np.float64)
-    reference = np.tile(to_uint8(truth).astype(np.float64), (count, 1, 1, 1))
-    return np.argmax(ORACLE_SSIM.score(generated, reference).reshape(count, batch), axis=0)
+def open_pipeline(workdir: str, config=None, ablation: Optional[str] = None, prior_workdir: Optional[str] = None,
+                  refine_workdir: Optional[str] = None) -> PCDMPipeline:
+    """The stages of an ablation from their run directories (default ablation: the stages given)."""
+    if ablation is None:
+        ablation = {(True, True): "full", (True, False): "B2", (False, True): "B3", (False, False): "B1"}[
+            (prior_workdir is not None, refine_workdir is not None)]
+    inpaint = load_trained(workdir, ("pcdm_inpaint",), config)
+    prior = load_trained(prior_workdir, ("pcdm_prior",)) if prior_workdir else None
+    refine = load_trained(refine_workdir, ("pcdm_refine",)) if refine_workdir else None
+    return PCDMPipeline(inpaint, ablation, prior, refine, seed=inpaint.config.seed)
 
 
-def summed_over_processes(values) -> np.ndarray:
-    """The element-wise sum over all processes of a few numbers (every process calls this)."""
-    values = np.asarray(values, np.float64)
-    if jax.process_count() == 1:
-        return values
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(values)).sum(axis=0)
-
-
-def with_batch_size(config, batch_size: int):
-    """A copy of `config` with another batch_size (sampling batches need not be the training batch)."""
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.batch_size = batch_size
-    return config
-
-
-def pair_stem(source_name, target_name) -> str:
-    """"<source stem>_to_<target stem>" of two record names (bytes or str)."""
-    def stem(name):
-        name = name.decode() if isinstance(name, bytes) else str(name)
-        return os.path.splitext(os.path.basename(name))[0]
-    return f"{stem(source_name)}_to_{stem(target_name)}"
-
-
-def to_uint8(image) -> np.ndarray:
-    """[-1, 1] float -> uint8, rounded (as the original's x/2 + 0.5, clamp, x 255, round)."""
-    return np.round(np.clip(np.asarray(image, np.float32) / 2 + 0.5, 0, 1) * 255).astype(np.uint8)
-
-
-def save_images(folder: str, names, images) -> int:
-    """Writes images [N, H, W, 3] in [-1, 1] as folder/<name>.png, keeping existing files; returns the count
-    written."""
-    os.makedirs(folder, exist_ok=True)
-    written = 0
-    for name, image in zip(names, images):
-        path = os.path.join(folder, f"{name}.png")
-        if not os.path.exists(path):
-            Image.fromarray(to_uint8(image)).save(path)
-            written += 1
-    return written
-
-
-def _read_rgb(path: str) -> np.ndarray:
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: image not found")
-    try:
-        return np.asarray(Image.open(path).convert("RGB"))
-    except OSError as error:
-        raise UserError(f"{path}: cannot read image ({error})") from None
-
-
-def _pose(path: str, image_hw, size: int):
-    """(keypoints or None, pose image [size, size, 3] in [-1, 1]) from a keypoint .txt or a pose image."""
-    if path.endswith(".txt"):
-        try:
-            kp = formats.read_keypoint_txt(path)
-        except formats.DataError as error:
-            raise UserError(str(error)) from None
-        resized = poses.resize_keypoints(kp, image_hw, (size, size))
-        stick = poses.scaled_width(4, size, 512)
-        rendered = poses.draw_skeleton(resized, (size, size), "pcdms", stickwidth=stick, radius=stick)
-        return kp, rendered.astype(np.float32) / 127.5 - 1
-    image = Image.fromarray(_read_rgb(path)).resize((size, size), Image.BICUBIC)
-    return None, np.asarray(image, np.float32) / 127.5 - 1
-
-
-def sample_command(config, workdir: str, ablation: Optional[str] = None, prior_workdir: Optional[str] = None,
+def sample_command(workdir: str, config=None, ablation: Optional[str] = None, prior_workdir: Optional[str] = None,
                    refine_workdir: Optional[str] = None, split: Optional[str] = None,
                    output_dir: Optional[str] = None, batch_size: Optional[int] = None, best_of: int = 1,
                    source_image: Optional[str] = None, source_pose: Optional[str] = None,
                    target_pose: Optional[str] = None, output: Optional[str] = None) -> Optional[Dict[str, Any]]:
     """sample.py for PCDMs: split mode (--split, --output_dir, optionally --best_of) or single mode
-    (--source_image, --source_pose, --target_pose, --output). Returns split mode's results (also written by
-    process 0 to output_dir/results.json)."""
+    (--source_image, --source_pose, --target_pose, --output). `config`: the stage-2 config with inference
+    overrides (None: the run's own). Every flag is checked before anything is loaded or written. Returns split
+    mode's results (also written by process 0 to output_dir/results.json)."""
     single = (source_image, source_pose, target_pose, output)
     if split is None and not any(single):
         raise UserError("give --split and --output_dir (every pair of a split) or --source_image, --source_pose, "
@@ -346,23 +239,42 @@ def sample_command(config, workdir: str, ablation: Optional[str] = None, prior_w
         raise UserError("--split cannot be combined with --source_image / --source_pose / --target_pose / --output")
     if split is None and best_of != 1:
         raise UserError("--best_of selects by SSIM against the ground truth, which only split mode has")
-    if ablation is None:
-        ablation = {(True, True): "full", (True, False): "B2", (False, True): "B3", (False, False): "B1"}[
-            (prior_workdir is not None, refine_workdir is not None)]
-    prior = load_stage(prior_workdir, "pcdm_prior") if prior_workdir else None
-    refine = load_stage(refine_workdir, "pcdm_refine") if refine_workdir else None
-    pipe = PCDMPipeline(load_stage(workdir, "pcdm_inpaint", config), ablation, prior, refine, seed=config.seed)
-    if split is not None:
-        if not output_dir:
-            raise UserError("--split needs --output_dir")
-        results = pipe.run_split(split, output_dir, batch_size or config.batch_size, best_of)
-        if jax.process_index() == 0:
-            with open(os.path.join(output_dir, "results.json"), "w") as f:
-                json.dump(results, f, indent=2)
-            print(json.dumps(results), flush=True)
-        return results
-    if not all(single):
+    if split is not None and not output_dir:
+        raise UserError("--split needs --output_dir")
+    if split is None and not all(single):
         raise UserError("single mode needs --source_image, --source_pose, --target_pose and --output")
-    pipe.run_single(source_image, source_pose, target_pose, output)
-    print(f"wrote {output}", flush=True)
-    return None
+    if split is None and os.path.exists(output):
+        raise UserError(f"--output={output} exists; choose a new file (outputs are never overwritten)")
+    pipe = open_pipeline(workdir, config, ablation, prior_workdir, refine_workdir)
+    if split is None:
+        pipe.run_single(source_image, source_pose, target_pose, output)
+        print(f"wrote {output}", flush=True)
+        return None
+    results = pipe.run_split(split, output_dir, batch_size or pipe.inpaint.config.batch_size, best_of)
+    if jax.process_index() == 0:
+        write_json_atomic(os.path.join(output_dir, "sample_config.json"), pipe.inpaint.config.to_dict())
+    print(results, flush=True)
+    return results
+
+
+def evaluate_command(workdir: str, output_dir: str, config=None) -> Dict[str, Any]:
+    """eval.py --workdir --output_dir: the test split through this stage alone (ablation B1: blank global token)
+    into output_dir/test_set/stage2 with the ground truth in output_dir/test_set/reference (a protocol with
+    best-of-N selection, config.eval.protocol e.g. pcdms, gets N candidates in stage2_candidates), then the
+    metrics of config.eval -> output_dir/metrics.json."""
+    from pgpis_jax import evaluation
+    from pgpis_jax.metrics import protocols
+
+    if not output_dir:
+        raise UserError("--output_dir is required: where the test set and metrics.json go (nothing is written "
+                        "into the run)")
+    pipe = open_pipeline(workdir, config, "B1")
+    config = pipe.inpaint.config
+    protocol = (config.get("eval") or {}).get("protocol", evaluation.default_eval_config().protocol)
+    best_of = protocols.get_protocol(protocol).oracle_candidates
+    test_set = os.path.join(output_dir, "test_set")
+    results = pipe.run_split("test", test_set, config.batch_size, best_of, reference="reference")
+    generated = results["folders"]["stage2_candidates/sample_0"] if best_of > 1 else results["folders"]["stage2"]
+    if best_of > 1:
+        generated = os.path.dirname(generated)
+    return evaluation.evaluate_method_outputs(config, output_dir, generated, results["folders"]["reference"])

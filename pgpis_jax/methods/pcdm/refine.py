@@ -24,7 +24,8 @@ import numpy as np
 
 from pgpis_jax.diffusion import guidance
 from pgpis_jax.errors import UserError
-from pgpis_jax.methods.pcdm import common, features
+from pgpis_jax.methods.common import features, latents
+from pgpis_jax.methods.common.stage import dropped, per_example_keys
 from pgpis_jax.methods.pcdm.latent_stage import LatentStage
 from pgpis_jax.models.pcdm import pack_refine_input
 
@@ -35,61 +36,61 @@ class PCDMRefine(LatentStage):
     FROZEN = ("dinov2", "vae")
     INPUTS = ("target_image", "coarse_image", "source_dino")
     DROPPABLE = {"coarse_image": ("coarse_mean", "coarse_logvar")}
+    LAYOUTS = ("pcdm_refine",)
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, saved_networks=None):
+        super().__init__(config, saved_networks)
         unet = self.unet.module
         if unet.in_channels != 2 * self.codec.channels or unet.class_embed_type is not None:
             raise UserError(f"config.model.unet does not fit stage 3: in_channels={unet.in_channels} (expected 2 x "
                             f"{self.codec.channels} latent channels), class_embed_type={unet.class_embed_type!r} "
                             f"(expected None)")
 
-    def denoise(self, params, x_t, t, coarse_latent, context):
+    def denoise(self, params, x_t, t, condition):
+        """condition = (coarse latent [B, h, w, C], projected source tokens [B, N, E])."""
+        coarse_latent, context = condition
         return self.unet.module.apply({"params": params["unet"]}, pack_refine_input(x_t, coarse_latent), t,
                                       context).astype(jnp.float32)
 
     def extract(self, params, batch):
         """Moments of the target and of the stage-2 result, and the source's DINOv2 tokens."""
         return {**self.moments(params, batch["target_image"], "target"),
-                **self.moments(params, batch["coarse_image"], "coarse"),
-                "source_tokens": self.encoders.tokens(params, batch["source_dino"])}
+                **self.moments(params, batch["coarse_image"], "coarse"), **self.encoders.features(params, batch)}
 
     def loss_fn(self, params, batch, rng):
-        k = common.per_example_keys(rng, batch, 4)
-        inputs = self.training_inputs(params, batch, {"coarse_image": common.dropped(k[0], self.condition_dropout)})
-        x0 = common.latents_of(self.codec, inputs, "target", k[1])
-        coarse_latent = common.latents_of(self.codec, inputs, "coarse", k[2])
-        t, x_t, target = self.diffusion.training_pair(k[3], x0)
-        prediction = self.denoise(params, x_t, t, coarse_latent, self.project_tokens(params, inputs["source_tokens"]))
-        return common.mean_squared_error(prediction, target), {}
+        k = per_example_keys(rng, batch, 4)
+        inputs = self.training_inputs(params, batch, {"coarse_image": dropped(k[0], self.condition_dropout)})
+        x0 = latents.latents_of(self.codec, inputs, "target", k[1])
+        coarse_latent = latents.latents_of(self.codec, inputs, "coarse", k[2])
+        t, x_t, target = self.objective.training_pair(k[3], x0)
+        prediction = self.denoise(params, x_t, t,
+                                  (coarse_latent, self.project_tokens(params, inputs["source_tokens"])))
+        return self.objective.loss(prediction, target, t), {}
 
     def generate(self, params, coarse_image, source_dino, rng, num_inference_steps: int, guidance_scale: float,
                  guidance_rescale: float = 0.0):
         """Refined images [B, S, S, 3] in [-1, 1] (clipped) from stage-2 results [B, S, S, 3] in [-1, 1] and
-        CLIP-normalised source_dino [B, 224, 224, 3]."""
+        CLIP-normalised source_dino [B, 224, 224, 3]. The unconditional branch has zero tokens and a zero coarse
+        latent (the original's); CFG only when guidance_scale > 1."""
         vae_key, noise_key, step_key = jax.random.split(rng, 3)
         coarse_latent = self.latents(params, coarse_image, jax.random.split(vae_key, coarse_image.shape[0]))
         cond = (coarse_latent, self.source_tokens(params, source_dino))
-        if guidance_scale > 1.0:
-            both = jax.tree.map(lambda c: jnp.concatenate([jnp.zeros_like(c), c]), cond)
-            model_fn = guidance.guided(lambda x, t: self.denoise(params, x, t, *both), 2,
-                                       lambda u, c: guidance.pcdm(u, c, guidance_scale, guidance_rescale))
-        else:
-            def model_fn(x, t):
-                return self.denoise(params, x, t, *cond)
-
+        uncond = jax.tree.map(jnp.zeros_like, cond)
+        model_fn = guidance.guided(lambda x, t, c: self.denoise(params, x, t, c),
+                                   [uncond, cond] if guidance_scale > 1.0 else [cond],
+                                   lambda u, c: guidance.pcdm(u, c, guidance_scale, guidance_rescale))
         x_T = jax.random.normal(noise_key, coarse_latent.shape, jnp.float32)
-        x0 = self.diffusion.sampler.sample(model_fn, x_T, step_key, num_inference_steps=num_inference_steps)
+        x0 = self.objective.sampler.sample(model_fn, x_T, step_key, num_inference_steps=num_inference_steps)
         return jnp.clip(self.codec.decode(params.get("vae"), x0), -1.0, 1.0)
 
     def preview_batch(self, num: int) -> Optional[Dict[str, np.ndarray]]:
         return None
 
 
-def build(config) -> PCDMRefine:
-    return PCDMRefine(config)
+def build(config, saved_networks=None) -> PCDMRefine:
+    return PCDMRefine(config, saved_networks)
 
 
 def extract_features(config, workdir: str, split: str = "train", batch_size=None, dtype: str = "float32"):
-    """extract_features.py: the frozen networks' outputs over `split` into workdir (methods/pcdm/features.py)."""
+    """extract_features.py: the frozen networks' outputs over `split` into workdir (methods/common/features.py)."""
     return features.extract_split(build, config, workdir, split, batch_size, dtype)

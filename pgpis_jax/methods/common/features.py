@@ -1,5 +1,6 @@
-"""Offline features of the frozen networks (CLIP, DINOv2, the VAE): run them once over a split, then train a
-PCDMs stage on the stored features so that its training step runs only the trainable networks.
+"""Offline features of a stage's frozen networks (image encoders, the VAE): run them once over a split, then train
+the stage on the stored features so that its training step runs only the trainable networks. Any stage built on
+pgpis_jax.methods.common.stage.Stage has them (its FROZEN, INPUTS, DROPPABLE and `extract`).
 
     python extract_features.py --config=configs/pcdm_inpaint.py --workdir=/data/features/pcdm_inpaint
     python train.py --config=configs/pcdm_inpaint.py --workdir=runs/pcdm_inpaint \\
@@ -8,7 +9,8 @@ PCDMs stage on the stored features so that its training step runs only the train
 What a stage stores is its `extract(params, batch)` (per example: VAE posterior moments, so that training still
 draws a posterior sample per step; CLIP embeddings; DINOv2 tokens; pose inputs as uint8); condition dropout
 swaps in the features of zeroed inputs (`constants.npz`), which equals zeroing the pixels before the encoder as
-the original does. PCDMs has no augmentation, so nothing else changes.
+the original does. Features are fixed per example, so a stage whose layout augments in training (CFLD, FPDM,
+RePoseDM flip or jitter) trains on the un-augmented features; PCDMs has no augmentation, so nothing changes.
 
 A feature directory:
     features.json                    method, split, the settings the features depend on, the frozen
@@ -34,6 +36,7 @@ import ml_collections
 import numpy as np
 
 from pgpis_jax.errors import UserError
+from pgpis_jax.methods.common.hosts import summed_over_processes, with_batch_size
 
 INDEX = "features.json"
 CONSTANTS = "constants.npz"
@@ -50,7 +53,7 @@ def settings(config, frozen_networks) -> Dict[str, Any]:
     pipeline = {k: v for k, v in dict(data.get("pipeline", {})).items() if k != "coarse_dir"}
     return json.loads(json.dumps({
         "method": config.method,
-        "data": {"dataset": data.dataset, "builder_config": data.get("builder_config", ""),
+        "data": {"layout": data.layout, "dataset": data.dataset, "builder_config": data.get("builder_config", ""),
                  "image_size": list(data.image_size), "pipeline": pipeline},
         "frozen_networks": {name: _plain(config.model[name]) for name in frozen_networks},
         "compute_dtype": config.precision.compute_dtype}))
@@ -151,7 +154,6 @@ def extract_split(build, config, directory: str, split: str = "train", batch_siz
     `directory`, with the parameters a fresh training run of `config` starts from (same seed, same warm start).
     `build(config)` makes the stage. Returns the index (features.json)."""
     from pgpis_jax import input_pipeline, trainer
-    from pgpis_jax.methods.pcdm.pipeline import summed_over_processes, with_batch_size
     from pgpis_jax.trainer import mesh as mesh_lib
 
     config = with_batch_size(config, batch_size or config.batch_size)

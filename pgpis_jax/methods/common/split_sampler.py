@@ -1,0 +1,147 @@
+"""Sampling every pair of a split, for any method: a method gives `generate(batch, rng) -> Generated` (images per
+output folder, optional per-pair scores) and the batches (with source_name, target_name and mask); this module
+writes the images, resumes, shards over processes and gathers the totals.
+
+    <output_dir>/<folder>/<source stem>_to_<target stem>.png    one file per pair and folder (S x S, uint8)
+    <output_dir>/scores.<process>.json                          per-pair scores (e.g. the prior's cosine), kept
+                                                                across resumed runs
+    <output_dir>/results.json                                   totals over all processes (process 0 writes it)
+
+Each process runs its own slice of the split (the input pipeline shards by process). A batch whose images and
+scores all exist is skipped, so an interrupted run continues where it stopped. Every file is written under a
+temporary name and renamed, so a file that exists is complete. `oracle_best_of` is PCDMs' best-of-N selection
+(highest SSIM against the ground truth), for methods whose protocol scores it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Dict, Iterable, Mapping, Sequence, Tuple
+
+import jax
+import numpy as np
+from PIL import Image
+
+from pgpis_jax.input_pipeline import pair_stem
+from pgpis_jax.methods.common.hosts import summed_over_processes
+from pgpis_jax.metrics import protocols
+
+# PCDMs' selection SSIM: Gaussian sigma 1.2, population covariance, data range of the candidate, uint8 scale.
+ORACLE_SSIM = protocols.PCDMS.oracle_ssim
+RESULTS_FILE = "results.json"
+
+
+@dataclasses.dataclass
+class Generated:
+    """What `generate` returns for one batch: {folder: images [B, S, S, 3] in [-1, 1]} and {score: [B]}."""
+
+    images: Dict[str, Any]
+    scores: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def to_uint8(image) -> np.ndarray:
+    """[-1, 1] float -> uint8, rounded (as the original's x/2 + 0.5, clamp, x 255, round)."""
+    return np.round(np.clip(np.asarray(image, np.float32) / 2 + 0.5, 0, 1) * 255).astype(np.uint8)
+
+
+def write_json_atomic(path: str, value: Any) -> None:
+    """`value` as JSON at `path`, written under a temporary name and renamed."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def save_png_atomic(path: str, image) -> None:
+    """An image [H, W, 3] in [-1, 1] as a PNG at `path`, written under a temporary name and renamed."""
+    Image.fromarray(to_uint8(image)).save(path + ".tmp", format="PNG")
+    os.replace(path + ".tmp", path)
+
+
+def save_images(folder: str, names, images) -> int:
+    """Writes images [N, H, W, 3] in [-1, 1] as folder/<name>.png, keeping existing files; returns the count
+    written."""
+    os.makedirs(folder, exist_ok=True)
+    written = 0
+    for name, image in zip(names, images):
+        path = os.path.join(folder, f"{name}.png")
+        if not os.path.exists(path):
+            save_png_atomic(path, image)
+            written += 1
+    return written
+
+
+def oracle_choice(candidates, truth) -> np.ndarray:
+    """Index [B] of the candidate [N, B, S, S, 3] in [-1, 1] of highest SSIM against truth [B, S, S, 3], both
+    as saved (uint8), with the SSIM of PCDMs' scripts (ORACLE_SSIM)."""
+    count, batch = candidates.shape[:2]
+    generated = to_uint8(candidates).reshape((count * batch,) + candidates.shape[2:]).astype(np.float64)
+    reference = np.tile(to_uint8(truth).astype(np.float64), (count, 1, 1, 1))
+    return np.argmax(ORACLE_SSIM.score(generated, reference).reshape(count, batch), axis=0)
+
+
+def oracle_best_of(draw: Callable[[Any], Any], truth, count: int, rng) -> Tuple[np.ndarray, np.ndarray]:
+    """(chosen [B, ...], candidates [count, B, ...]): `count` draws draw(fold_in(rng, k)) of images in [-1, 1]
+    and, per pair, the one of highest oracle SSIM against truth [B, ...]."""
+    candidates = np.stack([np.asarray(draw(jax.random.fold_in(rng, k))) for k in range(count)])
+    chosen = oracle_choice(candidates, np.asarray(truth))
+    return candidates[chosen, np.arange(len(chosen))], candidates
+
+
+def candidate_folders(folder: str, count: int) -> list:
+    """The folders of best-of-N candidates of `folder`: <folder>_candidates/sample_<k>."""
+    return [f"{folder}_candidates/sample_{k}" for k in range(count)]
+
+
+class SplitSampler:
+    """Writes `folders` (relative to output_dir) and `scores` for every pair of the batches it is given."""
+
+    def __init__(self, output_dir: str, folders: Sequence[str], scores: Sequence[str] = ()):
+        self.output_dir, self.folders, self.scores = output_dir, tuple(folders), tuple(scores)
+        self.scores_path = os.path.join(output_dir, f"scores.{jax.process_index()}.json")
+
+    def _recorded_scores(self) -> Dict[str, Dict[str, float]]:
+        if not os.path.exists(self.scores_path):
+            return {name: {} for name in self.scores}
+        with open(self.scores_path) as f:
+            recorded = json.load(f)
+        return {name: recorded.get(name, {}) for name in self.scores}
+
+    def _finished(self, names, scores) -> bool:
+        return all(os.path.exists(os.path.join(self.output_dir, folder, f"{name}.png"))
+                   for folder in self.folders for name in names) and \
+            all(name in scores[score] for score in self.scores for name in names)
+
+    def run(self, batches: Iterable[Mapping[str, Any]], generate: Callable[[Mapping[str, Any], Any], Generated],
+            rng, info: Mapping[str, Any] = ()) -> Dict[str, Any]:
+        """Generates every batch not yet finished (batch `index` with fold_in(rng, index)) and returns the
+        results over all processes (also written to results.json by process 0): `info`, images_written,
+        pairs, folders, and the mean of each score with its pair count."""
+        os.makedirs(self.output_dir, exist_ok=True)
+        scores = self._recorded_scores()
+        written = pairs = 0
+        for index, batch in enumerate(batches):
+            real = np.asarray(batch["mask"])
+            names = [pair_stem(s, t) for s, t, r in zip(batch["source_name"], batch["target_name"], real) if r]
+            pairs += len(names)
+            if self._finished(names, scores):
+                continue
+            out = generate(batch, jax.random.fold_in(rng, index))
+            for folder in self.folders:
+                written += save_images(os.path.join(self.output_dir, folder), names, np.asarray(out.images[folder])[real])
+            if self.scores:
+                for score in self.scores:
+                    scores[score].update((n, float(v)) for n, v in zip(names, np.asarray(out.scores[score])[real]))
+                write_json_atomic(self.scores_path, scores)
+        sums = [written, pairs] + [x for score in self.scores for x in (sum(scores[score].values()), len(scores[score]))]
+        totals = summed_over_processes(sums)
+        results = dict(info, images_written=int(totals[0]), pairs=int(totals[1]),
+                       folders={folder: os.path.join(self.output_dir, folder) for folder in self.folders})
+        for k, score in enumerate(self.scores):
+            total, count = totals[2 + 2 * k], totals[3 + 2 * k]
+            results[score] = float(total / count) if count else None
+            results[f"{score}_pairs"] = int(count)
+        if jax.process_index() == 0:
+            write_json_atomic(os.path.join(self.output_dir, RESULTS_FILE), results)
+        return results
