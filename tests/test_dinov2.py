@@ -1,9 +1,12 @@
 """DINOv2 against transformers' PyTorch Dinov2Model (tiny random configs, fp32, every parameter randomised,
 layer scales included): at the native size and at other sizes (position-embedding interpolation), with the MLP
-and with SwiGLU; the state-dict layouts; config and input errors; full-size parameter counts (large, giant)."""
+and with SwiGLU; transformers 4.32's position-table resize (position_interpolation="scale_factor") against
+its formula written in torch; the state-dict layouts; config and input errors; full-size parameter counts
+(large, giant)."""
 
 import functools
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +21,7 @@ from pgpis_jax.nn import attention as attention_lib
 from pgpis_jax.models.encoders import dinov2
 from pgpis_jax.models.encoders.dinov2 import DropPath, Dinov2Model, interpolate_pos_encoding
 from pgpis_jax.weights.pytorch import check_params_match
+from pgpis_jax.weights.transformers_io import module_from_transformers_config
 
 TOLERANCE = 1e-4
 # XLA's CPU backend optimisations cost more compile time than they save on these tiny models.
@@ -131,6 +135,81 @@ def test_position_interpolation_is_a_differentiable_linear_map():
                         bicubic_weights(4, 5, precision=np.float32).sum(0))
     np.testing.assert_allclose(np.asarray(gradient[0, 1:, 0]).reshape(4, 4), expected, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(gradient[0, 0]), 1.0)
+
+
+def _transformers_432_positions(table, height, width, patch_size):
+    """transformers 4.32's Dinov2Embeddings.interpolate_pos_encoding, written out in torch: the square patch
+    grid resized by F.interpolate with scale_factor (new side + 0.1) / sqrt(N) (bicubic, align_corners=False)."""
+    num_positions = table.shape[1] - 1
+    if (height // patch_size) * (width // patch_size) == num_positions and height == width:
+        return table
+    side, dim = math.sqrt(num_positions), table.shape[-1]
+    grid = table[:, 1:].reshape(1, int(side), int(side), dim).permute(0, 3, 1, 2)
+    scale = ((height // patch_size + 0.1) / side, (width // patch_size + 0.1) / side)
+    grid = torch.nn.functional.interpolate(grid, scale_factor=scale, mode="bicubic", align_corners=False)
+    assert grid.shape[-2:] == (height // patch_size, width // patch_size)
+    return torch.cat([table[:, :1], grid.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
+
+
+# (table side, patch size, input height, width): PCDMs' 224 input on DINOv2-giant's 518-trained 37 x 37 table,
+# other sizes on it, and the tiny configs' 4 x 4 table (patch 7), up and down, square and not
+SCALE_FACTOR_CASES = [(37, 14, 224, 224), (37, 14, 448, 336), (37, 14, 98, 518), (37, 14, 518, 518),
+                      (4, 7, 42, 35), (4, 7, 13, 60), (4, 7, 70, 70), (4, 7, 14, 700), (4, 7, 28, 29),
+                      (4, 7, 28, 28), (4, 7, 7, 7)]
+
+
+@pytest.mark.parametrize("side,patch,height,width", SCALE_FACTOR_CASES)
+def test_scale_factor_position_interpolation_matches_transformers_4_32(side, patch, height, width):
+    table = torch.randn(1, 1 + side * side, 8, generator=torch.Generator().manual_seed(side + height + width))
+    expected = _transformers_432_positions(table, height, width, patch).numpy()
+    actual = interpolate_pos_encoding(jnp.asarray(table.numpy()), height, width, patch, mode="scale_factor")
+    assert actual.shape == expected.shape == (1, 1 + (height // patch) * (width // patch), 8)
+    error = float(np.abs(np.asarray(actual) - expected).max())
+    print(f"scale_factor positions {side}x{side} table, {height}x{width} input: max abs error {error:.1e}")
+    assert error <= 1e-5
+
+
+def test_position_interpolation_modes_differ_for_pcdms():
+    """At PCDMs' 224 input the 37 x 37 table is sampled at steps of 37 / 16.1 (4.32) instead of 37 / 16 (5.x):
+    the two tables differ by a sizeable fraction of the table's scale."""
+    table = jnp.asarray(np.random.default_rng(0).standard_normal((1, 1 + 37 * 37, 8)), jnp.float32)
+    by_size = np.asarray(interpolate_pos_encoding(table, 224, 224, 14, mode="size"))
+    by_scale = np.asarray(interpolate_pos_encoding(table, 224, 224, 14, mode="scale_factor"))
+    difference = np.abs(by_size - by_scale)[0, 1:]
+    print(f"224 input, 37x37 table: max |size - scale_factor| {difference.max():.2f}, mean {difference.mean():.2f}")
+    assert difference.max() > 0.5 and difference.mean() > 0.05
+    with pytest.raises(ValueError, match="position_interpolation='area'"):
+        interpolate_pos_encoding(table, 224, 224, 14, mode="area")
+
+
+def test_scale_factor_model_matches_transformers_with_4_32_positions(monkeypatch):
+    """The whole tiny model with position_interpolation="scale_factor" against transformers' Dinov2Model whose
+    interpolate_pos_encoding is replaced by the 4.32 formula (transformers 5 has no switch for it)."""
+    reference, module, params = _models("mlp")
+    table = reference.embeddings.position_embeddings
+    monkeypatch.setattr(reference.embeddings, "interpolate_pos_encoding",
+                        lambda embeddings, height, width: _transformers_432_positions(table, height, width, 7))
+    pixels = _pixels(42, 35)
+    with torch.no_grad():
+        expected = reference(pixels).last_hidden_state.numpy()
+    scaled = module.clone(position_interpolation="scale_factor")
+    actual = _jitted_apply(scaled)({"params": params}, _nhwc(pixels))["last_hidden_state"]
+    _check(actual, expected, "scale_factor 42x35 last_hidden_state")
+    by_size = _jitted_apply(module)({"params": params}, _nhwc(pixels))["last_hidden_state"]
+    assert np.abs(np.asarray(by_size) - expected).max() > 10 * TOLERANCE
+
+
+def test_position_interpolation_option():
+    """An option of the module (through module_from_transformers_config), not a config.json key."""
+    config = transformers.Dinov2Config(**CONFIGS["mlp"]).to_dict()
+    module = module_from_transformers_config(config, position_interpolation="scale_factor")
+    assert isinstance(module, Dinov2Model) and module.position_interpolation == "scale_factor"
+    assert module_from_transformers_config(config).position_interpolation == "size"
+    assert "position_interpolation" not in module.to_config()
+    with pytest.raises(ValueError, match="position_interpolation='nearest'"):
+        module_from_transformers_config(config, position_interpolation="nearest")
+    with pytest.raises(ValueError, match="unknown DINOv2 config key 'position_interpolation'"):
+        module_from_transformers_config(dict(config, position_interpolation="scale_factor"))
 
 
 def test_bool_masked_pos_matches_transformers():

@@ -27,6 +27,7 @@ from pgpis_jax.models.unet import UNet2DConditionModel
 from pgpis_jax.nn.transformer import BasicTransformerBlock
 from pgpis_jax.weights.pcdm_checkpoint import load_pcdm_checkpoint
 from pgpis_jax.weights.pytorch import check_params_match, state_dict_to_params
+from tests.torch_init import compare_with_torch_init
 
 TOLERANCE = 1e-4
 # XLA's CPU backend optimisations cost more compile time than they save on these tiny models.
@@ -369,19 +370,25 @@ def test_clip_embedding_normalisation():
 # --------------------------------------------------------------------------------------------- init
 
 
-def test_fresh_layers_use_torch_default_init_and_pose_encoder_starts_at_zero():
-    encoder = PoseEncoder()
-    params = _fast(encoder.init_params)(jax.random.key(0))
-    out = _jit(encoder)({"params": params}, np.random.default_rng(1).uniform(-1, 1, (1, 16, 16, 3)))
-    np.testing.assert_array_equal(out, 0)  # conv_out is zero-initialised (ControlNet's zero_module)
+def test_init_follows_torch_defaults_and_pose_encoder_starts_at_zero():
+    """The layers the original creates fresh against the same torch modules freshly constructed: the projector
+    (image_proj_model_p, full size: Linear 1536 -> 768, 768 -> 1024), the pose encoder (pose_proj, full size;
+    conv_out zero as ControlNet's zero_module) and the prior (its fresh pose MLPs and projections, and the
+    Kandinsky-loaded layers too; zero positional and prd embeddings), layer by layer."""
+    torch.manual_seed(6)
     projector = _fast(ImageProjector().init_params)(jax.random.key(2))
-    for layer, fan_in in (("net_0", 1536), ("net_4", 768)):
-        bound = fan_in**-0.5
-        for leaf in ("kernel", "bias"):
-            values = np.asarray(projector[layer][leaf])
-            assert np.abs(values).max() <= bound
-            # U(-b, b) has standard deviation b / sqrt(3)
-            assert abs(values.std() / (bound / np.sqrt(3)) - 1) < (0.02 if leaf == "kernel" else 0.15)
+    ratios = compare_with_torch_init(projector, _sd(TorchMLP(1536, 768, 1024, final_norm=False)))
+    encoder = PoseEncoder()
+    pose = _fast(encoder.init_params)(jax.random.key(0))
+    ratios.update(compare_with_torch_init(pose, _sd(ControlNetConditioningEmbedding(320, 3, (16, 32, 96, 256)))))
+    out = _jit(encoder)({"params": pose}, np.random.default_rng(1).uniform(-1, 1, (1, 16, 16, 3)))
+    np.testing.assert_array_equal(out, 0)
+    config = dict(TINY_PRIOR, embedding_dim=64, attention_head_dim=32, pose_hidden=64)
+    prior = _fast(PriorTransformer(**config).init_params)(jax.random.key(3))
+    ratios.update(compare_with_torch_init(prior, _sd(TorchPrior(**config))))
+    for path in ("net_0/kernel", "net_4/kernel", "blocks_5/kernel", "pose_encoder/net_0/kernel", "proj_in/kernel",
+                 "proj_to_clip_embeddings/kernel"):
+        print(f"{path}: std ours / torch {ratios[path]:.3f}")
 
 
 # -------------------------------------------------------------------------------- full-size counts

@@ -1,6 +1,7 @@
 """The Stable Diffusion UNet against diffusers' PyTorch UNet2DConditionModel (tiny random configs, fp32), its
 hooks (conv_in residual, adapter / ControlNet residuals, cross-attention query bias) against the same
-hooks done to the torch model, conv_in widening, remat, config errors, and full-size parameter counts."""
+hooks done to the torch model, conv_in widening, torch's default init (against a fresh diffusers UNet, and
+through keep_fresh), remat, config errors, and full-size parameter counts."""
 
 import functools
 
@@ -14,7 +15,9 @@ import torch
 from pgpis_jax.models.unet import UNet2DConditionModel, widen_conv_in
 from pgpis_jax.nn import attention as attention_lib
 from pgpis_jax.nn.embeddings import get_timestep_embedding
+from pgpis_jax.weights.partial import merge_pretrained
 from pgpis_jax.weights.pytorch import check_params_match, state_dict_to_params
+from tests.torch_init import compare_with_torch_init, flat
 
 TOLERANCE = 1e-4
 # XLA's CPU backend optimisations cost more compile time than they save on these tiny models.
@@ -284,6 +287,52 @@ def test_widen_conv_in_random_is_diffusers_ignore_mismatched_sizes(tmp_path):
         widen_conv_in(params, 9, "copy")
     with pytest.raises(ValueError, match="cannot narrow"):
         widen_conv_in(params, 3, "zeros")
+
+
+# PCDMs' stage-2 UNet shrunk: 9 input channels, projection class embedding; widths large enough that conv_in
+# (64 x 9 x 3 x 3) and the class embedding (64 -> 256 -> 256) hold thousands of values
+INIT_CONFIG = dict(_BASE, block_out_channels=(64, 64), attention_head_dim=(2, 4), use_linear_projection=True,
+                   in_channels=9, class_embed_type="projection", projection_class_embeddings_input_dim=64)
+
+
+def _torch_params(model):
+    return state_dict_to_params({k: v.detach().numpy() for k, v in model.state_dict().items()})
+
+
+def test_init_follows_torch_defaults_like_diffusers():
+    """Every conv and linear layer of a fresh UNet (PCDMs' fresh conv_in and class embedding among them) is
+    distributed as the same layer of a freshly constructed diffusers UNet2DConditionModel (torch's default
+    init); norms start at ones and zeros in both."""
+    torch.manual_seed(0)
+    reference = diffusers.UNet2DConditionModel(**INIT_CONFIG)
+    module = UNet2DConditionModel.from_config(dict(reference.config))
+    fresh = _jit(module.init_params)(jax.random.key(0))
+    ratios = compare_with_torch_init(fresh, _torch_params(reference))
+    for path in ("conv_in/kernel", "conv_in/bias", "class_embedding/linear_1/kernel", "class_embedding/linear_1/bias",
+                 "class_embedding/linear_2/kernel", "class_embedding/linear_2/bias"):
+        print(f"{path}: std ours / torch {ratios[path]:.3f}")
+    for path in ("conv_in/kernel", "class_embedding/linear_1/kernel", "class_embedding/linear_2/kernel"):
+        assert abs(ratios[path] - 1) < 0.05
+
+
+def test_fresh_layers_keep_their_init_through_keep_fresh():
+    """PCDMs' stage-2 warm start (configs' keep_fresh for the UNet): SD's conv_in kernel (4 channels) is
+    replaced by the fresh 9-channel one, the class embedding SD lacks stays fresh, everything else (the
+    conv_in bias too) is the pretrained value."""
+    torch.manual_seed(1)
+    pretrained = _torch_params(diffusers.UNet2DConditionModel(**dict(INIT_CONFIG, in_channels=4,
+                                                                     class_embed_type=None)))
+    module = UNet2DConditionModel(**{k: tuple(v) if isinstance(v, list) else v for k, v in INIT_CONFIG.items()})
+    fresh = _jit(module.init_params)(jax.random.key(2))
+    merged = merge_pretrained(fresh, pretrained, "sd", keep_fresh=("conv_in/kernel", "class_embedding/.*"))
+    fresh_flat, pretrained_flat = flat(fresh), flat(pretrained)
+    for path, value in flat(merged).items():
+        kept = path == "conv_in/kernel" or path.startswith("class_embedding/")
+        np.testing.assert_array_equal(value, fresh_flat[path] if kept else pretrained_flat[path], err_msg=path)
+    bound = 1 / np.sqrt(9 * 3 * 3)
+    kernel = flat(merged)["conv_in/kernel"]
+    assert np.abs(kernel).max() <= bound * (1 + 1e-6) and abs(kernel.std() * np.sqrt(3) / bound - 1) < 0.05
+    assert np.count_nonzero(flat(merged)["class_embedding/linear_1/bias"]) == 4 * 64  # time_embed_dim
 
 
 def test_remat_gives_identical_outputs_and_gradients():

@@ -7,9 +7,10 @@ CLIP embedding and both poses' keypoint coordinates. Stage 2 composes the SD UNe
 projection class embedding) with `PoseEncoder` (added after conv_in) and `ImageProjector` (DINOv2 tokens to
 cross-attention tokens); stage 3 the UNet (in_channels 8) with an `ImageProjector`.
 
-Layers that the original creates fresh (pose MLPs, projections, projector, pose encoder) start from
-torch's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases; those it loads from
-Kandinsky 2.2 (time embedding, transformer blocks, norm_out) keep Flax's defaults.
+Every linear and convolution starts from torch's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for
+weights and biases (pgpis_jax.nn.initializers), as in the original, where the layers created fresh (pose
+MLPs, projections, projector, pose encoder) keep it; the exceptions are the original's too: the pose
+encoder's conv_out and the prior's positional_embedding and prd_embedding start at zero.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from __future__ import annotations
 from typing import Tuple
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from pgpis_jax.nn.embeddings import TimestepEmbedding, get_timestep_embedding
-from pgpis_jax.nn.resnet import CONV_PADDING
+from pgpis_jax.nn.initializers import torch_dense
+from pgpis_jax.nn.resnet import CONV_PADDING, conv3x3
 from pgpis_jax.nn.transformer import BasicTransformerBlock, LayerNorm
 
 # The fixed scalars PCDMs normalises the 1024-d CLIP image embedding with (one for all dimensions).
@@ -41,28 +42,12 @@ def denormalize_clip_embedding(x):
     return x * CLIP_EMBEDDING_STD + CLIP_EMBEDDING_MEAN
 
 
-def torch_default_init(fan_in: int):
-    """torch's default Linear / Conv2d initialiser for weights and biases alike: U(-1/sqrt(fan_in),
-    1/sqrt(fan_in)) (kaiming_uniform with a = sqrt(5) for the weight)."""
-    bound = fan_in**-0.5
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
-def _linear(features: int, fan_in: int, name: str, dtype, param_dtype) -> nn.Dense:
-    init = torch_default_init(fan_in)
-    return nn.Dense(features, kernel_init=init, bias_init=init, dtype=dtype, param_dtype=param_dtype, name=name)
-
-
 def _gelu_mlp(x, hidden: int, features: int, kw):
     """Linear `net_0`, exact GELU, LayerNorm `net_3` (eps 1e-5), Linear `net_4` - inside the caller's compact
     scope, so the parameters are the caller's."""
-    h = _linear(hidden, x.shape[-1], "net_0", **kw)(x.astype(kw["dtype"]))
+    h = torch_dense(hidden, x.shape[-1], "net_0", **kw)(x.astype(kw["dtype"]))
     h = LayerNorm(1e-5, name="net_3", **kw)(nn.gelu(h, approximate=False))
-    return _linear(features, hidden, "net_4", **kw)(h)
+    return torch_dense(features, hidden, "net_4", **kw)(h)
 
 
 class PoseCoordinateMLP(nn.Module):
@@ -111,10 +96,8 @@ class PoseEncoder(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
-    def _conv(self, features: int, in_channels: int, name: str, strides: int = 1, zero: bool = False):
-        init = nn.initializers.zeros if zero else torch_default_init(in_channels * 9)
-        return nn.Conv(features, (3, 3), strides=(strides, strides), padding=CONV_PADDING, kernel_init=init,
-                       bias_init=init, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    def _conv(self, features: int, in_channels: int, name: str, strides: int = 1):
+        return conv3x3(features, in_channels, self.dtype, self.param_dtype, name, strides=strides)
 
     @nn.compact
     def __call__(self, pose):
@@ -125,7 +108,8 @@ class PoseEncoder(nn.Module):
         for i in range(len(channels) - 1):
             h = nn.silu(self._conv(channels[i], channels[i], f"blocks_{2 * i}")(h))
             h = nn.silu(self._conv(channels[i + 1], channels[i], f"blocks_{2 * i + 1}", strides=2)(h))
-        return self._conv(self.features, channels[-1], "conv_out", zero=True)(h)
+        return nn.Conv(self.features, (3, 3), padding=CONV_PADDING, kernel_init=nn.initializers.zeros,
+                       dtype=self.dtype, param_dtype=self.param_dtype, name="conv_out")(h)
 
     def init_params(self, rng, in_channels: int = 3):
         """Fresh parameters (conv_out zero, the rest torch's default init)."""
@@ -174,7 +158,7 @@ class PriorTransformer(nn.Module):
                                  f"{value.shape}")
 
         def projection(name):
-            return _linear(inner, self.embedding_dim, name, **kw)
+            return torch_dense(inner, self.embedding_dim, name, **kw)
 
         def pose_token(encoder, projection_name, pose):
             mlp = PoseCoordinateMLP(self.pose_hidden, self.embedding_dim, name=encoder, **kw)
@@ -204,7 +188,7 @@ class PriorTransformer(nn.Module):
                                 name=f"transformer_blocks_{i}", **kw)
             h = block(h, None, None, True)
         h = LayerNorm(1e-5, name="norm_out", **kw)(h)[:, -1]
-        out = _linear(self.embedding_dim, inner, "proj_to_clip_embeddings", **kw)(h)
+        out = torch_dense(self.embedding_dim, inner, "proj_to_clip_embeddings", **kw)(h)
         return out.astype(jnp.float32)
 
     def init_params(self, rng):

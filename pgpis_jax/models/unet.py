@@ -8,6 +8,11 @@ transformer depth, class_embed_type None or "projection"), plus the hooks the PG
 `mid_block_additional_residual` (T2I-adapter or ControlNet residuals, diffusers' semantics) and
 `up_cross_attention_query_bias` (CFLD's hybrid-granularity attention). Any other diffusers option at a
 non-default value raises ValueError naming the key.
+
+Initialisation: every convolution and linear layer starts from torch's default init (U(-1/sqrt(fan_in),
+1/sqrt(fan_in)) for weights and biases, pgpis_jax.nn.initializers), norms from ones and zeros, as diffusers'
+UNet2DConditionModel does; this matters for the layers PCDMs creates fresh on top of SD 2.1 (conv_in of
+another width, the projection class embedding) and for UNets trained from scratch.
 """
 
 from __future__ import annotations
@@ -16,12 +21,12 @@ import dataclasses
 from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pgpis_jax.nn.attention import IMPLEMENTATIONS
 from pgpis_jax.nn.embeddings import TimestepEmbedding, get_timestep_embedding
+from pgpis_jax.nn.initializers import torch_default_kernel_init
 from pgpis_jax.nn.resnet import Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, conv3x3
 from pgpis_jax.nn.transformer import Transformer2DModel
 
@@ -478,7 +483,7 @@ class UNet2DConditionModel(nn.Module):
                                  f"(one per up-block cross-attention layer), got {len(query_biases)}")
 
         # 3. conv_in and down blocks
-        hidden = conv3x3(channels[0], self.dtype, self.param_dtype, "conv_in")(sample)
+        hidden = conv3x3(channels[0], self.in_channels, self.dtype, self.param_dtype, "conv_in")(sample)
         if conv_in_residual is not None:
             hidden = _add(hidden, conv_in_residual, "conv_in_residual")
         skips = (hidden,)
@@ -545,7 +550,7 @@ class UNet2DConditionModel(nn.Module):
 
         # 6. output
         hidden = GroupNorm(self.norm_num_groups, self.norm_eps, name="conv_norm_out", **kw)(hidden)
-        return conv3x3(self.out_channels, self.dtype, self.param_dtype, "conv_out")(nn.silu(hidden))
+        return conv3x3(self.out_channels, channels[0], self.dtype, self.param_dtype, "conv_out")(nn.silu(hidden))
 
 
 
@@ -576,9 +581,7 @@ def widen_conv_in(params: Mapping[str, Any], new_in_channels: int, mode: str, rn
     elif mode == "random":
         if rng is None:
             raise ValueError("widen_conv_in: mode 'random' needs an rng key")
-        bound = 1.0 / np.sqrt(new_in_channels * kh * kw)
-        new_kernel = jax.random.uniform(rng, (kh, kw, new_in_channels, out), jnp.float32, -bound,
-                                        bound).astype(kernel.dtype)
+        new_kernel = torch_default_kernel_init(rng, (kh, kw, new_in_channels, out)).astype(kernel.dtype)
     else:
         raise ValueError(f"widen_conv_in: mode {mode!r} is not supported; expected 'zeros' or 'random'")
     widened = dict(params)

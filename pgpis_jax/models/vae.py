@@ -20,7 +20,8 @@ Only the blocks of the KL autoencoders of Stable Diffusion 1.x / 2.x / XL / 3 ar
 the key. Differences from diffusers: the posterior's mean and logvar are returned in float32 whatever
 the compute dtype (they feed fp32 diffusion math); tiling and slicing are not implemented (batch slicing
 is the caller's `lax.map`); `force_upcast`, `shift_factor`, `latents_mean` and `latents_std` are kept as
-attributes for pipelines and do not change the network, as in diffusers.
+attributes for pipelines and do not change the network, as in diffusers. Convolutions and linear layers start
+from torch's default init (pgpis_jax.nn.initializers), as diffusers' do.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from pgpis_jax.nn.attention import IMPLEMENTATIONS, Attention
+from pgpis_jax.nn.initializers import torch_conv
 from pgpis_jax.nn.resnet import Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, conv3x3
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
@@ -220,7 +222,7 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = conv3x3(self.block_out_channels[0], name="conv_in", **kw)(x)
+        x = conv3x3(self.block_out_channels[0], x.shape[-1], name="conv_in", **kw)(x)
         last = len(self.block_out_channels) - 1
         for i, channels in enumerate(self.block_out_channels):
             x = _maybe_remat(DownEncoderBlock2D, self.remat)(
@@ -229,7 +231,7 @@ class Encoder(nn.Module):
         x = _mid_block(self, **kw)(x)
         x = GroupNorm(self.norm_num_groups, VAE_EPS, name="conv_norm_out", **kw)(x)
         out = 2 * self.out_channels if self.double_z else self.out_channels
-        return conv3x3(out, name="conv_out", **kw)(nn.silu(x))
+        return conv3x3(out, x.shape[-1], name="conv_out", **kw)(nn.silu(x))
 
 
 class Decoder(nn.Module):
@@ -251,7 +253,7 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, z):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = conv3x3(self.block_out_channels[-1], name="conv_in", **kw)(z)
+        x = conv3x3(self.block_out_channels[-1], z.shape[-1], name="conv_in", **kw)(z)
         x = _mid_block(self, **kw)(x)
         reversed_channels = tuple(reversed(self.block_out_channels))
         last = len(reversed_channels) - 1
@@ -260,7 +262,7 @@ class Decoder(nn.Module):
                 channels, num_layers=self.layers_per_block + 1, resnet_eps=VAE_EPS,
                 resnet_groups=self.norm_num_groups, add_upsample=i != last, name=f"up_blocks_{i}", **kw)(x)
         x = GroupNorm(self.norm_num_groups, VAE_EPS, name="conv_norm_out", **kw)(x)
-        return conv3x3(self.out_channels, name="conv_out", **kw)(nn.silu(x))
+        return conv3x3(self.out_channels, x.shape[-1], name="conv_out", **kw)(nn.silu(x))
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -383,10 +385,11 @@ class AutoencoderKL(nn.Module):
                       param_dtype=self.param_dtype)
         self.encoder = Encoder(out_channels=self.latent_channels, double_z=True, **common)
         self.decoder = Decoder(out_channels=self.out_channels, **common)
-        conv1x1 = lambda features: nn.Conv(features, (1, 1), dtype=self.dtype,  # noqa: E731
-                                           param_dtype=self.param_dtype)
-        self.quant_conv = conv1x1(2 * self.latent_channels) if self.use_quant_conv else None
-        self.post_quant_conv = conv1x1(self.latent_channels) if self.use_post_quant_conv else None
+        moments, latent = 2 * self.latent_channels, self.latent_channels
+        self.quant_conv = (torch_conv(moments, 1, moments, None, self.dtype, self.param_dtype)
+                           if self.use_quant_conv else None)
+        self.post_quant_conv = (torch_conv(latent, 1, latent, None, self.dtype, self.param_dtype)
+                                if self.use_post_quant_conv else None)
 
     def encode(self, x) -> DiagonalGaussian:
         if x.shape[-1] != self.in_channels:

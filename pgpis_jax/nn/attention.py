@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pgpis_jax.nn.initializers import torch_dense
 from pgpis_jax.nn.resnet import GroupNorm
 
 IMPLEMENTATIONS = ("xla", "cudnn")
@@ -90,7 +91,7 @@ class Attention(nn.Module):
         inner = self.heads * self.dim_head
 
         def project(name, x, bias):
-            return nn.Dense(inner, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
+            return torch_dense(inner, x.shape[-1], name, self.dtype, self.param_dtype, use_bias=bias)(x)
 
         query = project("to_q", hidden, self.use_bias)
         if query_bias is not None:
@@ -99,8 +100,8 @@ class Attention(nn.Module):
         split = lambda x: x.reshape(x.shape[:2] + (self.heads, self.dim_head))  # noqa: E731
         out = dot_product_attention(split(query), split(key), split(value), self.implementation)
         out = out.reshape(out.shape[:2] + (inner,))
-        out = nn.Dense(residual.shape[-1], use_bias=self.out_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                       name="to_out_0")(out)
+        out = torch_dense(residual.shape[-1], inner, "to_out_0", self.dtype, self.param_dtype,
+                          use_bias=self.out_bias)(out)
         if spatial_shape is not None:
             out = out.reshape(spatial_shape)
         if self.residual_connection:

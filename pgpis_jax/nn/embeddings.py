@@ -9,6 +9,8 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
+from pgpis_jax.nn.initializers import torch_dense
+
 
 def get_timestep_embedding(timesteps, embedding_dim: int, flip_sin_to_cos: bool = False,
                            downscale_freq_shift: float = 1.0, scale: float = 1.0,
@@ -34,7 +36,8 @@ def get_timestep_embedding(timesteps, embedding_dim: int, flip_sin_to_cos: bool 
 
 class TimestepEmbedding(nn.Module):
     """Linear `linear_1` -> SiLU -> Linear `linear_2` (diffusers' `TimestepEmbedding` with act_fn "silu"),
-    also used on arbitrary vectors (class_embed_type "projection"). out_dim defaults to time_embed_dim."""
+    also used on arbitrary vectors (class_embed_type "projection"). out_dim defaults to time_embed_dim. Both
+    linears start from torch's default init, as diffusers' do (PCDMs' class embedding is created fresh)."""
 
     time_embed_dim: int
     out_dim: Optional[int] = None
@@ -43,6 +46,6 @@ class TimestepEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = nn.Dense(self.time_embed_dim, name="linear_1", **dense)(x)
-        return nn.Dense(self.out_dim or self.time_embed_dim, name="linear_2", **dense)(nn.silu(x))
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = torch_dense(self.time_embed_dim, x.shape[-1], "linear_1", **kw)(x)
+        return torch_dense(self.out_dim or self.time_embed_dim, self.time_embed_dim, "linear_2", **kw)(nn.silu(x))

@@ -1,5 +1,6 @@
 """ResNet blocks and resampling layers of the Stable Diffusion UNet and VAE (diffusers' `ResnetBlock2D`,
-`Downsample2D`, `Upsample2D`), NHWC, with diffusers' parameter names."""
+`Downsample2D`, `Upsample2D`), NHWC, with diffusers' parameter names. Convolutions and linear layers start
+from torch's default init (pgpis_jax.nn.initializers), as diffusers' do."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Optional, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from pgpis_jax.nn.initializers import torch_conv, torch_dense
 
 CONV_PADDING = ((1, 1), (1, 1))
 
@@ -36,10 +39,11 @@ class GroupNorm(nn.Module):
         return (normalised * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
 
-def conv3x3(features: int, dtype, param_dtype, name: str, strides: int = 1, padding=CONV_PADDING) -> nn.Conv:
-    """A 3x3 convolution with torch's explicit padding (default 1 on each side)."""
-    return nn.Conv(features, (3, 3), strides=(strides, strides), padding=padding, dtype=dtype,
-                   param_dtype=param_dtype, name=name)
+def conv3x3(features: int, in_channels: int, dtype, param_dtype, name: str, strides: int = 1,
+            padding=CONV_PADDING) -> nn.Conv:
+    """A 3x3 convolution on in_channels channels with torch's explicit padding (default 1 on each side) and
+    torch's default init."""
+    return torch_conv(features, 3, in_channels, name, dtype, param_dtype, strides=strides, padding=padding)
 
 
 class ResnetBlock2D(nn.Module):
@@ -59,17 +63,16 @@ class ResnetBlock2D(nn.Module):
     def __call__(self, x, temb=None, deterministic: bool = True):
         norm_kw = dict(epsilon=self.eps, dtype=self.dtype, param_dtype=self.param_dtype)
         h = GroupNorm(self.groups, name="norm1", **norm_kw)(x)
-        h = conv3x3(self.out_channels, self.dtype, self.param_dtype, "conv1")(nn.silu(h))
+        h = conv3x3(self.out_channels, x.shape[-1], self.dtype, self.param_dtype, "conv1")(nn.silu(h))
         if temb is not None:
-            temb = nn.Dense(self.out_channels, dtype=self.dtype, param_dtype=self.param_dtype,
-                            name="time_emb_proj")(nn.silu(temb))
+            temb = torch_dense(self.out_channels, temb.shape[-1], "time_emb_proj", self.dtype,
+                               self.param_dtype)(nn.silu(temb))
             h = h + temb[:, None, None, :]
         h = GroupNorm(self.groups_out or self.groups, name="norm2", **norm_kw)(h)
         h = nn.Dropout(self.dropout)(nn.silu(h), deterministic=deterministic)
-        h = conv3x3(self.out_channels, self.dtype, self.param_dtype, "conv2")(h)
+        h = conv3x3(self.out_channels, self.out_channels, self.dtype, self.param_dtype, "conv2")(h)
         if x.shape[-1] != self.out_channels:
-            x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, param_dtype=self.param_dtype,
-                        name="conv_shortcut")(x)
+            x = torch_conv(self.out_channels, 1, x.shape[-1], "conv_shortcut", self.dtype, self.param_dtype)(x)
         return (x + h) / self.output_scale_factor
 
 
@@ -85,7 +88,8 @@ class Downsample2D(nn.Module):
     @nn.compact
     def __call__(self, x):
         padding = CONV_PADDING if self.padding == 1 else ((0, 1), (0, 1))
-        return conv3x3(self.out_channels, self.dtype, self.param_dtype, "conv", strides=2, padding=padding)(x)
+        return conv3x3(self.out_channels, x.shape[-1], self.dtype, self.param_dtype, "conv", strides=2,
+                       padding=padding)(x)
 
 
 def upsample_nearest(x, output_size: Optional[Tuple[int, int]] = None):
@@ -107,4 +111,5 @@ class Upsample2D(nn.Module):
 
     @nn.compact
     def __call__(self, x, output_size: Optional[Tuple[int, int]] = None):
-        return conv3x3(self.out_channels, self.dtype, self.param_dtype, "conv")(upsample_nearest(x, output_size))
+        return conv3x3(self.out_channels, x.shape[-1], self.dtype, self.param_dtype, "conv")(
+            upsample_nearest(x, output_size))

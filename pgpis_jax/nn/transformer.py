@@ -1,5 +1,6 @@
 """The spatial transformer of the Stable Diffusion UNet (diffusers' `FeedForward` with GEGLU or GELU,
-`BasicTransformerBlock`, `Transformer2DModel` on continuous inputs), NHWC, with diffusers' parameter names."""
+`BasicTransformerBlock`, `Transformer2DModel` on continuous inputs), NHWC, with diffusers' parameter names;
+linear layers and convolutions start from torch's default init, LayerNorms from ones and zeros, as in torch."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from pgpis_jax.nn.attention import Attention
+from pgpis_jax.nn.initializers import torch_conv, torch_dense
 from pgpis_jax.nn.resnet import GroupNorm
 
 
@@ -42,7 +44,7 @@ class GEGLU(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = nn.Dense(2 * self.dim_out, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(x)
+        x = torch_dense(2 * self.dim_out, x.shape[-1], "proj", self.dtype, self.param_dtype)(x)
         value, gate = jnp.split(x, 2, axis=-1)
         return value * nn.gelu(gate, approximate=False)
 
@@ -56,7 +58,7 @@ class GELU(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = nn.Dense(self.dim_out, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(x)
+        x = torch_dense(self.dim_out, x.shape[-1], "proj", self.dtype, self.param_dtype)(x)
         return nn.gelu(x, approximate=False)
 
 
@@ -84,7 +86,7 @@ class FeedForward(nn.Module):
         activation = FEED_FORWARD_ACTIVATIONS[self.activation_fn]
         h = activation(dim * self.mult, dtype=self.dtype, param_dtype=self.param_dtype, name="net_0")(x)
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
-        return nn.Dense(self.dim_out or dim, dtype=self.dtype, param_dtype=self.param_dtype, name="net_2")(h)
+        return torch_dense(self.dim_out or dim, h.shape[-1], "net_2", self.dtype, self.param_dtype)(h)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -164,15 +166,15 @@ class Transformer2DModel(nn.Module):
         residual = x
         h = GroupNorm(self.norm_num_groups, 1e-6, name="norm", **kw)(x)
         if self.use_linear_projection:
-            h = nn.Dense(inner, name="proj_in", **kw)(h.reshape(batch, height * width, channels))
+            h = torch_dense(inner, channels, "proj_in", **kw)(h.reshape(batch, height * width, channels))
         else:
-            h = nn.Conv(inner, (1, 1), name="proj_in", **kw)(h).reshape(batch, height * width, inner)
+            h = torch_conv(inner, 1, channels, "proj_in", **kw)(h).reshape(batch, height * width, inner)
         for i, bias in enumerate(query_biases):
             h = BasicTransformerBlock(self.heads, self.dim_head, has_cross_attention=self.has_cross_attention,
                                       dropout=self.dropout, attention_implementation=self.attention_implementation,
                                       name=f"transformer_blocks_{i}", **kw)(h, context, bias, deterministic)
         if self.use_linear_projection:
-            h = nn.Dense(channels, name="proj_out", **kw)(h).reshape(batch, height, width, channels)
+            h = torch_dense(channels, inner, "proj_out", **kw)(h).reshape(batch, height, width, channels)
         else:
-            h = nn.Conv(channels, (1, 1), name="proj_out", **kw)(h.reshape(batch, height, width, inner))
+            h = torch_conv(channels, 1, inner, "proj_out", **kw)(h.reshape(batch, height, width, inner))
         return h + residual

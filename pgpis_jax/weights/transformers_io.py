@@ -46,8 +46,10 @@ def _architecture(config: Mapping[str, Any]) -> str:
 def module_from_transformers_config(config: Mapping[str, Any], **module_options):
     """The linen module for a transformers config dict, chosen by its `architectures` (else `model_type`).
 
-    module_options: our own fields (dtype, param_dtype, attention_implementation) or config overrides
-    (e.g. final_norm=False and window_size=16 for CFLD's Swin).
+    module_options: our own fields (dtype, param_dtype, attention_implementation; for DINOv2 also
+    position_interpolation="scale_factor", transformers 4.32's resize of the position table, which PCDMs'
+    checkpoints were trained with, or "size", transformers 5's, the default) or config overrides (e.g.
+    final_norm=False and window_size=16 for CFLD's Swin).
     """
     module_class, _ = _ARCHITECTURES[_architecture(config)]
     return module_class.from_config(dict(config), **module_options)

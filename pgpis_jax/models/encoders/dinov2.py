@@ -19,14 +19,21 @@ SwiGLU: weights_in to 2 * h units split into (gate, value) halves, silu(gate) * 
 int(int(hidden_size * mlp_ratio) * 2 / 3) rounded up to a multiple of 8 (4096 for the giant).
 Outputs: last_hidden_state [B, 1 + N, D] after the final layernorm, pooler_output [B, D] its CLS token.
 
-Position embeddings: transformers' `Dinov2Embeddings.interpolate_pos_encoding` (5.23): the table is used as is
-when the input has as many patches as the table and height == width (in pixels); otherwise its patch part,
-reshaped to a square int(sqrt(N)) grid, is resized to (H // patch, W // patch) with torch's bicubic
-(`F.interpolate(size=..., mode="bicubic", align_corners=False)`: a = -0.75, no antialias, no +0.1 offset, no
-scale factor) in float32, then cast back to the table's dtype. JAX's bicubic (a = -0.5, antialiased) is not
-that, so we apply torch's bicubic as two fixed linear maps (option (a)): the [out, in] matrices of
-`pgpis_jax.interpolation.bicubic_weights`, computed in NumPy from the static input shape with torch's float32
-arithmetic, are einsum-ed with the table inside the module: exact (to float32 rounding) and differentiable.
+Position embeddings: transformers' `Dinov2Embeddings.interpolate_pos_encoding`: the table is used as is when
+the input has as many patches as the table and height == width (in pixels); otherwise its patch part,
+reshaped to a square int(sqrt(N)) grid, goes through torch's bicubic resize (align_corners=False: a = -0.75,
+no antialias) to the input's (H // patch, W // patch) grid, in one of two ways (field `position_interpolation`):
+  "size" (transformers 5.23): `F.interpolate(size=(H // ph, W // pw))` in float32, cast back to the table's
+      dtype; source positions step by sqrt(N) / (H // ph).
+  "scale_factor" (transformers 4.32, which the released PCDMs checkpoints were trained with):
+      `F.interpolate(scale_factor=((H // ph + 0.1) / sqrt(N), (W // pw + 0.1) / sqrt(N)))`; torch then steps
+      the source positions by the reciprocal of that scale factor (output size floor(sqrt(N) * scale) =
+      H // ph), so the grid is sampled at slightly different places (for PCDMs' 224 input on DINOv2's 37 x 37
+      table: steps of 37 / 16.1 instead of 37 / 16).
+JAX's bicubic (a = -0.5, antialiased) is neither, so we apply torch's bicubic as two fixed linear maps
+(option (a)): the [out, in] matrices of `pgpis_jax.interpolation.bicubic_weights`, computed in NumPy from the
+static input shape with torch's float32 arithmetic, are einsum-ed with the table inside the module: exact (to
+float32 rounding) and differentiable.
 
 Deviations: the native patch grid (image_size // patch_size) must be square, as for every DINOv2 checkpoint
 (transformers reshapes the table to a square grid whenever it interpolates); `bool_masked_pos` (optional)
@@ -37,6 +44,7 @@ dropout (training with attention_probs_dropout_prob > 0 needs "xla").
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any, Mapping, Optional, Tuple, Union
 
@@ -63,7 +71,9 @@ ACTIVATIONS = {
 }
 
 # Our own fields, not transformers config keys.
-_OWN_FIELDS = ("attention_implementation", "dtype", "param_dtype")
+_OWN_FIELDS = ("position_interpolation", "attention_implementation", "dtype", "param_dtype")
+# `position_interpolation` values: how the position table is resized (module docstring).
+POSITION_INTERPOLATIONS = ("size", "scale_factor")
 # Config keys without effect on Dinov2Model: bookkeeping, labels, generation, output switches, and the
 # Dinov2Backbone-only options.
 _INERT_CONFIG = frozenset({
@@ -92,13 +102,19 @@ def swiglu_hidden_features(hidden_size: int, mlp_ratio: float) -> int:
     return (int(hidden * 2 / 3) + 7) // 8 * 8
 
 
-def interpolate_pos_encoding(position_embeddings, height: int, width: int, patch_size: IntOrPair):
-    """transformers' `Dinov2Embeddings.interpolate_pos_encoding` (5.23) for an input of height x width pixels:
+def interpolate_pos_encoding(position_embeddings, height: int, width: int, patch_size: IntOrPair,
+                             mode: str = "size"):
+    """transformers' `Dinov2Embeddings.interpolate_pos_encoding` for an input of height x width pixels:
     position_embeddings [1, 1 + N, D] -> [1, 1 + (height // ph) * (width // pw), D] in its own dtype.
 
     The table is returned as is when (height // ph) * (width // pw) == N and height == width; otherwise the
     CLS entry is kept and the patch entries, as a square sqrt(N) grid, go through torch's bicubic resize
-    (align_corners=False, size = the new grid) in float32, as two constant linear maps (one per axis)."""
+    (align_corners=False) in float32, as two constant linear maps (one per axis). mode "size": resized to the
+    new grid as transformers 5.23 does; "scale_factor": with the scale factor (new side + 0.1) / sqrt(N) per
+    axis as transformers 4.32 does (module docstring)."""
+    if mode not in POSITION_INTERPOLATIONS:
+        raise ValueError(f"DINOv2 position_interpolation={mode!r} is not supported; expected "
+                         f"{' or '.join(map(repr, POSITION_INTERPOLATIONS))}")
     patch_h, patch_w = _pair(patch_size, "patch_size")
     num_positions = position_embeddings.shape[1] - 1
     grid_h, grid_w = height // patch_h, width // patch_w
@@ -111,12 +127,16 @@ def interpolate_pos_encoding(position_embeddings, height: int, width: int, patch
     if grid_h < 1 or grid_w < 1:
         raise ValueError(f"a {height}x{width} input has no {patch_h}x{patch_w} patch")
     dim = position_embeddings.shape[-1]
-    weights_h = jnp.asarray(bicubic_weights(side, grid_h, precision=np.float32), jnp.float32)
-    weights_w = jnp.asarray(bicubic_weights(side, grid_w, precision=np.float32), jnp.float32)
-    grid = position_embeddings[0, 1:].astype(jnp.float32).reshape(side, side, dim)
-    grid = jnp.einsum("oi,ijd->ojd", weights_h, grid, precision=jax.lax.Precision.HIGHEST)
-    grid = jnp.einsum("pj,ojd->opd", weights_w, grid, precision=jax.lax.Precision.HIGHEST)
-    patches = grid.reshape(1, grid_h * grid_w, dim).astype(position_embeddings.dtype)
+
+    def axis_map(grid):
+        # with the scale factor, torch's output size floor(side * (grid + 0.1) / side) is grid again
+        scale = (grid + 0.1) / math.sqrt(num_positions) if mode == "scale_factor" else None
+        return jnp.asarray(bicubic_weights(side, grid, scale_factor=scale, precision=np.float32), jnp.float32)
+
+    table = position_embeddings[0, 1:].astype(jnp.float32).reshape(side, side, dim)
+    table = jnp.einsum("oi,ijd->ojd", axis_map(grid_h), table, precision=jax.lax.Precision.HIGHEST)
+    table = jnp.einsum("pj,ojd->opd", axis_map(grid_w), table, precision=jax.lax.Precision.HIGHEST)
+    patches = table.reshape(1, grid_h * grid_w, dim).astype(position_embeddings.dtype)
     return jnp.concatenate([position_embeddings[:, :1], patches], axis=1)
 
 
@@ -130,7 +150,7 @@ def _trunc_normal(std: float):
 
 class Dinov2Embeddings(nn.Module):
     """Patch conv `patch_embeddings/projection`, CLS token, (mask token), position embeddings (interpolated
-    to the input's patch grid), dropout. pixel_values [B, H, W, C] -> [B, 1 + (H//ph) * (W//pw), D]."""
+    to the input's patch grid as `position_interpolation` says), dropout. pixel_values [B, H, W, C] -> [B, 1 + (H//ph) * (W//pw), D]."""
 
     hidden_size: int
     image_size: Tuple[int, int]
@@ -138,6 +158,7 @@ class Dinov2Embeddings(nn.Module):
     use_mask_token: bool = True
     hidden_dropout_prob: float = 0.0
     initializer_range: float = 0.02
+    position_interpolation: str = "size"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -165,7 +186,7 @@ class Dinov2Embeddings(nn.Module):
 
         cls = jnp.broadcast_to(cls_token.astype(self.dtype), (batch, 1, dim))
         embeddings = jnp.concatenate([cls, patches], axis=1)
-        positions = interpolate_pos_encoding(table, height, width, self.patch_size)
+        positions = interpolate_pos_encoding(table, height, width, self.patch_size, self.position_interpolation)
         embeddings = embeddings + positions.astype(self.dtype)
         return nn.Dropout(self.hidden_dropout_prob)(embeddings, deterministic=deterministic)
 
@@ -376,12 +397,14 @@ class _Encoder(nn.Module):
 
 class Dinov2Model(nn.Module):
     """transformers' `Dinov2Model`, NHWC. Fields named as Dinov2Config keys take its defaults (DINOv2-base);
-    `from_config` builds one from a config.json dict. Our own fields: attention_implementation ("xla" or
-    "cudnn"), dtype (compute) and param_dtype; LayerNorms and softmax run in float32.
+    `from_config` builds one from a config.json dict. Our own fields: position_interpolation ("size":
+    transformers 5.23, the default; "scale_factor": transformers 4.32, as PCDMs was trained; module docstring),
+    attention_implementation ("xla" or "cudnn"), dtype (compute) and param_dtype; LayerNorms and softmax run in
+    float32.
 
     __call__(pixel_values [B, H, W, num_channels] floating, deterministic=True, bool_masked_pos=None) ->
     {"last_hidden_state": [B, 1 + (H // ph) * (W // pw), D], "pooler_output": [B, D]} in `dtype`. Any H, W of
-    at least one patch: the position embeddings are interpolated as transformers does (module docstring).
+    at least one patch: the position embeddings are interpolated as `position_interpolation` says.
     Training (deterministic=False) needs a "dropout" RNG when hidden_dropout_prob, attention_probs_dropout_prob
     or drop_path_rate is non-zero.
     """
@@ -404,6 +427,7 @@ class Dinov2Model(nn.Module):
     use_swiglu_ffn: bool = False
     use_mask_token: bool = True
 
+    position_interpolation: str = "size"
     attention_implementation: str = "xla"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -431,6 +455,9 @@ class Dinov2Model(nn.Module):
             raise unsupported("hidden_act", " or ".join(map(repr, ACTIVATIONS)))
         if self.attention_implementation not in IMPLEMENTATIONS:
             raise unsupported("attention_implementation", " or ".join(map(repr, IMPLEMENTATIONS)))
+        if self.position_interpolation not in POSITION_INTERPOLATIONS:
+            raise ValueError(f"DINOv2 option position_interpolation={self.position_interpolation!r} is not "
+                             f"supported; expected {' or '.join(map(repr, POSITION_INTERPOLATIONS))}")
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], **options) -> "Dinov2Model":
@@ -438,7 +465,7 @@ class Dinov2Model(nn.Module):
         keys without effect on Dinov2Model (bookkeeping, labels, output switches, Dinov2Backbone options) are
         ignored; model_type other than "dinov2", a head_dim other than hidden_size // num_attention_heads,
         non-empty pruned_heads and unknown keys raise ValueError naming the key. options set our own fields
-        (attention_implementation, dtype, param_dtype) or override config keys."""
+        (position_interpolation, attention_implementation, dtype, param_dtype) or override config keys."""
         fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
         config_fields = fields - set(_OWN_FIELDS)
         arguments = {}
@@ -554,7 +581,8 @@ class Dinov2Model(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         embeddings = Dinov2Embeddings(self.hidden_size, _pair(self.image_size, "image_size"),
                                       _pair(self.patch_size, "patch_size"), self.use_mask_token,
-                                      self.hidden_dropout_prob, self.initializer_range, name="embeddings", **kw)
+                                      self.hidden_dropout_prob, self.initializer_range,
+                                      self.position_interpolation, name="embeddings", **kw)
         hidden = embeddings(pixel_values, bool_masked_pos, deterministic)
         layer = dict(hidden_size=self.hidden_size, num_heads=self.num_attention_heads, head_dim=self.head_dim,
                      mlp_features=self.mlp_features, use_swiglu_ffn=self.use_swiglu_ffn, hidden_act=self.hidden_act,
@@ -572,5 +600,5 @@ def from_config(config: Mapping[str, Any], **options) -> Dinov2Model:
     return Dinov2Model.from_config(config, **options)
 
 
-__all__ = ["ACTIVATIONS", "DropPath", "Dinov2Embeddings", "Dinov2Layer", "Dinov2Model", "from_config",
+__all__ = ["ACTIVATIONS", "POSITION_INTERPOLATIONS", "DropPath", "Dinov2Embeddings", "Dinov2Layer", "Dinov2Model", "from_config",
            "interpolate_pos_encoding", "swiglu_hidden_features"]
