@@ -56,8 +56,8 @@ class MissingInputs:
         if self.problems:
             raise UserError(
                 f"cannot start {method}: " + "; ".join(self.problems) +
-                ". Point at local copies with the config keys named above (README, 'Pretrained weights and "
-                "data'); the `:demo` variant of the config needs none of them.")
+                ". Point at local copies with the config keys named above (README, 'Pretrained weights' "
+                "and 'Data'); the `:demo` variant of the config needs none of them.")
 
 
 def resolve_directory(spec, key: str, missing: MissingInputs) -> Optional[str]:
