@@ -11,13 +11,13 @@ DEMO_WORKDIR ?= runs/pcdm_demo
 
 install: $(INSTALLED)
 
-# torch is pinned first so that requirements.txt's `torch>=` is already satisfied (no CUDA download).
-$(INSTALLED): requirements.txt pyproject.toml
+# torch is pinned first so that pyproject.toml's `torch>=` is already satisfied (no CUDA download); then the
+# package in editable mode with the extras the tests and the demo use.
+$(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
-	$(PY) -m pip install --quiet -r requirements.txt
-	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m pip install --quiet -e ".[test,notebook,tfds-build]"
 	touch $(INSTALLED)
 
 # PCDMs end to end on synthetic people (three tiny stages, then the test pairs): demo_out/grid.png, metrics.json.

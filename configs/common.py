@@ -25,7 +25,7 @@ def parse_arg(arg, **defaults):
 
 
 def base_config(method):
-    """Fields the trainer and entry points read for every method (pgpis_jax/trainer; README "Training").
+    """Fields the trainer and entry points read for every method (pgpis_jax/trainer; docs/training.md).
 
     Steps count optimizer updates. `batch_size` is the global batch of one update (all hosts, all
     micro-batches). Methods' configs override what they need; the defaults here are plain data parallelism,

@@ -26,7 +26,7 @@ SD21_BASE_SAMPLING = dict(common.SD_SCHEDULE, steps_offset=1, set_alpha_to_one=F
 # latent_codec.py): each 8x8 pixel block as its DCT coefficients with u + v < 4 (a JPEG-like low-pass code,
 # high frequencies amplified by 1 + u + v), so latents are at 1/8 of the image size as the SD VAE's, with 30
 # channels. Decoding the test targets' codes gives SSIM 0.90 against the targets; all 192 coefficients scored the
-# same at the demo's earlier settings, with 6x wider UNet inputs and outputs (README, the demo's measurements).
+# same at the demo's earlier settings, with 6x wider UNet inputs and outputs (docs/pcdms_demo.md).
 DEMO_EMBEDDING = 32
 DEMO_LATENT_FACTOR = 8
 DEMO_LOW_PASS = 4
@@ -158,7 +158,7 @@ def unet_stage_config(method, arg, total_steps, class_embedding):
                                                           low_pass=DEMO_LOW_PASS))
         config.model.image_proj = ml_collections.ConfigDict(dict(hidden=64))
         # A network trained for minutes on a CPU: x0 prediction and no guidance give clean (if soft) samples,
-        # where epsilon prediction and w = 2 leave visible noise (measured in the demo; see the README).
+        # where epsilon prediction and w = 2 leave visible noise (measured in the demo; see docs/pcdms_demo.md).
         config.total_steps = 760
         config.checkpoint_every_steps = 760
         config.diffusion.train_scheduler.prediction_type = "sample"
