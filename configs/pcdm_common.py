@@ -5,7 +5,9 @@ Arguments of every PCDMs config (comma-separated, e.g. `:res=512,released`):
   market    Market-1501 (128x64 stored, 128x128 squashed canvases)
   res=512   DeepFashion 512x352 (default 256x176); PCDMs squashes every image to a square of that height
   released  the released scripts' settings instead of the paper's (learning rates, batch sizes, gradient
-            clipping, UniPC / UnCLIP samplers; ../shared/reference/pcdms.md Sec. 5)
+            clipping, UniPC / UnCLIP samplers; ../shared/reference/pcdms.md Sec. 5), and DINOv2's position table
+            resized as transformers 4.32 did (`position_interpolation="scale_factor"`), with which the released
+            checkpoints were trained
 """
 
 import ml_collections
@@ -107,7 +109,8 @@ def pcdm_config(method, arg, total_steps, batch_size):
         features_dir=""))   # offline features of the frozen networks (extract_features.py); "" reads pixels
     config.model = ml_collections.ConfigDict(dict(
         attention_implementation="xla",   # "cudnn" on GPUs with bf16 compute
-        image_encoder=network(*CLIP_VIT_H), dinov2=network(DINOV2_GIANT)))
+        image_encoder=network(*CLIP_VIT_H),
+        dinov2=network(DINOV2_GIANT, options=dict(position_interpolation="scale_factor" if arg.released else "size"))))
     config.logging.num_samples = 4
     config.eval = common.eval_config()
     config.logging.sample_every_steps = 5_000

@@ -203,3 +203,55 @@ def _test_pairs(data_dir):
         yield {f"{input_pipeline.pair_stem(s, t)}.png": image
                for s, t, image, real in zip(batch["source_name"], batch["target_name"], target, batch["mask"])
                if real}
+
+
+def _demo_prior(guidance_scale):
+    """The demo prior stage rebuilt as from a run (its CLIP config given as recorded), with fresh parameters."""
+    from configs import pcdm_common, pcdm_prior
+    from pgpis_jax.methods.pcdm import prior
+
+    config = pcdm_prior.get_config("demo")
+    config.sampling.guidance_scale = guidance_scale
+    stage = prior.build(config, saved_networks={"config.model.image_encoder": dict(pcdm_common.demo_clip().config)})
+    return config, stage, stage.init(jax.random.key(3))
+
+
+def test_prior_guidance_is_the_cfg_combination_of_separately_computed_branches():
+    """w = 2: x0 = u + 2 (c - u) per step, u from the CLIP embedding of a zero source input and zeroed poses (as
+    training drops them), each branch computed on its own here; w = 1 samples the conditional branch alone."""
+    config, stage, params = _demo_prior(2.0)
+    rng = np.random.default_rng(0)
+    size = config.data.pipeline["clip_size"]
+    source_clip = rng.normal(size=(3, size, size, 3)).astype(np.float32)
+    source_pose, target_pose = (rng.uniform(0, 1, (3, 36)).astype(np.float32) for _ in range(2))
+    key, steps = jax.random.key(7), 4
+    guided = np.asarray(stage.generate(params, source_clip, source_pose, target_pose, key, steps, 2.0))
+    plain = np.asarray(stage.generate(params, source_clip, source_pose, target_pose, key, steps, 1.0))
+
+    encoder = stage.encoders.module("image_encoder")
+    embed = lambda pixels: encoder.apply({"params": params["image_encoder"]}, pixels)["image_embeds"]  # noqa: E731
+    cond = (embed(source_clip), source_pose, target_pose)
+    uncond = (embed(np.zeros_like(source_clip)), np.zeros_like(source_pose), np.zeros_like(target_pose))
+
+    def prior_x0(x, t, condition):
+        return stage.prior.apply({"params": params["prior"]}, x, t, *condition)
+
+    def hand_cfg(x, t):
+        u, c = prior_x0(x, t, uncond), prior_x0(x, t, cond)
+        return u + 2.0 * (c - u)
+
+    noise_key, step_key = jax.random.split(key)
+    x_T = jax.random.normal(noise_key, cond[0].shape, np.float32)
+    expected = stage.objective.sampler.sample(hand_cfg, x_T, step_key, num_inference_steps=steps)
+    np.testing.assert_allclose(guided, np.asarray(stage.denormalize(expected)), rtol=1e-4, atol=1e-5)
+    conditional = stage.objective.sampler.sample(lambda x, t: prior_x0(x, t, cond), x_T, step_key,
+                                                 num_inference_steps=steps)
+    np.testing.assert_allclose(plain, np.asarray(stage.denormalize(conditional)), rtol=1e-4, atol=1e-5)
+    assert np.max(np.abs(guided - plain)) > 1e-2
+
+
+def test_paper_prior_config_guides_with_two_and_released_does_not():
+    from configs import pcdm_prior
+
+    assert pcdm_prior.get_config().sampling.guidance_scale == 2.0
+    assert pcdm_prior.get_config("released").sampling.guidance_scale == 0.0

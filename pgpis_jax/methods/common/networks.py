@@ -62,8 +62,8 @@ class MissingInputs:
         if self.problems:
             hint = "; the `:demo` variant of the config needs none of them" if demo_hint else ""
             raise UserError(f"cannot start {method}: " + "; ".join(self.problems) +
-                            f". Point at local copies with the config keys named above (README, 'Pretrained weights "
-                            f"and data'){hint}.")
+                            f". Point at local copies with the config keys named above (README, 'Pretrained weights' "
+                            f"and 'Data'){hint}.")
 
 
 def resolve_directory(spec, key: str, missing: MissingInputs) -> Optional[str]:

@@ -116,7 +116,7 @@ def check_dataset(config, missing) -> None:
     except UserError:
         missing.add(f"config.data.dataset={config.data.dataset!r} ({input_pipeline.dataset_name(config.data)}) is not "
                     f"prepared in config.data.data_dir={config.data.get('data_dir') or '(the TFDS default)'}: build it "
-                    f"with `tfds build data/{config.data.dataset}` (README, Datasets)")
+                    f"with `tfds build data/{config.data.dataset}` (README, Data)")
 
 
 def first_test_examples(config, num: int, **options) -> Dict[str, Any]:

@@ -171,6 +171,13 @@ def sample(workdir: str, config=None, **options):
     return pipeline.sample_command(workdir, config, **options)
 
 
+def generate_test_set(workdir: str, output_dir: str, config=None):
+    """(generated folder, reference folder) of this run's test set, written into output_dir (the Colab notebook)."""
+    from pgpis_jax.methods.pcdm import pipeline
+
+    return pipeline.generate_test_set(workdir, output_dir, config)[:2]
+
+
 def eval(workdir: str, output_dir: str, config=None):  # noqa: A001 - the entry points call method.eval
     """eval.py --workdir --output_dir: this run's test set (pipeline.evaluate_command)."""
     from pgpis_jax.methods.pcdm import pipeline

@@ -257,24 +257,31 @@ def sample_command(workdir: str, config=None, ablation: Optional[str] = None, pr
     return results
 
 
-def evaluate_command(workdir: str, output_dir: str, config=None) -> Dict[str, Any]:
-    """eval.py --workdir --output_dir: the test split through this stage alone (ablation B1: blank global token)
-    into output_dir/test_set/stage2 with the ground truth in output_dir/test_set/reference (a protocol with
-    best-of-N selection, config.eval.protocol e.g. pcdms, gets N candidates in stage2_candidates), then the
-    metrics of config.eval -> output_dir/metrics.json."""
+def generate_test_set(workdir: str, output_dir: str, config=None):
+    """The test split through this stage-2 run alone (ablation B1: blank global token) into output_dir/stage2,
+    with the ground truth in output_dir/reference; existing images are kept. A protocol with best-of-N selection
+    (config.eval.protocol, e.g. pcdms) gets N candidates in output_dir/stage2_candidates. Returns (the folder to
+    score, the reference folder, the config used)."""
     from pgpis_jax import evaluation
     from pgpis_jax.metrics import protocols
 
-    if not output_dir:
-        raise UserError("--output_dir is required: where the test set and metrics.json go (nothing is written "
-                        "into the run)")
     pipe = open_pipeline(workdir, config, "B1")
     config = pipe.inpaint.config
     protocol = (config.get("eval") or {}).get("protocol", evaluation.default_eval_config().protocol)
     best_of = protocols.get_protocol(protocol).oracle_candidates
-    test_set = os.path.join(output_dir, "test_set")
-    results = pipe.run_split("test", test_set, config.batch_size, best_of, reference="reference")
-    generated = results["folders"]["stage2_candidates/sample_0"] if best_of > 1 else results["folders"]["stage2"]
-    if best_of > 1:
-        generated = os.path.dirname(generated)
-    return evaluation.evaluate_method_outputs(config, output_dir, generated, results["folders"]["reference"])
+    results = pipe.run_split("test", output_dir, config.batch_size, best_of, reference="reference")
+    folders = results["folders"]
+    generated = os.path.dirname(folders["stage2_candidates/sample_0"]) if best_of > 1 else folders["stage2"]
+    return generated, folders["reference"], config
+
+
+def evaluate_command(workdir: str, output_dir: str, config=None) -> Dict[str, Any]:
+    """eval.py --workdir --output_dir: generate_test_set into output_dir/test_set, then the metrics of config.eval
+    -> output_dir/metrics.json."""
+    from pgpis_jax import evaluation
+
+    if not output_dir:
+        raise UserError("--output_dir is required: where the test set and metrics.json go (nothing is written "
+                        "into the run)")
+    generated, reference, config = generate_test_set(workdir, os.path.join(output_dir, "test_set"), config)
+    return evaluation.evaluate_method_outputs(config, output_dir, generated, reference)
