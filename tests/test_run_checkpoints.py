@@ -17,8 +17,7 @@ import pytest
 
 from pgpis_jax.errors import UserError
 from pgpis_jax.methods import toy_denoiser
-from pgpis_jax.trainer import checkpoints as ckpt_lib, inference, loop, mesh as mesh_lib, tree
-from pgpis_jax.trainer import optimizer as opt_lib
+from pgpis_jax.trainer import checkpoints as ckpt_lib, inference, loop, mesh as mesh_lib, optimizer as opt_lib, tree
 from tests.trainer_utils import Stepper, committed_steps, corrupt_array_files, max_abs_diff, toy
 
 FROZEN = ("blocks_0/.*", "time_embedding/.*")
