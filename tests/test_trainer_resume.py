@@ -19,7 +19,8 @@ from pgpis_jax.errors import UserError
 from pgpis_jax.methods import toy_denoiser
 from pgpis_jax.trainer import checkpoints as ckpt_lib, loop, mesh as mesh_lib
 from pgpis_jax.trainer.metrics import NonFiniteLoss
-from tests.trainer_utils import committed_steps, logged_steps, run_train, start_train, toy, wait_until
+from tests.trainer_utils import (committed_steps, corrupt_array_files, logged_steps, run_train, start_train, toy,
+                                 wait_until)
 
 TOTAL = 30
 RUN = {"total_steps": TOTAL, "log_every_steps": 1, "checkpoint_every_steps": 10, "logging.sample_every_steps": 0,
@@ -109,23 +110,12 @@ def test_sigterm_then_sigkill_then_restart_log_the_same_losses_as_an_uninterrupt
     assert _max_loss_diff(remaining, expected, sorted(remaining)) <= 1e-6
 
 
-def _corrupt_arrays(step_dir):
-    files = [p for p in glob.glob(os.path.join(step_dir, "state", "**", "*"), recursive=True)
-             if os.path.isfile(p) and os.sep + "d" + os.sep in p]
-    assert files
-    for path in files:
-        size = os.path.getsize(path)
-        with open(path, "r+b") as f:
-            f.seek(size // 2)
-            f.write(os.urandom(max(1, size - size // 2)))
-
-
 def test_corrupted_newest_checkpoint_fails_clearly_unless_fallback_is_configured(reference, tmp_path, capsys):
     _, _, expected = reference
     workdir = str(tmp_path)
     assert _train(workdir, total_steps=20) == "done"
     assert committed_steps(workdir) == [10, 20]
-    _corrupt_arrays(os.path.join(workdir, "checkpoints", "20"))
+    corrupt_array_files(os.path.join(workdir, "checkpoints", "20", "params"))
 
     result = run_train(workdir, **RUN)
     assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -193,10 +183,10 @@ def test_restore_with_a_different_config_names_the_keys(tmp_path):
     config = toy(**dict(RUN, total_steps=10))
     wider = toy(**dict(RUN, total_steps=10, **{"model.hidden": 64}))
     s = loop.setup(toy_denoiser.build(wider), wider, mesh_lib.make_mesh(config))
-    checkpoints = ckpt_lib.Checkpoints(workdir, config)
+    checkpoints = ckpt_lib.Checkpoints(workdir, config, s)
     with pytest.raises(UserError, match=r"does not match the state this config builds: params\.blocks_0\.dense_in\."
                                         r"bias is float32\[128\] in the checkpoint, float32\[64\] here; "):
-        checkpoints.restore(s.abstract_state)
+        checkpoints.restore()
     checkpoints.close()
     # keys that may change when resuming: train longer
     assert _train(workdir, total_steps=20) == "done"

@@ -5,6 +5,7 @@ train.py subprocesses), so the many identical toy train steps compile once per m
 """
 
 import getpass
+import glob
 import os
 import subprocess
 import sys
@@ -132,3 +133,16 @@ def committed_steps(workdir):
     if not os.path.isdir(directory):
         return []
     return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def corrupt_array_files(item_dir):
+    """Overwrites the second half of every array data file (orbax's d/ folder) under `item_dir` with random
+    bytes, e.g. <workdir>/checkpoints/20/params or <workdir>/frozen_params/arrays."""
+    files = [p for p in glob.glob(os.path.join(item_dir, "**", "*"), recursive=True)
+             if os.path.isfile(p) and os.sep + "d" + os.sep in p]
+    assert files, item_dir
+    for path in files:
+        size = os.path.getsize(path)
+        with open(path, "r+b") as f:
+            f.seek(size // 2)
+            f.write(os.urandom(max(1, size - size // 2)))

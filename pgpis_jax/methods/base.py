@@ -82,6 +82,12 @@ class Method(abc.ABC):
         """Images [N, H, W, C] in [0, 1] sampled for `batch` (from preview_batch)."""
         raise NotImplementedError
 
+    def run_files(self) -> Dict[str, Any]:
+        """JSON files the method records in the run directory at the start of a fresh run ({file name: JSON-able
+        value}), e.g. the resolved configs of its networks so that inference rebuilds them without the
+        pretrained directories."""
+        return {}
+
 
 def scheduler_from_config(scheduler_config, key: str):
     """A sampler from a diffusers-style scheduler config in a method's config (a ConfigDict); a bad config is a

@@ -1,17 +1,29 @@
-"""Checkpoints in <workdir>/checkpoints with orbax: save, keep, resume, and refuse what does not fit.
+"""The checkpoints of a run directory with orbax: save, keep, resume, load for sampling, and refuse what does
+not fit.
 
-A checkpoint (one orbax step directory) holds four items:
-  state   params, optimizer state, EMA, step, RNG (StandardSave; restored straight into the shardings
-          of the current mesh, which may differ from the one that saved it)
-  data    every process's input-pipeline position (JSON)
-  config  the resolved config (JSON)
-  meta    step, process count and a checksum of every array of `state` (JSON)
+    <workdir>/checkpoints/<step>/   one orbax step (CheckpointManager), items:
+        params      the TRAINABLE parameters (config.param_groups; StandardSave)
+        ema         their EMA (only when config.ema.decay > 0)
+        opt_state   the optimizer state (frozen slots are empty optax MaskedNodes)
+        progress    {step, rng}: the step counter and the training key data
+        data        every process's input-pipeline position (JSON)
+        config      the resolved config (JSON)
+        meta        format, step, process count, [dtype, shape] and a checksum of every array of the four
+                    array items above (JSON)
+    <workdir>/frozen_params/        the frozen (non-trainable) parameters, once per run, written at the first
+        arrays/                     checkpoint save of a fresh run (StandardCheckpointer directory)
+        checksums.json              format, [dtype, shape] and checksum of every frozen array
+    <workdir>/<name>                the JSON files of Method.run_files(), written at the start of a fresh run
+                                    (and checked against the method when resuming)
 
-Resuming restores the newest checkpoint. Nothing is ever silently re-initialised: a checkpoint whose
-config differs in a key that matters, or whose arrays do not have the shapes the config gives, is an error
-naming the keys / arrays; an unreadable or corrupted newest checkpoint (orbax error, or an array whose
-checksum does not match) is an error, unless config.checkpoint.fallback_to_older is set: then it is moved
-to <workdir>/corrupt_checkpoints/ and the next older intact one is used, and the log says so.
+Array items are restored straight into the shardings of the current mesh, which may differ from the one that
+saved them. Resuming restores the newest checkpoint and frozen_params; sampling (inference.load_params)
+restores only `ema` (or `params`) and frozen_params, read-only. Nothing is ever silently re-initialised: a
+checkpoint whose config differs in a key that matters, whose arrays do not have the shapes the config gives,
+or that was written by an older format, is an error naming the keys / arrays / step directory; a missing or
+corrupted frozen_params is an error naming it; an unreadable or corrupted newest checkpoint (orbax error, or
+an array whose checksum does not match) is an error, unless config.checkpoint.fallback_to_older is set: then
+resuming moves it to <workdir>/corrupt_checkpoints/ and uses the next older intact one, and the log says so.
 """
 
 from __future__ import annotations
@@ -19,12 +31,13 @@ from __future__ import annotations
 import functools
 import json
 import logging as pylogging
+import math
 import os
 import signal
 import sys
 import threading
 import time
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +51,16 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from pgpis_jax.errors import UserError
 from pgpis_jax.trainer import tree
 
-FORMAT = 1
+if TYPE_CHECKING:
+    from pgpis_jax.trainer.loop import Setup
+
+# 1: one `state` item with all parameters. 2: trainable `params`, `ema`, `opt_state`, `progress`; frozen
+# parameters once per run in <workdir>/frozen_params.
+FORMAT = 2
+ARRAY_ITEMS = ("params", "ema", "opt_state", "progress")
+FROZEN_DIR = "frozen_params"
+FROZEN_ARRAYS = "arrays"
+FROZEN_RECORD = "checksums.json"
 # Config keys that may change between runs in one workdir: they do not change what a checkpoint means
 # (run length, logging, checkpointing, the mesh - restoring reshards - and inference-only `sampling`).
 RESUMABLE_KEYS = ("total_steps", "log_every_steps", "checkpoint_every_steps", "checkpoint", "logging", "debug",
@@ -99,10 +121,85 @@ def check_recorded_config(config, workdir: str) -> bool:
 
 def write_config(config, workdir: str) -> None:
     """<workdir>/config.json (process 0), once the run's state is known to fit the config."""
+    write_json_atomically(epath.Path(workdir) / "config.json", config_dict(config))
+
+
+def write_json_atomically(path: epath.Path, value: Any) -> None:
+    """`value` as JSON in `path` (process 0): written under a temporary name, then renamed over `path`."""
     if jax.process_index() == 0:
-        path = epath.Path(workdir) / "config.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(config_dict(config), indent=2, sort_keys=True))
+        temporary = path.parent / f"{path.name}.tmp"
+        temporary.write_text(json.dumps(value, indent=2, sort_keys=True))
+        temporary.replace(path)
+
+
+def check_run_files(files: Mapping[str, Any], workdir: str) -> Dict[str, Any]:
+    """The files of Method.run_files() ({file name: JSON-able value}) that <workdir> does not hold yet (all
+    of them at the start of a fresh run), for write_run_files once the run's state fits the config.
+
+    A file recorded by an earlier run of this workdir that holds other content is an error naming the file
+    and the differing top-level keys (a workdir belongs to one run).
+    """
+    missing = {}
+    for name, value in files.items():
+        if not name or os.path.basename(name) != name:
+            raise ValueError(f"Method.run_files(): {name!r} is not a plain file name")
+        path = epath.Path(workdir) / name
+        value = json.loads(json.dumps(value))
+        if not path.exists():
+            missing[name] = value
+            continue
+        try:
+            recorded = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise UserError(f"{path} cannot be read as JSON ({_first_line(error)}); it records what this run's "
+                            "method gave when it started: restore it or use another --workdir") from None
+        if recorded != value:
+            keys = sorted(k for k in set(recorded) | set(value) if recorded.get(k) != value.get(k)) \
+                if isinstance(recorded, dict) and isinstance(value, dict) else []
+            what = f"in top-level keys {', '.join(keys)}" if keys else "(the whole value)"
+            raise UserError(f"{path} records different content than this run's method gives {what}; a workdir "
+                            "belongs to one run: use another --workdir or the settings it was trained with")
+    return missing
+
+
+def write_run_files(files: Mapping[str, Any], workdir: str) -> None:
+    """Writes the files check_run_files returned (process 0, each under a temporary name, then renamed)."""
+    for name, value in files.items():
+        write_json_atomically(epath.Path(workdir) / name, value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Items of a checkpoint
+
+def split_state(state: Mapping[str, Any], opt) -> Tuple[Dict[str, Any], Dict]:
+    """(the array items of a checkpoint step {"params": trainable parameters, "ema" (only when the state has
+    an EMA), "opt_state", "progress": {"step", "rng"}}, the frozen parameters) of a train state (arrays or
+    jax.ShapeDtypeStructs); `opt` (optimizer.Optimizer) decides what is trainable."""
+    trainable, frozen = opt.split(state["params"])
+    items = {"params": trainable, "opt_state": state["opt_state"],
+             "progress": {"step": state["step"], "rng": state["rng"]}}
+    if state["ema"]:
+        items["ema"] = state["ema"]
+    return items, frozen
+
+
+def join_state(items: Mapping[str, Any], frozen: Mapping) -> Dict[str, Any]:
+    """The train state of split_state's (items, frozen)."""
+    return {"step": items["progress"]["step"], "params": tree.merge(items["params"], frozen),
+            "opt_state": items["opt_state"], "ema": items.get("ema", {}), "rng": items["progress"]["rng"]}
+
+
+def _nbytes(arrays: Any) -> int:
+    return sum(math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(arrays))
+
+
+def checkpoint_bytes(s: "Setup") -> Tuple[Dict[str, int], int]:
+    """({item: bytes of its arrays} of one checkpoint step, bytes of the frozen parameters) from the
+    abstract state alone (shapes x item sizes): the array data orbax writes uncompressed, without its
+    metadata files or the small JSON items (data, config, meta)."""
+    items, frozen = split_state(s.abstract_state, s.opt)
+    return {name: _nbytes(item) for name, item in items.items()}, _nbytes(frozen)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -215,62 +312,108 @@ def _let_failed_reads_settle() -> None:
 
 
 class Checkpoints:
-    """orbax CheckpointManager over <workdir>/checkpoints with the checks described above."""
+    """orbax CheckpointManager over <workdir>/checkpoints and the run's frozen_params, with the checks
+    described above. `s` (loop.Setup) gives the state's shapes, shardings and trainable mask. A read-only
+    instance (for sampling) creates, cleans up and writes nothing."""
 
-    def __init__(self, workdir: str, config):
+    def __init__(self, workdir: str, config, s: "Setup", read_only: bool = False):
         # orbax needs absolute paths; a relative local workdir is taken from the current directory.
         self.workdir = epath.Path(str(workdir) if "://" in str(workdir) else os.path.abspath(workdir))
         self.directory = self.workdir / "checkpoints"
+        self.frozen_directory = self.workdir / FROZEN_DIR
         self.config = config
+        self.read_only = read_only
+        self.abstract_items, self.abstract_frozen = split_state(s.abstract_state, s.opt)
+        self._opt = s.opt
+        self._frozen_on_disk = False      # frozen_params written or restored by this instance
+        self.last_saved_step: Optional[int] = None
         settings = config.checkpoint
         if settings.keep < 1:
             raise UserError(f"config.checkpoint.keep must be >= 1, got {settings.keep}")
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=int(settings.keep), create=True, cleanup_tmp_directories=True,
-            enable_async_checkpointing=bool(settings.async_save))
-        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
-                    "config": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-        self.manager = ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
-        self.last_saved_step: Optional[int] = None
+        handlers = {name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS}
+        handlers.update({name: ocp.JsonCheckpointHandler() for name in ("data", "config", "meta")})
+        if read_only:
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False, cleanup_tmp_directories=False,
+                                                   save_root_metadata=False, save_interval_steps=0)
+        else:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=int(settings.keep), create=True, cleanup_tmp_directories=True,
+                enable_async_checkpointing=bool(settings.async_save))
+        self.manager = None if read_only and not self.directory.exists() else \
+            ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
 
     # -- saving ------------------------------------------------------------------------------------------
     def save(self, step: int, state: Any, data_state: Any) -> bool:
-        """Starts an (asynchronous) save of `state` at `step`; False if a checkpoint of that step exists."""
+        """Starts an (asynchronous) save of `state` at `step`; False if a checkpoint of that step exists.
+        The first save of a fresh run first writes frozen_params (synchronously)."""
         if step == self.last_saved_step or step in self.manager.all_steps():
             return False
+        items, frozen = split_state(state, self._opt)
+        if not self._frozen_on_disk:
+            self._write_frozen(frozen)
         meta = {"format": FORMAT, "step": int(step), "process_count": jax.process_count(),
-                "checksums": checksums(state), "arrays": array_specs(state), "time": time.time()}
+                "checksums": checksums(items), "arrays": array_specs(items), "time": time.time()}
         data = {"process_count": jax.process_count(), "processes": gather_json(data_state)}
         self.manager.save(step, force=True, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
-            config=ocp.args.JsonSave(config_dict(self.config)), meta=ocp.args.JsonSave(meta)))
+            **{name: ocp.args.StandardSave(item) for name, item in items.items()},
+            data=ocp.args.JsonSave(data), config=ocp.args.JsonSave(config_dict(self.config)),
+            meta=ocp.args.JsonSave(meta)))
         self.last_saved_step = step
         return True
 
+    def _write_frozen(self, frozen: Mapping) -> None:
+        """<workdir>/frozen_params (nothing when there are no frozen parameters): written by orbax (all
+        processes) and its checksums (process 0) under frozen_params.tmp, then renamed into place, so that
+        frozen_params is complete or absent. One left by a fresh run that stopped before its first
+        checkpoint is replaced."""
+        self._frozen_on_disk = True
+        if not jax.tree.leaves(frozen):
+            return
+        temporary = self.workdir / f"{FROZEN_DIR}.tmp"
+        record = {"format": FORMAT, "arrays": array_specs(frozen), "checksums": checksums(frozen)}
+        if jax.process_index() == 0:
+            if temporary.exists():
+                temporary.rmtree()
+            temporary.mkdir(parents=True)
+        _sync("pgpis_frozen_params_tmp")
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(temporary / FROZEN_ARRAYS, frozen)
+            checkpointer.wait_until_finished()
+        if jax.process_index() == 0:
+            (temporary / FROZEN_RECORD).write_text(json.dumps(record))
+            if self.frozen_directory.exists():
+                self.frozen_directory.rmtree()
+            temporary.rename(self.frozen_directory)
+        _sync("pgpis_frozen_params_written")
+        logging.info("wrote the frozen parameters to %s", self.frozen_directory)
+
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        if self.manager is not None:
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        if self.manager is not None:
+            self.manager.wait_until_finished()
+            self.manager.close()
 
     def latest_step(self) -> Optional[int]:
-        return self.manager.latest_step()
+        return None if self.manager is None else self.manager.latest_step()
 
     def all_steps(self) -> List[int]:
-        return sorted(self.manager.all_steps())
+        return [] if self.manager is None else sorted(self.manager.all_steps())
 
     # -- restoring ---------------------------------------------------------------------------------------
-    def restore(self, abstract_state: Any) -> Optional[Tuple[Any, Any, int]]:
-        """(state, this process's data position, step) from the newest usable checkpoint, or None if there
-        is none. `abstract_state` holds jax.ShapeDtypeStructs with the target shardings."""
-        steps = sorted(self.manager.all_steps(), reverse=True)
+    def restore(self) -> Optional[Tuple[Any, Any, int]]:
+        """(state, this process's data position, step) from the newest usable checkpoint and frozen_params,
+        or None if there is no checkpoint."""
+        steps = sorted(self.all_steps(), reverse=True)
         if not steps:
             return None
         _ignore_closed_loop_callbacks()
         for index, step in enumerate(steps):
             try:
-                return self._restore_step(step, abstract_state)
+                items, data = self._restore_step(step, ARRAY_ITEMS, check_data=True)
+                return join_state(items, self._restore_frozen()), data, step
             except CorruptCheckpoint as error:
                 where = self.directory / str(step)
                 if not self.config.checkpoint.fallback_to_older:
@@ -293,47 +436,107 @@ class Checkpoints:
         raise UserError(f"no intact checkpoint left in {self.directory} (all of steps {steps} were unreadable and "
                         "moved to corrupt_checkpoints/); remove the directory to start from scratch")
 
+    def restore_for_sampling(self, step: int, which: str) -> Dict[str, Any]:
+        """The full parameter tree of checkpoint `step` (one of all_steps()): the `which` item ("ema" or
+        "params") with the frozen parameters. Reads nothing else of the step's arrays; never moves or writes
+        anything (a corrupt item is an error naming the step)."""
+        _ignore_closed_loop_callbacks()
+        try:
+            items, _ = self._restore_step(step, (which,), check_data=False)
+        except CorruptCheckpoint as error:
+            others = [s for s in self.all_steps() if s != step]
+            raise UserError(f"checkpoint {self.directory / str(step)} cannot be restored: {error}; other steps: "
+                            f"{', '.join(map(str, others)) if others else 'none'}") from None
+        return tree.merge(items[which], self._restore_frozen())
+
     def _move_aside(self, step: int) -> epath.Path:
         target = self.workdir / "corrupt_checkpoints" / f"{step}-{int(time.time())}"
         if jax.process_index() == 0:
             target.parent.mkdir(parents=True, exist_ok=True)
             (self.directory / str(step)).rename(target)
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices("pgpis_move_corrupt_checkpoint")
+        _sync("pgpis_move_corrupt_checkpoint")
         self.manager.reload()
         return target
 
-    def _restore_step(self, step: int, abstract_state: Any):
+    def _restore_step(self, step: int, names: Sequence[str], check_data: bool) -> Tuple[Dict[str, Any], Any]:
+        """({name: restored item} for the array items `names` the step holds, this process's data position
+        or None), after the format, config and shape checks; CorruptCheckpoint if it cannot be read back as
+        it was written."""
+        where = self.directory / str(step)
         try:
             small = self.manager.restore(step, args=ocp.args.Composite(
                 data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
             data, saved_config, meta = small["data"], small["config"], small["meta"]
-            if not isinstance(meta, dict) or not {"checksums", "arrays"} <= set(meta) or \
-                    not isinstance(saved_config, dict):
+            if not isinstance(meta, dict) or not isinstance(saved_config, dict):
                 raise ValueError("its meta or config item is incomplete")
         except Exception as error:  # noqa: BLE001 - any failure to read is reported as corruption
             _let_failed_reads_settle()
             raise CorruptCheckpoint(_first_line(error)) from None
+        written = meta.get("format", 1)
+        if written != FORMAT:
+            age = "an older" if isinstance(written, int) and written < FORMAT else "another"
+            raise UserError(f"checkpoint {where} was written by {age} version of pgpis_jax (checkpoint format "
+                            f"{written}; this version reads format {FORMAT}: trainable parameters, EMA and optimizer "
+                            f"state as separate items, frozen parameters once in {self.frozen_directory}). Use the "
+                            "version that wrote it, or train a new run in another --workdir")
+        if not {"checksums", "arrays"} <= set(meta):
+            raise CorruptCheckpoint("its meta item is incomplete")
         self._check_config(step, saved_config)
-        self._check_shapes(step, meta["arrays"], abstract_state)
-        if data.get("process_count") != jax.process_count():
+        names = [name for name in names if name in self.abstract_items]
+        wanted = {name: self.abstract_items[name] for name in names}
+        recorded = {k: v for k, v in meta["arrays"].items() if k.split(".")[0] in names}
+        self._check_shapes(f"checkpoint step {step} in {self.directory}", recorded, array_specs(wanted))
+        if check_data and data.get("process_count") != jax.process_count():
             raise UserError(f"checkpoint step {step} was written by {data.get('process_count')} processes; this run "
                             f"has {jax.process_count()}: the input-pipeline positions cannot be mapped (resume with "
                             "the same number of hosts)")
         try:
-            state = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state)))["state"]
+            items = self.manager.restore(step, args=ocp.args.Composite(
+                **{name: ocp.args.StandardRestore(item) for name, item in wanted.items()}))
+            items = {name: items[name] for name in wanted}
         except Exception as error:  # noqa: BLE001
             _let_failed_reads_settle()
             raise CorruptCheckpoint(_first_line(error)) from None
-        expected = meta["checksums"]
-        actual = checksums(state)
-        bad = sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))
+        expected = {k: v for k, v in meta["checksums"].items() if any(k.startswith(f"['{n}']") for n in names)}
+        bad = _mismatches(expected, checksums(items))
         if bad:
-            raise CorruptCheckpoint(f"arrays {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} do not match the "
-                                    "checksums saved with them")
-        logging.info("restored checkpoint step %d from %s", step, self.directory)
-        return state, data["processes"][jax.process_index()], step
+            raise CorruptCheckpoint(f"arrays {bad} do not match the checksums saved with them")
+        logging.info("restored %s of checkpoint step %d from %s", ", ".join(names), step, self.directory)
+        return items, data["processes"][jax.process_index()] if check_data else None
+
+    def _restore_frozen(self) -> Dict:
+        """The frozen parameters from <workdir>/frozen_params ({} when the run has none), checked against the
+        shapes this config gives and the checksums recorded with them; any failure is a UserError."""
+        self._frozen_on_disk = True
+        if not jax.tree.leaves(self.abstract_frozen):
+            return {}
+        record_path = self.frozen_directory / FROZEN_RECORD
+        advice = (f"the checkpoints in {self.directory} hold only the trainable parameters and the frozen ones are "
+                  "stored once per run there. Not re-initialising them: restore the directory from a copy, or "
+                  "train a new run in another --workdir")
+        if not self.frozen_directory.exists():
+            raise UserError(f"{self.frozen_directory} is missing: {advice}")
+        try:
+            record = json.loads(record_path.read_text())
+            recorded_arrays, expected = record["arrays"], record["checksums"]
+        except Exception as error:  # noqa: BLE001 - a missing, unreadable or incomplete record
+            raise UserError(f"frozen parameters {self.frozen_directory} are corrupt: {record_path} cannot be read "
+                            f"({_first_line(error)}); {advice}") from None
+        self._check_shapes(f"frozen parameters {self.frozen_directory}", recorded_arrays,
+                           array_specs(self.abstract_frozen))
+        try:
+            with ocp.StandardCheckpointer() as checkpointer:
+                frozen = checkpointer.restore(self.frozen_directory / FROZEN_ARRAYS, self.abstract_frozen)
+        except Exception as error:  # noqa: BLE001
+            _let_failed_reads_settle()
+            raise UserError(f"frozen parameters {self.frozen_directory} are corrupt: {_first_line(error)}; "
+                            f"{advice}") from None
+        bad = _mismatches(expected, checksums(frozen))
+        if bad:
+            raise UserError(f"frozen parameters {self.frozen_directory} are corrupt: arrays {bad} do not match the "
+                            f"checksums in {record_path}; {advice}")
+        logging.info("restored the frozen parameters from %s", self.frozen_directory)
+        return frozen
 
     def _check_config(self, step: int, saved: Mapping) -> None:
         current = config_dict(self.config)
@@ -343,9 +546,9 @@ class Checkpoints:
                             f"{describe_differences(saved, current, keys)}. These keys cannot change when "
                             "resuming; use another --workdir or the checkpoint's config")
 
-    def _check_shapes(self, step: int, saved: Mapping[str, Any], abstract_state: Any) -> None:
+    @staticmethod
+    def _check_shapes(what: str, saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> None:
         """The arrays recorded at save time against those this config builds (no array data is read)."""
-        wanted = array_specs(abstract_state)
         problems = []
         order = {"params": 0, "ema": 1, "opt_state": 2}   # parameters first: they explain the rest
         for name in sorted(set(saved) | set(wanted), key=lambda n: (order.get(n.split(".")[0], 3), n)):
@@ -357,14 +560,24 @@ class Checkpoints:
                 problems.append(f"{name} is {_spec_str(saved[name])} in the checkpoint, {_spec_str(wanted[name])} here")
         if problems:
             more = f" and {len(problems) - 8} more" if len(problems) > 8 else ""
-            raise UserError(f"checkpoint step {step} in {self.directory} does not match the state this config "
-                            f"builds: {'; '.join(problems[:8])}{more}")
+            raise UserError(f"{what} does not match the state this config builds: {'; '.join(problems[:8])}{more}")
 
 
-def array_specs(state: Any) -> Dict[str, List]:
-    """{"params.dense.kernel": [dtype name, shape], ...} for every array of a (possibly abstract) state."""
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _mismatches(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> str:
+    """The array names whose checksums differ (at most five, then "..."), or ""."""
+    bad = sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))
+    return f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}"
+
+
+def array_specs(arrays: Any) -> Dict[str, List]:
+    """{"params.dense.kernel": [dtype name, shape], ...} for every array of a (possibly abstract) tree."""
     return {".".join(path): [np.dtype(leaf.dtype).name, list(leaf.shape)]
-            for path, leaf in tree.flatten_with_paths(state)}
+            for path, leaf in tree.flatten_with_paths(arrays)}
 
 
 def _spec_str(spec) -> str:

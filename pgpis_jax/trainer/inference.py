@@ -1,28 +1,42 @@
-"""Parameters of a trained run for sampling and evaluation: the newest checkpoint of a workdir, restored
-with the same checks as resuming, with the EMA in place of the trainable parameters when there is one."""
+"""Parameters of a trained run for sampling and evaluation: one checkpoint of a workdir (the newest by
+default), read-only. Only what sampling uses is restored - the EMA (or the trained parameters) and the run's
+frozen_params - never the optimizer state, with the same config, shape and checksum checks as resuming."""
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 from pgpis_jax.errors import UserError
 from pgpis_jax.trainer import checkpoints as ckpt_lib
-from pgpis_jax.trainer import ema as ema_lib
 from pgpis_jax.trainer import mesh as mesh_lib
 from pgpis_jax.trainer.loop import setup
 
+WHICH = ("ema", "raw")
 
-def load_params(method, config, workdir: str) -> Tuple[Any, int]:
-    """(parameters for sampling, checkpoint step); UserError if the workdir has no checkpoint."""
+
+def load_params(method, config, workdir: str, which: str = "ema", step: Optional[int] = None) -> Tuple[Any, int]:
+    """(the full parameter tree for sampling, its checkpoint step).
+
+    which: "ema" - the EMA of the trainable parameters where the run keeps one, else the trained ones;
+    "raw" - the trained parameters. step: a checkpoint step of the workdir (None: the newest). Creates,
+    cleans up and writes nothing in `workdir`. UserError if it has no checkpoint or not `step`.
+    """
+    if which not in WHICH:
+        raise UserError(f"which={which!r}: expected one of {', '.join(WHICH)}")
     mesh_lib.maybe_initialize_distributed(config)
     s = setup(method, config, mesh_lib.make_mesh(config))
-    checkpoints = ckpt_lib.Checkpoints(workdir, config)
+    checkpoints = ckpt_lib.Checkpoints(workdir, config, s, read_only=True)
     try:
-        restored = checkpoints.restore(s.abstract_state)
+        steps = checkpoints.all_steps()
+        if not steps:
+            raise UserError(f"no checkpoint in {checkpoints.directory}; train first (python train.py --config=... "
+                            f"--workdir={workdir})")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise UserError(f"no checkpoint of step {step} in {checkpoints.directory}; available steps: "
+                            f"{', '.join(map(str, steps))}")
+        item = "ema" if which == "ema" and "ema" in checkpoints.abstract_items else "params"
+        return checkpoints.restore_for_sampling(step, item), step
     finally:
         checkpoints.close()
-    if restored is None:
-        raise UserError(f"no checkpoint in {checkpoints.directory}; train first (python train.py --config=... "
-                        f"--workdir={workdir})")
-    state, _, step = restored
-    return ema_lib.eval_params(state["params"], state["ema"]), step

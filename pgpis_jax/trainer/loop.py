@@ -111,6 +111,7 @@ def train(method, config, workdir: str) -> str:
         if config[key] < 1:
             raise UserError(f"config.{key} must be >= 1, got {config[key]}")
     rewrite_config = ckpt_lib.check_recorded_config(config, workdir)
+    new_run_files = ckpt_lib.check_run_files(method.run_files(), workdir)
     mesh = mesh_lib.make_mesh(config)
     s = setup(method, config, mesh)
     n_trainable, n_frozen = opt_lib.count_parameters(s.abstract_params, s.opt.trainable)
@@ -118,12 +119,12 @@ def train(method, config, workdir: str) -> str:
                         f"{n_trainable:,} trainable, {n_frozen:,} frozen; global batch {config.batch_size} in "
                         f"{config.grad.accumulation_steps} micro-batch(es); precision {config.precision.param_dtype} "
                         f"params / {config.precision.compute_dtype} compute")
-    checkpoints = ckpt_lib.Checkpoints(workdir, config)
+    checkpoints = ckpt_lib.Checkpoints(workdir, config, s)
     writer = None
     preemption = None
     try:
         host = HostData(method.train_iterator(jax.process_index(), jax.process_count()), mesh, config)
-        restored = checkpoints.restore(s.abstract_state)
+        restored = checkpoints.restore()
         if restored is not None:
             state, data_state, start = restored
             host.set_state(data_state)
@@ -133,6 +134,7 @@ def train(method, config, workdir: str) -> str:
             metrics_lib.console(f"no checkpoint in {checkpoints.directory}: starting from step 0")
         if rewrite_config:
             ckpt_lib.write_config(config, workdir)
+        ckpt_lib.write_run_files(new_run_files, workdir)
         if start >= config.total_steps:
             metrics_lib.console(f"already trained to step {start} >= config.total_steps {config.total_steps}; "
                                 "nothing to do")

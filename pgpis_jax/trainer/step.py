@@ -1,7 +1,8 @@
 """The training state and the train step, method-agnostic.
 
-State (a plain dict, saved as is): {"step": int32, "params", "opt_state", "ema" (trainable leaves, or {}),
-"rng": uint32 key data}. One update:
+State (a plain dict): {"step": int32, "params" (all, trainable and frozen), "opt_state", "ema" (trainable
+leaves, or {}), "rng": uint32 key data}. checkpoints.split_state saves it as separate items: the trainable
+params, ema, opt_state and {step, rng} per checkpoint step, the frozen params once per run. One update:
 
     rng       = fold_in(key(state.rng), state.step)
     grads     = d loss / d trainable params, the mean over config.grad.accumulation_steps micro-batches
