@@ -87,7 +87,8 @@ def with_saved_config(argv: List[str]) -> List[str]:
                  f"trained run directory (or give --{CONFIG_FLAG})")
     from pgpis_jax import run_config
 
-    return list(argv) + [f"--{CONFIG_FLAG}={run_config.__file__}:{workdir}"]
+    # before the overrides: config_flags defines the --config.<key> flags when it parses --config
+    return [argv[0], f"--{CONFIG_FLAG}={run_config.__file__}:{workdir}", *argv[1:]]
 
 
 def parse_flags(argv: List[str]) -> List[str]:

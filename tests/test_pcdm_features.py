@@ -16,7 +16,7 @@ from pgpis_jax import input_pipeline, methods, trainer
 from pgpis_jax.errors import UserError
 from pgpis_jax.methods.common import features
 from pgpis_jax.methods.common.hosts import with_batch_size
-from pgpis_jax.methods.common.split_sampler import save_images
+from pgpis_jax.methods.common.split_sampler import pair_stem, save_images
 from pgpis_jax.trainer import mesh as mesh_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +38,7 @@ def coarse_dir(demo_data, tmp_path_factory):
     for batch in input_pipeline.from_config(config, split="train", train=False, include_names=True,
                                             process_index=0, process_count=1):
         target = np.split(np.asarray(batch["image"]), 2, axis=2)[1]
-        names = [input_pipeline.pair_stem(s, t) for s, t in zip(batch["source_name"], batch["target_name"])]
+        names = [pair_stem(s, t) for s, t in zip(batch["source_name"], batch["target_name"])]
         save_images(str(folder), [n for n, r in zip(names, batch["mask"]) if r],
                              np.clip(target[batch["mask"]][..., ::-1] * 0.8, -1, 1))
     return str(folder)

@@ -138,26 +138,53 @@ def _run(*args, cwd):
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
-def test_prior_and_inpaint_train_then_sample_a_split_best_of_two_with_reference_names_and_resume(demo_data,
-                                                                                                  tmp_path):
+def _snapshot(*folders):
+    """{path: (size, mtime)} of every file and folder under `folders` (what a read-only command must not change)."""
+    seen = {}
+    for folder in folders:
+        for root, dirs, files in os.walk(folder):
+            for name in dirs + files:
+                path = os.path.join(root, name)
+                seen[path] = (os.path.getsize(path), os.stat(path).st_mtime_ns)
+    return seen
+
+
+def _write_keypoints(path, shift):
+    """An 18-line `x y` keypoint file of a standing figure in a 64 x 64 image, moved right by `shift` pixels."""
+    points = np.array([[32, 10], [32, 18], [24, 18], [22, 28], [20, 36], [40, 18], [42, 28], [44, 36], [27, 38],
+                       [27, 48], [27, 58], [37, 38], [37, 48], [37, 58], [30, 8], [34, 8], [28, 9], [36, 9]], float)
+    np.savetxt(path, points + [shift, 0])
+
+
+def test_prior_and_inpaint_train_then_sample_from_the_run_directories_alone(demo_data, tmp_path):
+    """Train two tiny stages; sample a split (best of two, reference names, resume) and one image from the run
+    directories without --config, the second with the dataset moved away; nothing is written into the runs, and a
+    failed call writes nothing at all."""
+    import shutil
+
     from skimage.metrics import structural_similarity
 
-    common = [f"--config.data.data_dir={demo_data}", "--config.total_steps=2", "--config.checkpoint_every_steps=2"]
-    for stage in ("prior", "inpaint"):
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    common = [f"--config.data.data_dir={data}", "--config.total_steps=2", "--config.checkpoint_every_steps=2"]
+    runs = {stage: tmp_path / "runs" / stage for stage in ("prior", "inpaint")}
+    for stage, run in runs.items():
         result = _run(os.path.join(REPO, "train.py"), f"--config={REPO}/configs/pcdm_{stage}.py:demo",
-                      f"--workdir={tmp_path / stage}", *common, cwd=REPO)
+                      f"--workdir={run}", *common, cwd=REPO)
         assert result.returncode == 0, result.stderr[-3000:]
+        assert (run / "networks.json").exists() and (run / "frozen_params").exists()
+    trained = _snapshot(*runs.values())
     out = tmp_path / "out"
-    sample = [os.path.join(REPO, "sample.py"), f"--config={REPO}/configs/pcdm_inpaint.py:demo",
-              f"--workdir={tmp_path / 'inpaint'}", f"--prior_workdir={tmp_path / 'prior'}", "--split=test",
-              f"--output_dir={out}", "--batch_size=48", "--best_of=2", *common,
+    sample = [os.path.join(REPO, "sample.py"), f"--workdir={runs['inpaint']}", f"--prior_workdir={runs['prior']}",
+              "--split=test", f"--output_dir={out}", "--batch_size=48", "--best_of=2",
               "--config.sampling.num_inference_steps=2"]
     result = _run(*sample, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert results["ablation"] == "B2" and results["best_of"] == 2 and results["prior_pairs"] == 96
-    assert results["images_written"] == 3 * 96
+    assert results["ablation"] == "B2" and results["best_of"] == 2 and results["prior_cosine_similarity_pairs"] == 96
+    assert results["images_written"] == 3 * 96 and results["pairs"] == 96
     assert -1.0 <= results["prior_cosine_similarity"] <= 1.0
+    assert json.loads((out / "sample_config.json").read_text())["sampling"]["num_inference_steps"] == 2
     names = sorted(os.listdir(out / "stage2"))
     assert len(names) == 96 and all(n.endswith(".png") and "_to_" in n for n in names)
     assert [sorted(os.listdir(out / "stage2_candidates" / f"sample_{k}")) for k in (0, 1)] == [names, names]
@@ -182,8 +209,40 @@ def test_prior_and_inpaint_train_then_sample_a_split_best_of_two_with_reference_
     result = _run(*sample, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = json.loads((out / "results.json").read_text())
-    assert resumed["images_written"] == 0 and resumed["prior_pairs"] == 96
+    assert resumed["images_written"] == 0 and resumed["prior_cosine_similarity_pairs"] == 96
     assert resumed["prior_cosine_similarity"] == results["prior_cosine_similarity"]
+
+    # One image with the training data moved away: the runs hold everything the stages need.
+    data.rename(tmp_path / "moved_away")
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 64, 3), np.uint8)).save(inputs / "a.png")
+    _write_keypoints(inputs / "a.txt", 0)
+    _write_keypoints(inputs / "b.txt", 6)
+    single = [os.path.join(REPO, "sample.py"), f"--workdir={runs['inpaint']}", f"--prior_workdir={runs['prior']}",
+              f"--source_image={inputs / 'a.png'}", f"--source_pose={inputs / 'a.txt'}",
+              f"--target_pose={inputs / 'b.txt'}"]
+    result = _run(*single, f"--output={tmp_path / 'single' / 'b.png'}", cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    image = np.asarray(Image.open(tmp_path / "single" / "b.png"))
+    assert image.shape == (64, 64, 3) and image.std() > 0
+    assert _snapshot(*runs.values()) == trained
+
+    # Failed calls write nothing: a missing source image, an output that exists, a config that changes the model.
+    before = _snapshot(tmp_path)
+    failures = [
+        [*single[:3], f"--source_image={inputs / 'missing.png'}", *single[4:], f"--output={tmp_path / 'new' / 'c.png'}"],
+        [*single, f"--output={tmp_path / 'single' / 'b.png'}"],
+        [*single, f"--output={tmp_path / 'new' / 'c.png'}", f"--config={REPO}/configs/pcdm_inpaint.py:demo",
+         "--config.model.image_proj.hidden=32"],
+    ]
+    expected = ["missing.png: image not found", "b.png exists", "model.image_proj.hidden"]
+    for args, message in zip(failures, expected):
+        result = _run(*args, cwd=REPO)
+        assert result.returncode != 0
+        errors = [line for line in result.stderr.splitlines() if line.startswith("sample.py: error")]
+        assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+        assert _snapshot(tmp_path) == before
 
 
 def _test_pairs(data_dir):
@@ -192,7 +251,7 @@ def _test_pairs(data_dir):
 
     from configs import pcdm_inpaint
     from pgpis_jax import input_pipeline
-    from pgpis_jax.methods.common.split_sampler import to_uint8
+    from pgpis_jax.methods.common.split_sampler import pair_stem, to_uint8
 
     config = pcdm_inpaint.get_config("demo")
     config.data.data_dir = data_dir
@@ -200,7 +259,7 @@ def _test_pairs(data_dir):
     for batch in input_pipeline.from_config(ml_collections.ConfigDict(config), split="test", train=False,
                                             include_names=True, process_index=0, process_count=1):
         target = to_uint8(np.split(np.asarray(batch["image"]), 2, axis=2)[1])
-        yield {f"{input_pipeline.pair_stem(s, t)}.png": image
+        yield {f"{pair_stem(s, t)}.png": image
                for s, t, image, real in zip(batch["source_name"], batch["target_name"], target, batch["mask"])
                if real}
 

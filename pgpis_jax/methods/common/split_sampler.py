@@ -24,7 +24,6 @@ import jax
 import numpy as np
 from PIL import Image
 
-from pgpis_jax.input_pipeline import pair_stem
 from pgpis_jax.methods.common.hosts import summed_over_processes
 from pgpis_jax.metrics import protocols
 
@@ -39,6 +38,14 @@ class Generated:
 
     images: Dict[str, Any]
     scores: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def pair_stem(source_name, target_name) -> str:
+    """"<source stem>_to_<target stem>" of two record names (bytes or str): the original's output name."""
+    def stem(name):
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        return os.path.splitext(os.path.basename(name))[0]
+    return f"{stem(source_name)}_to_{stem(target_name)}"
 
 
 def to_uint8(image) -> np.ndarray:

@@ -30,6 +30,7 @@ from pgpis_jax.diffusion import guidance
 from pgpis_jax.errors import UserError
 from pgpis_jax.methods.common import features, latents
 from pgpis_jax.methods.common.stage import dropped, first_test_examples, per_example_keys
+from pgpis_jax.methods.pcdm import pipeline
 from pgpis_jax.methods.pcdm.latent_stage import SOURCE_TOKENS, TARGET_EMBEDDING, LatentStage
 from pgpis_jax.models.pcdm import PoseEncoder, join_canvas, pack_inpaint_input, split_canvas
 
@@ -164,22 +165,11 @@ def extract_features(config, workdir: str, split: str = "train", batch_size=None
     return features.extract_split(build, config, workdir, split, batch_size, dtype)
 
 
-def sample(workdir: str, config=None, **options):
-    """sample.py: the three-stage pipeline with this run as stage 2 (pipeline.sample_command)."""
-    from pgpis_jax.methods.pcdm import pipeline
-
-    return pipeline.sample_command(workdir, config, **options)
-
-
 def generate_test_set(workdir: str, output_dir: str, config=None):
     """(generated folder, reference folder) of this run's test set, written into output_dir (the Colab notebook)."""
-    from pgpis_jax.methods.pcdm import pipeline
-
     return pipeline.generate_test_set(workdir, output_dir, config)[:2]
 
 
-def eval(workdir: str, output_dir: str, config=None):  # noqa: A001 - the entry points call method.eval
-    """eval.py --workdir --output_dir: this run's test set (pipeline.evaluate_command)."""
-    from pgpis_jax.methods.pcdm import pipeline
-
-    return pipeline.evaluate_command(workdir, output_dir, config)
+# sample.py and eval.py: PCDMs samples and evaluates through its stage-2 run (pipeline.py).
+sample = pipeline.sample_command
+eval = pipeline.evaluate_command  # noqa: A001 - the entry points call method.eval
