@@ -81,9 +81,17 @@ def test_mixed_modes_and_bad_flags_are_one_line_errors(folders, tmp_path):
     assert "unknown evaluation protocol 'nope'" in _error_lines(unknown)[0]
 
 
-def test_config_mode_goes_through_the_method(tmp_path):
-    result = _eval("--config=configs/toy_denoiser.py:demo", f"--workdir={tmp_path}")
-    assert result.returncode == 1
-    assert _error_lines(result) == [f"eval.py: error: no checkpoint in {tmp_path}/checkpoints; train first "
-                                    f"(python train.py --config=... --workdir={tmp_path})"]
-    assert os.path.exists(tmp_path / "eval_config.json")
+def test_config_mode_goes_through_the_method_and_writes_nothing_on_failure(tmp_path):
+    run, out = tmp_path / "run", tmp_path / "out"
+    run.mkdir()
+    missing_output = _eval("--config=configs/toy_denoiser.py:demo", f"--workdir={run}")
+    assert missing_output.returncode == 1
+    assert _error_lines(missing_output) == ["eval.py: error: --output_dir is required (nothing is written into the run)"]
+    untrained = _eval("--config=configs/toy_denoiser.py:demo", f"--workdir={run}", f"--output_dir={out}")
+    assert untrained.returncode == 1
+    assert _error_lines(untrained) == [f"eval.py: error: no checkpoint in {run}/checkpoints; train first "
+                                       f"(python train.py --config=... --workdir={run})"]
+    no_run = _eval(f"--workdir={run}", f"--output_dir={out}")
+    assert _error_lines(no_run) == [f"eval.py: error: {run}/config.json not found: --workdir={run} is not a trained "
+                                    f"run directory (or give --config)"]
+    assert os.listdir(tmp_path) == ["run"] and os.listdir(run) == []
