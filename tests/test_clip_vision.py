@@ -14,6 +14,7 @@ import transformers
 from safetensors.numpy import load_file
 
 from pgpis_jax.models.encoders.clip_vision import CLIPVisionModel
+from pgpis_jax.weights.encoder_checkpoints import clip_vision_params_from_state_dict
 from pgpis_jax.weights.pytorch import check_params_match
 
 TOLERANCE = 1e-4
@@ -70,7 +71,7 @@ _DIRS = {}  # name -> the save_pretrained directory of that tiny model
 def _models(name, directory):
     reference, config, state_dict = _saved(name, directory)
     module = CLIPVisionModel.from_config(config)
-    params = CLIPVisionModel.params_from_state_dict(state_dict, config)
+    params = clip_vision_params_from_state_dict(state_dict, config)
     check_params_match(params, jax.eval_shape(module.init_params, jax.random.key(0)), f"transformers {name}")
     return reference, module, params
 
@@ -170,7 +171,7 @@ def test_clip_model_checkpoint_into_the_bare_vision_tower(models):
     config, state_dict = _files(models, "clip_model")
     assert {"logit_scale", "text_projection.weight"} <= set(state_dict)
     module = CLIPVisionModel.from_config(config, with_projection=False)
-    params = CLIPVisionModel.params_from_state_dict(state_dict, config, with_projection=False)
+    params = clip_vision_params_from_state_dict(state_dict, config, with_projection=False)
     check_params_match(params, jax.eval_shape(module.init_params, jax.random.key(0)), "CLIPModel as vision tower")
     pixels = _pixels(32, seed=3)
     expected = _reference_outputs(reference, pixels)
@@ -184,7 +185,7 @@ def test_legacy_checkpoint_and_config_layouts(models):
     reference, module, params = models("vision_only")
     state_dict = {f"vision_model.{k}": v.numpy() for k, v in reference.state_dict().items()}
     state_dict["vision_model.embeddings.position_ids"] = np.arange(17)[None]
-    legacy = CLIPVisionModel.params_from_state_dict(state_dict, {"architectures": ["CLIPVisionModel"]})
+    legacy = clip_vision_params_from_state_dict(state_dict, {"architectures": ["CLIPVisionModel"]})
     jax.tree_util.tree_map(np.testing.assert_array_equal, legacy, params)
 
     clip, _ = _files(models, "clip_model")
@@ -205,10 +206,10 @@ def test_unexpected_and_missing_checkpoint_keys_are_reported(models):
     # text keys belong to a CLIPModel checkpoint only: with a vision config they are unexpected
     extra = dict(state_dict, **{"text_projection.weight": np.zeros((4, 4), np.float32)})
     with pytest.raises(ValueError, match="unexpected.*text_projection"):
-        check_params_match(CLIPVisionModel.params_from_state_dict(extra, reference.config.to_dict()), expected, "x")
+        check_params_match(clip_vision_params_from_state_dict(extra, reference.config.to_dict()), expected, "x")
     missing = {k: v for k, v in state_dict.items() if k != "visual_projection.weight"}
     with pytest.raises(ValueError, match="missing.*visual_projection/kernel"):
-        check_params_match(CLIPVisionModel.params_from_state_dict(missing, reference.config.to_dict()), expected, "x")
+        check_params_match(clip_vision_params_from_state_dict(missing, reference.config.to_dict()), expected, "x")
 
 
 @pytest.mark.parametrize("override,key", [
@@ -276,7 +277,7 @@ def test_full_size_parameter_count_and_tree_match_transformers(name):
     shapes = jax.eval_shape(module.init_params, jax.random.key(0))
     assert sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(shapes)) == count
     stand_ins = {k: np.broadcast_to(np.float32(0), v.shape) for k, v in reference.state_dict().items()}
-    check_params_match(CLIPVisionModel.params_from_state_dict(stand_ins, config.to_dict()), shapes, name)
+    check_params_match(clip_vision_params_from_state_dict(stand_ins, config.to_dict()), shapes, name)
     pixels = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
     outputs = jax.eval_shape(lambda p, x: module.apply({"params": p}, x), shapes, pixels)
     assert outputs["last_hidden_state"].shape == (1, 257, vision["hidden_size"])

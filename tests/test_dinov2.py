@@ -20,6 +20,7 @@ from pgpis_jax.interpolation import bicubic_weights
 from pgpis_jax.nn import attention as attention_lib
 from pgpis_jax.models.encoders import dinov2
 from pgpis_jax.models.encoders.dinov2 import DropPath, Dinov2Model, interpolate_pos_encoding
+from pgpis_jax.weights.encoder_checkpoints import dinov2_params_from_state_dict
 from pgpis_jax.weights.pytorch import check_params_match
 from pgpis_jax.weights.transformers_io import module_from_transformers_config
 
@@ -74,7 +75,7 @@ def _models(name):
     reference = transformers.Dinov2Model(config).eval()
     _randomise(reference)
     module = Dinov2Model.from_config(config.to_dict())
-    params = Dinov2Model.params_from_state_dict(_state_dict(reference), config.to_dict())
+    params = dinov2_params_from_state_dict(_state_dict(reference), config.to_dict())
     check_params_match(params, jax.eval_shape(module.init_params, jax.random.key(0)), f"Dinov2Model ({name})")
     return reference, module, params
 
@@ -232,16 +233,16 @@ def test_checkpoint_layouts(tmp_path):
     assert "encoder.layer.0.attention.attention.query.weight" in hub and "encoder.layer.0.mlp.weights_in.weight" in hub
     config = json.loads((tmp_path / "config.json").read_text())
     assert Dinov2Model.from_config(config) == module
-    from_hub = Dinov2Model.params_from_state_dict(hub, config)
+    from_hub = dinov2_params_from_state_dict(hub, config)
     classifier = dict({f"dinov2.{k}": v for k, v in hub.items()}, **{"classifier.weight": np.zeros((2, 64)),
                                                                      "classifier.bias": np.zeros(2)})
-    from_classifier = Dinov2Model.params_from_state_dict(classifier, config)
+    from_classifier = dinov2_params_from_state_dict(classifier, config)
     for tree in (from_hub, from_classifier):
         jax.tree_util.tree_map(np.testing.assert_array_equal, tree, params)
 
     stray = dict(hub, **{"encoder.layer.0.mlp.extra.weight": np.zeros((2, 2))})
     with pytest.raises(ValueError, match=r"unexpected \(1\): encoder/layer_0/mlp/extra/kernel"):
-        check_params_match(Dinov2Model.params_from_state_dict(stray, config),
+        check_params_match(dinov2_params_from_state_dict(stray, config),
                            jax.eval_shape(module.init_params, jax.random.key(0)), "checkpoint")
     with pytest.raises(ValueError, match="missing"):  # a SwiGLU checkpoint into an MLP model
         check_params_match(from_hub, jax.eval_shape(_models("mlp")[1].init_params, jax.random.key(0)), "checkpoint")
@@ -349,7 +350,7 @@ def test_full_size_parameter_count(name):
     assert count == expected
     if name == "large":  # key for key, with the shapes of the real checkpoint layout (no memory: broadcast views)
         state_dict = {k: np.broadcast_to(np.float32(0), tuple(v.shape)) for k, v in reference.state_dict().items()}
-        check_params_match(Dinov2Model.params_from_state_dict(state_dict), shapes, "DINOv2-large (meta)")
+        check_params_match(dinov2_params_from_state_dict(state_dict), shapes, "DINOv2-large (meta)")
     else:
         mlp = shapes["encoder"]["layer_0"]["mlp"]
         assert mlp["weights_in"]["kernel"].shape == (1536, 8192) and mlp["weights_out"]["kernel"].shape == (4096, 1536)

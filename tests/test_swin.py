@@ -16,9 +16,10 @@ import transformers
 from safetensors.numpy import load_file
 from transformers.models.swin.modeling_swin import SwinRelativePositionBias
 
-from pgpis_jax.models.encoders.swin import (CFLD_SWIN_B_CONFIG, SwinModel, drop_path, load_swin_checkpoint,
-                                            resize_relative_position_bias_table)
+from pgpis_jax.models.encoders.swin import CFLD_SWIN_B_CONFIG, SwinModel, drop_path
 from pgpis_jax.nn.attention import dot_product_attention
+from pgpis_jax.weights.encoder_checkpoints import (load_swin_checkpoint, resize_relative_position_bias_table,
+                                                   swin_params_from_state_dict)
 from pgpis_jax.weights.pytorch import check_params_match
 
 TOLERANCE = 1e-4
@@ -93,7 +94,7 @@ def _models(name):
     with tempfile.TemporaryDirectory() as tmp:
         config, state = _save_pretrained(reference, tmp)
     module = SwinModel.from_config(config)
-    params = SwinModel.params_from_state_dict(state, config)
+    params = swin_params_from_state_dict(state, config)
     check_params_match(params, jax.eval_shape(module.init_params, jax.random.key(0)), f"transformers Swin ({name})")
     return reference, config, state, module, params
 
@@ -163,7 +164,7 @@ def test_final_norm_false_and_no_pooling():
     reference, config, state, _, _ = _models("shifted")
     assert any(key.startswith("layernorm.") for key in state)
     module = SwinModel.from_config(config, final_norm=False, add_pooling_layer=False)
-    params = SwinModel.params_from_state_dict(state, config, final_norm=False)
+    params = swin_params_from_state_dict(state, config, final_norm=False)
     assert "layernorm" not in params
     check_params_match(params, jax.eval_shape(module.init_params, jax.random.key(0)), "final_norm=False")
     pixels = _pixels()
@@ -233,21 +234,21 @@ def test_other_checkpoint_layouts_give_the_same_tree(name):
     reference, config, state, _, params = _models(name)
     microsoft = _microsoft_layout(state, config)
     assert any(key.endswith("attn.qkv.weight") for key in microsoft)
-    _assert_same_tree(SwinModel.params_from_state_dict(microsoft, config), params)
+    _assert_same_tree(swin_params_from_state_dict(microsoft, config), params)
     no_norm = {k: v for k, v in params.items() if k != "layernorm"}
-    _assert_same_tree(SwinModel.params_from_state_dict(microsoft, config, final_norm=False), no_norm)
+    _assert_same_tree(swin_params_from_state_dict(microsoft, config, final_norm=False), no_norm)
     in_memory = {k: v.numpy() for k, v in reference.state_dict().items()}
     assert any(".q_proj." in key for key in in_memory)
-    _assert_same_tree(SwinModel.params_from_state_dict(in_memory, config), params)
+    _assert_same_tree(swin_params_from_state_dict(in_memory, config), params)
     classifier = {f"swin.{k}": v for k, v in state.items()}
     classifier.update({"classifier.weight": np.zeros((3, 32), np.float32), "classifier.bias": np.zeros(3, np.float32)})
-    _assert_same_tree(SwinModel.params_from_state_dict(classifier, config), params)
+    _assert_same_tree(swin_params_from_state_dict(classifier, config), params)
 
 
 def test_unexpected_keys_survive_into_the_tree():
     _, config, state, module, _ = _models("shifted")
     extra = dict(state, **{"embeddings.mask_token": np.zeros((1, 1, 16), np.float32)})
-    params = SwinModel.params_from_state_dict(extra, config)
+    params = swin_params_from_state_dict(extra, config)
     with pytest.raises(ValueError, match="unexpected.*mask_token"):
         check_params_match(params, jax.eval_shape(module.init_params, jax.random.key(0)), "extra")
 
@@ -272,12 +273,12 @@ def test_window_size_change_at_load():
     whose tables were resized with torch's F.interpolate."""
     source, config, state, _, _ = _models("shifted")
     module = SwinModel.from_config(config, window_size=6)
-    params = SwinModel.params_from_state_dict(state, config, window_size=6)
+    params = swin_params_from_state_dict(state, config, window_size=6)
     check_params_match(params, jax.eval_shape(module.init_params, jax.random.key(0)), "window 6")
     assert params["encoder"]["layers_1"]["blocks_1"]["attention"]["self"]["relative_position_bias_table"].shape \
         == (121, 4)
     with pytest.raises(ValueError, match="wrong shape.*relative_position_bias_table"):
-        check_params_match(SwinModel.params_from_state_dict(state, config, resize_tables=False, window_size=6),
+        check_params_match(swin_params_from_state_dict(state, config, resize_tables=False, window_size=6),
                            jax.eval_shape(module.init_params, jax.random.key(0)), "not resized")
 
     target = transformers.SwinModel(transformers.SwinConfig(**dict(CONFIGS["shifted"], window_size=6))).eval()

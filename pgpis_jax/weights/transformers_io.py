@@ -1,8 +1,8 @@
 """transformers model directories (config.json + model.safetensors / pytorch_model.bin) into our encoders.
 
 `load_transformers` picks the module from the config's `architectures` (CLIPVisionModelWithProjection,
-CLIPVisionModel, CLIPModel, Dinov2Model, SwinModel), converts the PyTorch weights with that module's
-`params_from_state_dict` and checks them strictly against its `jax.eval_shape` tree.
+CLIPVisionModel, CLIPModel, Dinov2Model, SwinModel), converts the PyTorch weights with that encoder's
+converter in encoder_checkpoints.py and checks them strictly against its `jax.eval_shape` tree.
 """
 
 from __future__ import annotations
@@ -16,19 +16,21 @@ import jax.numpy as jnp
 from pgpis_jax.models.encoders.clip_vision import CLIPVisionModel
 from pgpis_jax.models.encoders.dinov2 import Dinov2Model
 from pgpis_jax.models.encoders.swin import SwinModel
+from pgpis_jax.weights.encoder_checkpoints import (clip_vision_params_from_state_dict, dinov2_params_from_state_dict,
+                                                   swin_params_from_state_dict)
 from pgpis_jax.weights.files import CONFIG_NAME, read_config, read_state_dict, resolve_model_dir
 from pgpis_jax.weights.pytorch import check_params_match
 
 # architecture -> (module class, converter(state_dict, config, module, options) -> params)
 _ARCHITECTURES: Dict[str, Tuple[Any, Callable]] = {
-    name: (CLIPVisionModel, lambda state, config, module, options: CLIPVisionModel.params_from_state_dict(
+    name: (CLIPVisionModel, lambda state, config, module, options: clip_vision_params_from_state_dict(
         state, config, with_projection=module.with_projection))
     for name in ("CLIPVisionModelWithProjection", "CLIPVisionModel", "CLIPModel")
 }
 _ARCHITECTURES["Dinov2Model"] = (Dinov2Model, lambda state, config, module, options:
-                                 Dinov2Model.params_from_state_dict(state, config))
+                                 dinov2_params_from_state_dict(state, config))
 _ARCHITECTURES["SwinModel"] = (SwinModel, lambda state, config, module, options:
-                               SwinModel.params_from_state_dict(state, config, **options))
+                               swin_params_from_state_dict(state, config, **options))
 _MODEL_TYPES = {"clip_vision_model": "CLIPVisionModelWithProjection", "clip": "CLIPModel", "dinov2": "Dinov2Model",
                 "swin": "SwinModel"}
 SUPPORTED_ARCHITECTURES = tuple(_ARCHITECTURES)

@@ -20,7 +20,7 @@ image_size x image_size), attention dropout (every released CLIP has attention_d
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -29,7 +29,6 @@ import numpy as np
 
 from pgpis_jax.nn.attention import IMPLEMENTATIONS, dot_product_attention
 from pgpis_jax.nn.transformer import LayerNorm
-from pgpis_jax.weights.pytorch import state_dict_to_params
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 
@@ -59,8 +58,6 @@ _INERT_CONFIG = frozenset((
 # Top-level CLIPConfig keys that concern the text tower or the contrastive head only.
 _CLIP_TEXT_ONLY = frozenset(("text_config", "text_config_dict", "logit_scale_init_value"))
 _ARCHITECTURES = {"CLIPVisionModel": False, "CLIPVisionModelWithProjection": True, "CLIPModel": True}
-# Top-level torch modules of a CLIPVisionModel saved by transformers >= 5 (no "vision_model." prefix).
-_BARE_VISION_MODULES = ("embeddings", "encoder", "pre_layrnorm", "post_layernorm")
 
 
 def _activation(name: str):
@@ -312,33 +309,6 @@ class CLIPVisionModel(nn.Module):
         pixels = jnp.zeros((1, self.image_size, self.image_size, self.num_channels), self.dtype)
         return self.init(rng, pixels)["params"]
 
-    @classmethod
-    def params_from_state_dict(cls, state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any],
-                               with_projection: Optional[bool] = None) -> dict:
-        """Our parameter tree from a PyTorch state dict (NumPy arrays) of
-          - CLIPVisionModelWithProjection: `vision_model.*`, `visual_projection.weight`;
-          - CLIPVisionModel: `vision_model.*` (transformers 4) or the same keys without the prefix
-            (`embeddings.*`, `encoder.*`, `pre_layrnorm.*`, `post_layernorm.*`, transformers >= 5);
-          - CLIPModel (when `config` is a full CLIPConfig): its `text_model.*`, `text_projection.*` and
-            `logit_scale` are dropped.
-        The `embeddings.position_ids` buffer that transformers < 4.31 saved is dropped; with
-        with_projection=False `visual_projection.*` is dropped too (a CLIPModel checkpoint loaded into the bare
-        vision tower). Any other key survives into the tree, so that check_params_match reports it.
-        """
-        full = _is_full_clip_config(config)
-        renamed = {}
-        for key, value in state_dict.items():
-            if full and (key.startswith(("text_model.", "text_projection.")) or key == "logit_scale"):
-                continue
-            if key in ("vision_model.embeddings.position_ids", "embeddings.position_ids"):
-                continue
-            if with_projection is False and key.startswith("visual_projection."):
-                continue
-            if key.split(".", 1)[0] in _BARE_VISION_MODULES:
-                key = "vision_model." + key
-            renamed[key] = value
-        return state_dict_to_params(renamed, embedding_modules=("vision_model.embeddings.position_embedding",))
-
     # ------------------------------------------------------------------------------------------ forward
 
     @nn.compact
@@ -376,7 +346,8 @@ class CLIPVisionModel(nn.Module):
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _is_full_clip_config(config: Mapping[str, Any]) -> bool:
+def is_full_clip_config(config: Mapping[str, Any]) -> bool:
+    """Whether a config dict is a full CLIPConfig (vision and text towers) rather than a CLIPVisionConfig."""
     return config.get("model_type") == "clip" or "vision_config" in config or "vision_config_dict" in config
 
 
@@ -385,7 +356,7 @@ def _vision_config(config: Mapping[str, Any]):
     if not isinstance(config, Mapping):
         raise ValueError(f"CLIP config must be a dict (the content of config.json), got {type(config).__name__}")
     model_type = config.get("model_type", "clip_vision_model")
-    if not _is_full_clip_config(config):
+    if not is_full_clip_config(config):
         if model_type != "clip_vision_model":
             raise ValueError(f"CLIP vision config: model_type={model_type!r}; expected 'clip_vision_model' or 'clip'")
         return dict(config), None
@@ -410,7 +381,7 @@ def _with_projection(config: Mapping[str, Any]) -> bool:
     if architectures:
         raise ValueError(f"CLIP config architectures={list(architectures)!r} is not supported; expected one of "
                          f"{sorted(_ARCHITECTURES)} (or pass with_projection=True/False)")
-    if _is_full_clip_config(config):
+    if is_full_clip_config(config):
         return True
     raise ValueError("CLIP vision config has no 'architectures': pass with_projection=True "
                      "(CLIPVisionModelWithProjection) or with_projection=False (CLIPVisionModel)")

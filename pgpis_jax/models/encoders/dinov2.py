@@ -8,9 +8,9 @@ DINOv2 checkpoints on the Hub (facebook/dinov2-*: model.safetensors as transform
                      layer_scale2/lambda1},
   layernorm.
 
-`Dinov2Model.params_from_state_dict` converts that layout, transformers 5's in-memory layout (attention.q_proj /
-k_proj / v_proj / o_proj, mlp.gate_proj / up_proj / down_proj) and the `dinov2.`-prefixed state dict of
-Dinov2ForImageClassification.
+`pgpis_jax.weights.encoder_checkpoints.dinov2_params_from_state_dict` converts that layout, transformers 5's
+in-memory layout (attention.q_proj / k_proj / v_proj / o_proj, mlp.gate_proj / up_proj / down_proj) and the
+`dinov2.`-prefixed state dict of Dinov2ForImageClassification.
 
 Block (pre-norm, eval): x += layer_scale1 * attention(norm1(x)); x += layer_scale2 * mlp(norm2(x)), with
 stochastic depth (drop_path_rate, per sample) on both branches in training. The MLP is fc1 -> hidden_act
@@ -45,8 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
-from typing import Any, Mapping, Optional, Tuple, Union
+from typing import Any, Mapping, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -56,7 +55,6 @@ import numpy as np
 from pgpis_jax.interpolation import bicubic_weights
 from pgpis_jax.nn.attention import IMPLEMENTATIONS, dot_product_attention
 from pgpis_jax.nn.transformer import LayerNorm
-from pgpis_jax.weights.pytorch import state_dict_to_params
 
 IntOrPair = Union[int, Tuple[int, int]]
 
@@ -520,42 +518,6 @@ class Dinov2Model(nn.Module):
         dummy input."""
         patch = _pair(self.patch_size, "patch_size")
         return self.init(rng, jnp.zeros((1,) + patch + (self.num_channels,), self.dtype))["params"]
-
-    @classmethod
-    def params_from_state_dict(cls, state_dict: Mapping[str, np.ndarray], config: Optional[Mapping[str, Any]] = None
-                               ) -> dict:
-        """Our parameter tree from a PyTorch state dict (NumPy arrays) of
-          - a Hub DINOv2 checkpoint / transformers' save_pretrained (attention.attention.{query,key,value},
-            attention.output.dense, mlp.{fc1,fc2} or mlp.{weights_in,weights_out}); Dinov2Backbone has the
-            same keys;
-          - transformers 5's in-memory Dinov2Model.state_dict() (attention.{q,k,v,o}_proj; mlp.gate_proj and
-            mlp.up_proj, concatenated into weights_in, mlp.down_proj -> weights_out);
-          - Dinov2ForImageClassification (either layout, keys prefixed `dinov2.`): its `classifier.*` head is
-            dropped.
-        Any other key survives into the tree, so that check_params_match reports it. `config` is accepted for
-        the common encoder interface and not needed."""
-        del config
-        items = dict(state_dict)
-        if any(key.startswith("dinov2.") for key in items):
-            items = {key[len("dinov2."):] if key.startswith("dinov2.") else key: value
-                     for key, value in items.items() if not key.startswith("classifier.")}
-        renamed = {}
-        for key, value in items.items():
-            key = re.sub(r"\.attention\.([qkv])_proj\.",
-                         lambda m: {"q": ".attention.attention.query.", "k": ".attention.attention.key.",
-                                    "v": ".attention.attention.value."}[m[1]], key)
-            key = re.sub(r"\.attention\.o_proj\.", ".attention.output.dense.", key)
-            key = re.sub(r"\.mlp\.down_proj\.", ".mlp.weights_out.", key)
-            if key in renamed:
-                raise ValueError(f"two state-dict entries map to {key!r}")
-            renamed[key] = value
-        for key in [k for k in renamed if ".mlp.gate_proj." in k]:
-            up_key = key.replace(".mlp.gate_proj.", ".mlp.up_proj.")
-            fused_key = key.replace(".mlp.gate_proj.", ".mlp.weights_in.")
-            if up_key in renamed and fused_key not in renamed:
-                renamed[fused_key] = np.concatenate([np.asarray(renamed.pop(key)), np.asarray(renamed.pop(up_key))],
-                                                    axis=0)
-        return state_dict_to_params(renamed)
 
     # ------------------------------------------------------------------------------------------ forward
 

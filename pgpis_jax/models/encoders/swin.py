@@ -28,18 +28,16 @@ Microsoft's code that CFLD trains with; transformers applies it to the attention
 Dropout: hidden_dropout_prob is applied where transformers applies it; attention-probability dropout is not
 implemented (a non-zero attention_probs_dropout_prob raises when the module runs with deterministic=False).
 
-Weights: `SwinModel.params_from_state_dict` reads transformers' layout (save_pretrained, with or without the
-`swin.` prefix of SwinForImageClassification; also the renamed in-memory layout of transformers >= 5) and the
-official Microsoft layout (`patch_embed`, `layers.N.blocks.M.attn.qkv`, ...). Relative-position tables of a
-different window are resized as CFLD does (torch bicubic, align_corners=False, on the (S, S) grid per head).
-`load_swin_checkpoint` reads a Microsoft `.pth` file.
+Weights (pgpis_jax.weights.encoder_checkpoints): `swin_params_from_state_dict` reads transformers' layout
+(save_pretrained, with or without the `swin.` prefix of SwinForImageClassification; also the renamed in-memory
+layout of transformers >= 5) and the official Microsoft layout (`patch_embed`, `layers.N.blocks.M.attn.qkv`,
+...). Relative-position tables of a different window are resized as CFLD does (torch bicubic,
+align_corners=False, on the (S, S) grid per head). `load_swin_checkpoint` reads a Microsoft `.pth` file.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
 from typing import Any, Mapping, Optional, Tuple, Union
 
 import flax.linen as nn
@@ -47,10 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pgpis_jax.interpolation import resize_bicubic
 from pgpis_jax.nn.attention import IMPLEMENTATIONS, dot_product_attention
 from pgpis_jax.nn.transformer import LayerNorm
-from pgpis_jax.weights.pytorch import check_params_match, state_dict_to_params
 
 # Swin-B as CFLD builds it (models/swin_transformer.py, defaults/deepfashion.py): use with
 # SwinModel.from_config(CFLD_SWIN_B_CONFIG, final_norm=False).
@@ -159,27 +155,6 @@ def drop_path(x, rate: float, rng):
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     mask = jnp.floor(keep + jax.random.uniform(rng, shape, jnp.float32))
     return (x / keep * mask.astype(x.dtype)).astype(x.dtype)
-
-
-# -------------------------------------------------------------------------------------- bicubic resize
-
-def resize_relative_position_bias_table(table: np.ndarray, window: int) -> np.ndarray:
-    """A [(2w'-1)^2, heads] relative-position-bias table resized for window `window` exactly as CFLD does:
-    torch F.interpolate(table.permute(1, 0).view(1, heads, S, S), size=(S', S'), mode='bicubic',
-    align_corners=False) then back to [(S')^2, heads]; S' = 2 window - 1. Returned in the table's dtype."""
-    table = np.asarray(table)
-    rows, heads = table.shape
-    side = math.isqrt(rows)
-    if side * side != rows:
-        raise ValueError(f"relative_position_bias_table with {rows} rows is not a square grid")
-    new_side = 2 * window - 1
-    if side == new_side:
-        return table
-    if not np.issubdtype(table.dtype, np.floating):
-        raise ValueError(f"relative_position_bias_table must be floating point, got {table.dtype}")
-    grid = table.T.reshape(1, heads, side, side)
-    resized = resize_bicubic(grid, size=(new_side, new_side))
-    return np.ascontiguousarray(resized.reshape(heads, new_side * new_side).T)
 
 
 # ------------------------------------------------------------------------------------------- modules
@@ -609,143 +584,3 @@ class SwinModel(nn.Module):
             outputs["pooler_output"] = x.astype(jnp.float32).mean(axis=1).astype(x.dtype)
         outputs["stage_features"] = stage_features
         return outputs
-
-    # ------------------------------------------------------------------------------------------- weights
-
-    @classmethod
-    def params_from_state_dict(cls, state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any],
-                               resize_tables: bool = True, **options) -> dict:
-        """Our parameter tree from a PyTorch state dict (NumPy arrays) in one of these layouts:
-        - transformers' SwinModel (save_pretrained: `embeddings.*`, `encoder.layers.N.blocks.M.attention.self.
-          query`, ...; a `swin.` prefix (SwinForImageClassification) is stripped; transformers >= 5's in-memory
-          names `attention.q_proj` / `o_proj` / `relative_position_bias.*` / `mlp.fc1` are accepted too);
-          `relative_position_index` buffers and `classifier.*` / `pooler.*` keys are dropped;
-        - Microsoft's original (`patch_embed.*`, `layers.N.blocks.M.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1,
-          mlp.fc2}`, `norm`): the fused qkv is split into query, key, value; `relative_position_index`,
-          `attn_mask` and `head.*` are dropped.
-        The final norm (`layernorm` / `norm`) is dropped when the module has final_norm=False (options).
-        Relative-position tables of another window are resized to the module's stage windows as CFLD does
-        (torch bicubic, see resize_relative_position_bias_table), unless resize_tables=False. Keys we do not
-        know stay in the tree, so that check_params_match reports them.
-        config: the transformers SwinConfig dict; options as for from_config (e.g. final_norm=False)."""
-        module = cls.from_config(config, **options)
-        state = {k: np.asarray(v) for k, v in state_dict.items()}
-        if any(k.startswith(("patch_embed.", "layers.")) for k in state):
-            state = _from_microsoft_layout(state)
-        else:
-            state = _from_transformers_layout(state)
-        if not module.final_norm:
-            state = {k: v for k, v in state.items() if not k.startswith("layernorm.")}
-        if resize_tables:
-            windows = module.stage_windows()
-            for key, value in state.items():
-                parts = key.split(".")
-                if (parts[-1] == "relative_position_bias_table" and parts[:2] == ["encoder", "layers"]
-                        and parts[2].isdigit() and int(parts[2]) < len(windows) and value.ndim == 2
-                        and math.isqrt(value.shape[0]) ** 2 == value.shape[0]):
-                    state[key] = resize_relative_position_bias_table(value, windows[int(parts[2])][0])
-        return state_dict_to_params(state)
-
-
-# ------------------------------------------------------------------------------------ checkpoint layouts
-
-_TRANSFORMERS_V5_RENAMES = (
-    (".attention.q_proj.", ".attention.self.query."),
-    (".attention.k_proj.", ".attention.self.key."),
-    (".attention.v_proj.", ".attention.self.value."),
-    (".attention.o_proj.", ".attention.output.dense."),
-    (".attention.relative_position_bias.relative_position_bias_table", ".attention.self.relative_position_bias_table"),
-    (".attention.relative_position_bias.relative_position_index", ".attention.self.relative_position_index"),
-    (".mlp.fc1.", ".intermediate.dense."),
-    (".mlp.fc2.", ".output.dense."),
-)
-
-
-def _from_transformers_layout(state: dict) -> dict:
-    if any(k.startswith("swin.") for k in state):  # SwinForImageClassification / SwinForMaskedImageModeling
-        state = {k[len("swin."):] if k.startswith("swin.") else k: v for k, v in state.items()}
-    out = {}
-    for key, value in state.items():
-        if key.startswith(("classifier.", "pooler.")):  # heads of SwinForImageClassification and the like
-            continue
-        if key.startswith("encoder."):
-            for old, new in _TRANSFORMERS_V5_RENAMES:
-                key = key.replace(old, new)
-            if key.endswith(".attention.self.relative_position_index"):  # a buffer (older transformers)
-                continue
-        out[key] = value
-    return out
-
-
-_MICROSOFT_BLOCK_RENAMES = {
-    "norm1": "layernorm_before", "attn.proj": "attention.output.dense",
-    "norm2": "layernorm_after", "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense",
-}
-
-
-def _from_microsoft_layout(state: dict) -> dict:
-    """Microsoft's swin_transformer.py names -> transformers' names (qkv split; buffers and head dropped)."""
-    out = {}
-    for key, value in state.items():
-        parts = key.split(".")
-        if parts[0] == "head" or parts[-1] in ("relative_position_index", "attn_mask"):
-            continue
-        if parts[0] == "patch_embed" and len(parts) == 3 and parts[1] in ("proj", "norm"):
-            module = "patch_embeddings.projection" if parts[1] == "proj" else "norm"
-            out[f"embeddings.{module}.{parts[2]}"] = value
-        elif key == "absolute_pos_embed":
-            out["embeddings.position_embeddings"] = value
-        elif parts[0] == "norm" and len(parts) == 2:
-            out[f"layernorm.{parts[1]}"] = value
-        elif parts[0] == "layers" and len(parts) >= 4 and parts[2] == "downsample":
-            out["encoder." + key] = value
-        elif parts[0] == "layers" and len(parts) >= 6 and parts[2] == "blocks":
-            prefix, inner, leaf = f"encoder.layers.{parts[1]}.blocks.{parts[3]}", ".".join(parts[4:-1]), parts[-1]
-            if inner == "attn.qkv":
-                if value.shape[0] % 3:
-                    raise ValueError(f"{key}: fused qkv of {value.shape[0]} rows is not divisible by 3")
-                for name, chunk in zip(("query", "key", "value"), np.split(value, 3, axis=0)):
-                    out[f"{prefix}.attention.self.{name}.{leaf}"] = chunk
-            elif inner in _MICROSOFT_BLOCK_RENAMES:
-                out[f"{prefix}.{_MICROSOFT_BLOCK_RENAMES[inner]}.{leaf}"] = value
-            elif inner == "attn" and leaf == "relative_position_bias_table":
-                out[f"{prefix}.attention.self.relative_position_bias_table"] = value
-            else:
-                out[key] = value
-        else:
-            out[key] = value
-    return out
-
-
-def load_swin_checkpoint(path: str, config: Mapping[str, Any], prefix: str = "", **options) -> dict:
-    """Our parameter tree from a PyTorch checkpoint file of the Microsoft layout (e.g.
-    swin_base_patch4_window12_384_22kto1k.pth, read with torch.load(weights_only=True), its "model" entry
-    when present) or of transformers' layout. prefix: take only the keys under it (e.g. "backbone." in CFLD's
-    pytorch_model.bin; the rest belong to other modules). The tree is checked against the module's shapes
-    (ValueError listing missing / unexpected / mis-shaped keys). config / options as for from_config, e.g.
-    load_swin_checkpoint(path, CFLD_SWIN_B_CONFIG, final_norm=False) (tables resized from window 12)."""
-    import torch
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Swin checkpoint {path!r} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(checkpoint, Mapping) and "model" in checkpoint and isinstance(checkpoint["model"], Mapping):
-        checkpoint = checkpoint["model"]
-    if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"Swin checkpoint {path!r} holds a {type(checkpoint).__name__}, not a state dict")
-    state = {}
-    for key, value in checkpoint.items():
-        if not key.startswith(prefix):
-            continue
-        if not torch.is_tensor(value):
-            raise ValueError(f"Swin checkpoint {path!r}: entry {key!r} is a {type(value).__name__}, not a tensor")
-        value = value.detach().cpu()
-        if value.dtype == torch.bfloat16:
-            value = value.float()
-        state[key[len(prefix):]] = value.numpy()
-    if not state:
-        raise ValueError(f"Swin checkpoint {path!r} has no keys under the prefix {prefix!r}")
-    params = SwinModel.params_from_state_dict(state, config, **options)
-    module = SwinModel.from_config(config, **options)
-    check_params_match(params, jax.eval_shape(module.init_params, jax.random.key(0)), f"Swin checkpoint {path!r}")
-    return params
