@@ -37,7 +37,7 @@ import signal
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -51,8 +51,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from pgpis_jax.errors import UserError
 from pgpis_jax.trainer import tree
 
-if TYPE_CHECKING:
-    from pgpis_jax.trainer.loop import Setup
 
 # 1: one `state` item with all parameters. 2: trainable `params`, `ema`, `opt_state`, `progress`; frozen
 # parameters once per run in <workdir>/frozen_params.
@@ -194,9 +192,9 @@ def _nbytes(arrays: Any) -> int:
     return sum(math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(arrays))
 
 
-def checkpoint_bytes(s: "Setup") -> Tuple[Dict[str, int], int]:
-    """({item: bytes of its arrays} of one checkpoint step, bytes of the frozen parameters) from the
-    abstract state alone (shapes x item sizes): the array data orbax writes uncompressed, without its
+def checkpoint_bytes(s: Any) -> Tuple[Dict[str, int], int]:
+    """({item: bytes of its arrays} of one checkpoint step, bytes of the frozen parameters) of a run's
+    trainer.loop.Setup `s`, from its abstract state alone (shapes x item sizes): the array data orbax writes uncompressed, without its
     metadata files or the small JSON items (data, config, meta)."""
     items, frozen = split_state(s.abstract_state, s.opt)
     return {name: _nbytes(item) for name, item in items.items()}, _nbytes(frozen)
@@ -316,7 +314,7 @@ class Checkpoints:
     described above. `s` (loop.Setup) gives the state's shapes, shardings and trainable mask. A read-only
     instance (for sampling) creates, cleans up and writes nothing."""
 
-    def __init__(self, workdir: str, config, s: "Setup", read_only: bool = False):
+    def __init__(self, workdir: str, config, s: Any, read_only: bool = False):
         # orbax needs absolute paths; a relative local workdir is taken from the current directory.
         self.workdir = epath.Path(str(workdir) if "://" in str(workdir) else os.path.abspath(workdir))
         self.directory = self.workdir / "checkpoints"
