@@ -351,15 +351,15 @@ def test_evaluate_method_outputs_reads_config_eval_and_writes_json(folders, tmp_
     generated_dir, reference_dir, pairs = folders
     config = ml_collections.ConfigDict({"method": "x", "eval": evaluation.default_eval_config()})
     config.eval.metrics = "psnr"
-    workdir = str(tmp_path / "work")
-    results = evaluation.evaluate_method_outputs(config, workdir, generated_dir, reference_dir)
-    with open(os.path.join(workdir, "eval_metrics.json")) as f:
+    output_dir = str(tmp_path / "out")
+    results = evaluation.evaluate_method_outputs(config, output_dir, generated_dir, reference_dir)
+    with open(os.path.join(output_dir, "metrics.json")) as f:
         written = json.load(f)
     expected = np.mean([peak_signal_noise_ratio(r, g, data_range=255) for g, r in pairs])
     assert written["metrics"] == results["metrics"] == {"psnr": pytest.approx(expected, abs=1e-9)}
     config.eval = ml_collections.ConfigDict({"metrics": "psnr", "bogus": 1})
     with pytest.raises(UserError, match="unknown config.eval fields bogus"):
-        evaluation.evaluate_method_outputs(config, workdir, generated_dir, reference_dir)
+        evaluation.evaluate_method_outputs(config, output_dir, generated_dir, reference_dir)
 
 
 def _random_inception_params(module, rng):

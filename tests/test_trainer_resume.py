@@ -218,14 +218,14 @@ def test_a_run_writes_metrics_tensorboard_grids_and_progress(reference):
     assert committed_steps(workdir) == [10, 20, 30]
 
 
-def test_sample_and_eval_actions_read_the_newest_checkpoint(reference, capsys):
+def test_sample_and_eval_actions_read_the_newest_checkpoint(reference, capsys, tmp_path):
     workdir, _, _ = reference
     config = toy(**RUN)
-    toy_denoiser.sample(config, workdir)
-    toy_denoiser.eval(config, workdir)
+    toy_denoiser.sample(workdir, config, output_dir=str(tmp_path / "samples"))
+    toy_denoiser.eval(workdir, config, output_dir=str(tmp_path / "eval"))
     assert "16 samples of checkpoint step 30" in capsys.readouterr().out
-    assert os.path.exists(os.path.join(workdir, "samples.png"))
-    with open(os.path.join(workdir, "eval_metrics.json")) as f:
+    assert os.path.exists(tmp_path / "samples" / "samples.png")
+    with open(tmp_path / "eval" / "metrics.json") as f:
         metrics = json.load(f)
     assert metrics["step"] == TOTAL and np.isfinite([metrics["heldout_loss"], metrics["predict_zero_loss"]]).all()
 
