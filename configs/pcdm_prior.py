@@ -47,6 +47,9 @@ def get_config(arg=None):
     if arg.demo:
         config.batch_size = 64
         config.total_steps = 200
+        # The demo's prior predicts the target embedding better unguided: cosine 0.9905 at w = 1, 0.9840 at w = 2
+        # (96 test pairs, one trained prior); stage 2's SSIM was the same with either (0.6187).
+        config.sampling.guidance_scale = 1.0
         config.checkpoint_every_steps = 200
         config.model.prior.update(dict(weights="", subfolder="", keep_fresh=(), drop_pretrained=(),
                                        num_layers=2, num_attention_heads=2, attention_head_dim=16, pose_hidden=64,

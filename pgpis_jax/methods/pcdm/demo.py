@@ -4,7 +4,7 @@
    pairs) into <workdir>/data;
 2. trains the three `:demo` stages (tiny random networks, a parameter-free DCT autoencoder) in <workdir>/<stage>;
    stage 3's training inputs are stage 2's results on the training pairs with the true target embedding,
-   as the original makes them (with COARSE_STEPS DDIM steps, for time);
+   as the original makes them (with the config's DDIM steps, as the test pairs);
 3. samples every held-out test pair through prior -> inpainting -> refining and writes
    <out_dir>/grid.png (source | target pose | ground truth | stage 2 | stage 3) and <out_dir>/metrics.json:
    SSIM (Wang et al.: Gaussian 11x11, sigma 1.5, per channel, uint8, range 255) and PSNR (uint8, range 255) of
@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -30,7 +29,6 @@ from pgpis_jax.methods.common.split_sampler import to_uint8
 from pgpis_jax.methods.pcdm import pipeline
 
 GRID_ROWS = 8
-COARSE_STEPS = 5   # stage 2's sampling steps for stage 3's training inputs (test pairs use the config's 20)
 
 
 def build_data(data_dir: str) -> None:
@@ -82,9 +80,7 @@ def run(workdir: str, out_dir: str) -> dict:
     for name, config in stages.items():
         train_stage(config, os.path.join(workdir, name))
     inpaint = load_trained(os.path.join(workdir, "inpaint"), ("pcdm_inpaint",), stages["inpaint"])
-    coarse_config = stages["inpaint"].copy_and_resolve_references()
-    coarse_config.sampling.num_inference_steps = COARSE_STEPS
-    coarse_dir = pipeline.PCDMPipeline(dataclasses.replace(inpaint, config=coarse_config), "true").run_split(
+    coarse_dir = pipeline.PCDMPipeline(inpaint, "true").run_split(
         "train", os.path.join(workdir, "coarse_train"), batch_size=128)["folders"]["stage2"]
     print(f"[demo] stage-2 results for the training pairs -> {coarse_dir}", flush=True)
     stages["refine"] = stage_config("refine", data_dir, coarse_dir=coarse_dir)
