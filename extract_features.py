@@ -6,7 +6,7 @@
         --config.data.features_dir=/data/features/pcdm_inpaint
 
 Give the same config (weights, data, seed) as the training run: training refuses features made with other
-settings or frozen weights. Sharded over processes and resumable. See pgpis_jax/methods/pcdm/features.py.
+settings or frozen weights. Sharded over processes and resumable. See pgpis_jax/methods/common/features.py.
 """
 
 from absl import flags

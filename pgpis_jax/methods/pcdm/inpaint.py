@@ -5,7 +5,7 @@ added after conv_in), `image_proj_model_p` (DINOv2 tokens -> cross-attention wid
 `image_encoder` (CLIP ViT-H/14), `dinov2` - frozen.
 
 Training step, per example (pcdm_inpaint batches, see pgpis_jax/input_pipeline.py, or the same quantities read
-from offline features, see pgpis_jax/methods/pcdm/features.py):
+from offline features, see pgpis_jax/methods/common/features.py):
   x0 = latent of the canvas [source | target]; masked = latent of [source | black] (posterior samples)
   t ~ U{0..999}; noise = N(0, 1) + 0.1 N(0, 1) per channel; x_t = add_noise(x0, noise, t)
   with p = 0.1 each: DINOv2 input pixels zeroed, CLIP input pixels of the target zeroed
