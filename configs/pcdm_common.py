@@ -137,8 +137,8 @@ def unet_stage_config(method, arg, total_steps, class_embedding):
 
     Paper: DDIM, 20 steps, w = 2. The released code samples with UniPC (order 2, bh2) built from the SD
     2.1-base scheduler config (`released`) and keeps the best of 4 samples by SSIM against the ground truth
-    (an oracle selection; eval.py's pcdms protocol scores it from sample_0..3 folders, which sample.py does not
-    write yet).
+    (an oracle selection: sample.py --best_of=4 writes the candidates to <stage>_candidates/sample_0..3 and keeps
+    the best; eval.py's pcdms protocol scores them).
     """
     config, arg = pcdm_config(method, arg, total_steps=total_steps, batch_size=128)
     config.diffusion = ml_collections.ConfigDict(dict(
