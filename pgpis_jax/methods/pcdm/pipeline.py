@@ -29,6 +29,7 @@ Existing outputs are kept (a batch whose outputs all exist is skipped; pgpis_jax
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Dict, Optional
 
@@ -253,7 +254,7 @@ def sample_command(workdir: str, config=None, ablation: Optional[str] = None, pr
     results = pipe.run_split(split, output_dir, batch_size or pipe.inpaint.config.batch_size, best_of)
     if jax.process_index() == 0:
         write_json_atomic(os.path.join(output_dir, "sample_config.json"), pipe.inpaint.config.to_dict())
-    print(results, flush=True)
+    print(json.dumps(results), flush=True)
     return results
 
 
