@@ -20,8 +20,8 @@ A feature directory:
     shard-<p>-of-<n>/progress.json   rows written so far (extraction resumes from there)
 
 Training checks that the directory was made with the same settings and frozen weights (a fingerprint of every
-frozen tensor) as the run, and refuses otherwise. The frozen networks stay in the parameter tree, so
-checkpoints remain complete for sampling.
+frozen tensor) as the run, and refuses otherwise. The frozen networks stay in the parameter tree (stored once per
+run in <workdir>/frozen_params), so a run trained on features samples on its own.
 """
 
 from __future__ import annotations
