@@ -29,18 +29,23 @@ _CONFIG = config_flags.DEFINE_config_file(CONFIG_FLAG, None, "Config file, e.g. 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, outputs and the resolved config.")
 
 
+def _flag_value(argv: Sequence[str], name: str) -> Optional[str]:
+    """The value of `--name=value` or `--name value` in argv, or None if the flag is not given."""
+    for i, item in enumerate(argv):
+        if item.startswith(f"--{name}="):
+            return item.split("=", 1)[1]
+        if item == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
 def _config_file_and_arg(argv: Sequence[str]) -> Optional[tuple]:
     """(path, arg or None) from the --config=... argument, or None if there is none."""
-    for i, item in enumerate(argv):
-        value = None
-        if item.startswith(f"--{CONFIG_FLAG}="):
-            value = item.split("=", 1)[1]
-        elif item == f"--{CONFIG_FLAG}" and i + 1 < len(argv):
-            value = argv[i + 1]
-        if value is not None:
-            path, _, arg = value.partition(":")
-            return path, (arg or None)
-    return None
+    value = _flag_value(argv, CONFIG_FLAG)
+    if value is None:
+        return None
+    path, _, arg = value.partition(":")
+    return path, (arg or None)
 
 
 def _load_config_file(path: str, arg: Optional[str]) -> ml_collections.ConfigDict:
@@ -61,15 +66,6 @@ def unknown_override(config, overrides: Sequence[str]) -> Optional[str]:
                 where = f"; keys of {walked}: {known}" if known else f" ({walked} is not a group)"
                 return f"unknown config key '{CONFIG_FLAG}.{path}'{where}"
             node, walked = node[part], f"{walked}.{part}"
-    return None
-
-
-def _flag_value(argv: Sequence[str], name: str) -> Optional[str]:
-    for i, item in enumerate(argv):
-        if item.startswith(f"--{name}="):
-            return item.split("=", 1)[1]
-        if item == f"--{name}" and i + 1 < len(argv):
-            return argv[i + 1]
     return None
 
 

@@ -21,6 +21,7 @@ import ml_collections
 
 from pgpis_jax.errors import UserError
 from pgpis_jax.methods.common.stage import NETWORKS_FILE
+from pgpis_jax.trainer.checkpoints import differing_keys
 
 CONFIG_FILE = "config.json"
 # Config keys an inference command may set differently from the run's saved config: they change how it samples,
@@ -56,12 +57,6 @@ def saved_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(_read_json(path, f"{workdir} is not a trained run directory"))
 
 
-def _differing_keys(a: Any, b: Any, prefix: str = "") -> list:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [k for key in sorted(set(a) | set(b)) for k in _differing_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
-    return [] if a == b else [prefix.rstrip(".")]
-
-
 def _is_inference_key(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in INFERENCE_KEYS)
 
@@ -73,7 +68,7 @@ def inference_config(workdir: str, config: Optional[ml_collections.ConfigDict] =
     if config is None:
         return saved
     given = json.loads(config.to_json_best_effort())
-    fixed = [k for k in _differing_keys(saved.to_dict(), given) if not _is_inference_key(k)]
+    fixed = [k for k in differing_keys(saved.to_dict(), given) if not _is_inference_key(k)]
     if fixed:
         raise UserError(f"--config differs from the run's {os.path.join(workdir, CONFIG_FILE)} in "
                         f"{', '.join(fixed[:8])}{' and more' if len(fixed) > 8 else ''}; only inference settings "

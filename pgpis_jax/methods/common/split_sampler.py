@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from pgpis_jax.evaluation import write_results
 from pgpis_jax.methods.common.hosts import summed_over_processes
 from pgpis_jax.metrics import protocols
 
@@ -51,13 +52,6 @@ def pair_stem(source_name, target_name) -> str:
 def to_uint8(image) -> np.ndarray:
     """[-1, 1] float -> uint8, rounded (as the original's x/2 + 0.5, clamp, x 255, round)."""
     return np.round(np.clip(np.asarray(image, np.float32) / 2 + 0.5, 0, 1) * 255).astype(np.uint8)
-
-
-def write_json_atomic(path: str, value: Any) -> None:
-    """`value` as JSON at `path`, written under a temporary name and renamed."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=2)
-    os.replace(path + ".tmp", path)
 
 
 def save_png_atomic(path: str, image) -> None:
@@ -140,7 +134,7 @@ class SplitSampler:
             if self.scores:
                 for score in self.scores:
                     scores[score].update((n, float(v)) for n, v in zip(names, np.asarray(out.scores[score])[real]))
-                write_json_atomic(self.scores_path, scores)
+                write_results(scores, self.scores_path)
         sums = [written, pairs] + [x for score in self.scores for x in (sum(scores[score].values()), len(scores[score]))]
         totals = summed_over_processes(sums)
         results = dict(info, images_written=int(totals[0]), pairs=int(totals[1]),
@@ -150,5 +144,5 @@ class SplitSampler:
             results[score] = float(total / count) if count else None
             results[f"{score}_pairs"] = int(count)
         if jax.process_index() == 0:
-            write_json_atomic(os.path.join(self.output_dir, RESULTS_FILE), results)
+            write_results(results, os.path.join(self.output_dir, RESULTS_FILE))
         return results

@@ -37,13 +37,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pgpis_jax import input_pipeline, poses
+from pgpis_jax import evaluation, input_pipeline, poses
 from pgpis_jax.errors import UserError
 from pgpis_jax.methods.common import single_image
 from pgpis_jax.methods.common.hosts import with_batch_size
 from pgpis_jax.methods.common.run import Trained, load_trained
 from pgpis_jax.methods.common.split_sampler import (Generated, SplitSampler, candidate_folders, oracle_best_of,
-                                                    save_png_atomic, write_json_atomic)
+                                                    save_png_atomic)
 from pgpis_jax.methods.pcdm.prior import cosine_similarity
 from pgpis_jax.preprocessing import clip_preprocess
 
@@ -253,7 +253,7 @@ def sample_command(workdir: str, config=None, ablation: Optional[str] = None, pr
         return None
     results = pipe.run_split(split, output_dir, batch_size or pipe.inpaint.config.batch_size, best_of)
     if jax.process_index() == 0:
-        write_json_atomic(os.path.join(output_dir, "sample_config.json"), pipe.inpaint.config.to_dict())
+        evaluation.write_results(pipe.inpaint.config.to_dict(), os.path.join(output_dir, "sample_config.json"))
     print(json.dumps(results), flush=True)
     return results
 
@@ -263,7 +263,6 @@ def generate_test_set(workdir: str, output_dir: str, config=None):
     with the ground truth in output_dir/reference; existing images are kept. A protocol with best-of-N selection
     (config.eval.protocol, e.g. pcdms) gets N candidates in output_dir/stage2_candidates. Returns (the folder to
     score, the reference folder, the config used)."""
-    from pgpis_jax import evaluation
     from pgpis_jax.metrics import protocols
 
     pipe = open_pipeline(workdir, config, "B1")
@@ -279,8 +278,6 @@ def generate_test_set(workdir: str, output_dir: str, config=None):
 def evaluate_command(workdir: str, output_dir: str, config=None) -> Dict[str, Any]:
     """eval.py --workdir --output_dir: generate_test_set into output_dir/test_set, then the metrics of config.eval
     -> output_dir/metrics.json."""
-    from pgpis_jax import evaluation
-
     if not output_dir:
         raise UserError("--output_dir is required: where the test set and metrics.json go (nothing is written "
                         "into the run)")
