@@ -24,20 +24,21 @@ def _config(prediction_type="epsilon", **diffusion):
 
 
 def test_training_pair_is_diffusers_add_noise_and_velocity():
-    objective = DiffusionObjective(_config("v_prediction"))
+    """With the same keys (and no offset) the epsilon objective's target is the noise it drew; x_t and the
+    v-prediction target must then be diffusers' add_noise and get_velocity of that noise."""
     x0 = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype(np.float32)
     keys = jax.random.split(jax.random.key(0), 4)
-    t, x_t, target = objective.training_pair(keys, x0)
+    t, x_t, noise = DiffusionObjective(_config("epsilon")).training_pair(keys, x0)
+    t_v, x_t_v, velocity = DiffusionObjective(_config("v_prediction")).training_pair(keys, x0)
+    np.testing.assert_array_equal(np.asarray(t), np.asarray(t_v))
     reference = DDPMScheduler(**common.SD_SCHEDULE, prediction_type="v_prediction")
-    # Recover the noise from x_t (x_t = sqrt(a) x0 + sqrt(1 - a) eps), then compare both outputs with diffusers.
-    alpha = reference.alphas_cumprod.numpy()[np.asarray(t)].reshape(-1, 1, 1, 1)
-    noise = (np.asarray(x_t) - np.sqrt(alpha) * x0) / np.sqrt(1 - alpha)
-    tt = torch.from_numpy(np.array(t)).long()
-    expected_x_t = reference.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), tt).numpy()
-    expected_v = reference.get_velocity(torch.from_numpy(x0), torch.from_numpy(noise), tt).numpy()
+    tt, x, eps = (torch.from_numpy(np.array(a)) for a in (t, x0, noise))
+    expected_x_t = reference.add_noise(x, eps, tt.long()).numpy()
     np.testing.assert_allclose(np.asarray(x_t), expected_x_t, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(target), expected_v, rtol=1e-4, atol=1e-4)
-    assert abs(float(np.std(noise)) - 1.0) < 0.1
+    np.testing.assert_allclose(np.asarray(x_t_v), expected_x_t, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(velocity), reference.get_velocity(x, eps, tt.long()).numpy(),
+                               rtol=1e-4, atol=1e-4)
+    assert abs(float(np.std(np.asarray(noise))) - 1.0) < 0.1 and len(set(np.asarray(t).tolist())) > 1
 
 
 def test_cubic_timestep_sampler_favours_large_t():
