@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import tensorflow as tf
 import pytest
 
 from pgpis_jax import input_pipeline, poses
@@ -267,3 +268,22 @@ def test_bad_arguments(builder):
     with pytest.raises(UserError, match="not found"):
         input_pipeline.InputPipeline("no_such_dataset/1x1", batch_size=8, process_index=0, process_count=1,
                                      data_dir=str(ROOT / "nonexistent"))
+
+
+def test_a_registered_layout_is_read_by_name_and_a_taken_name_is_refused(builder, monkeypatch):
+    """A method package can add its own batch layout: here the target's mean colour, computed in tf.data."""
+    monkeypatch.setattr(input_pipeline, "LAYOUTS", dict(input_pipeline.LAYOUTS))
+
+    def make(options, stored_hw, train):
+        def preprocess(ex, seed):
+            return {"mean_colour": tf.reduce_mean(tf.cast(ex["target_image"], tf.float32), axis=(0, 1)) * options["scale"]}
+        return preprocess
+
+    input_pipeline.register_layout(input_pipeline.Layout("mean_colour", dict(scale=1.0), make))
+    batch = next(_pipeline(builder, split="test", train=False, layout="mean_colour", options=dict(scale=0.5)))
+    reference = next(_pipeline(builder, split="test", train=False, layout="pairs"))
+    # pairs' target_image is x / 127.5 - 1 of the stored (unresized) pixels: its mean maps back to the mean colour.
+    expected = (reference["target_image"].mean(axis=(1, 2)) + 1) * 127.5 * 0.5
+    np.testing.assert_allclose(batch["mean_colour"], expected, rtol=1e-4, atol=1e-3)
+    with pytest.raises(ValueError, match="'mean_colour' is already registered"):
+        input_pipeline.register_layout(input_pipeline.Layout("mean_colour", {}, make))
