@@ -222,7 +222,9 @@ def test_prior_and_inpaint_train_then_sample_from_the_run_directories_alone(demo
     single = [os.path.join(REPO, "sample.py"), f"--workdir={runs['inpaint']}", f"--prior_workdir={runs['prior']}",
               f"--source_image={inputs / 'a.png'}", f"--source_pose={inputs / 'a.txt'}",
               f"--target_pose={inputs / 'b.txt'}"]
-    result = _run(*single, f"--output={tmp_path / 'single' / 'b.png'}", cwd=REPO)
+    # Inference settings may differ from the run's config (here where the data lives, and the eval settings).
+    result = _run(*single, f"--output={tmp_path / 'single' / 'b.png'}",
+                  f"--config.data.data_dir={tmp_path / 'moved_away'}", "--config.eval.metrics=ssim", cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     image = np.asarray(Image.open(tmp_path / "single" / "b.png"))
     assert image.shape == (64, 64, 3) and image.std() > 0
@@ -231,7 +233,8 @@ def test_prior_and_inpaint_train_then_sample_from_the_run_directories_alone(demo
     # Failed calls write nothing: a missing source image, an output that exists, a config that changes the model.
     before = _snapshot(tmp_path)
     failures = [
-        [*single[:3], f"--source_image={inputs / 'missing.png'}", *single[4:], f"--output={tmp_path / 'new' / 'c.png'}"],
+        [*single[:3], f"--source_image={inputs / 'missing.png'}", *single[4:],
+         f"--output={tmp_path / 'new' / 'c.png'}"],
         [*single, f"--output={tmp_path / 'single' / 'b.png'}"],
         [*single, f"--output={tmp_path / 'new' / 'c.png'}", f"--config={REPO}/configs/pcdm_inpaint.py:demo",
          "--config.model.image_proj.hidden=32"],

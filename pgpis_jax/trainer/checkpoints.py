@@ -63,6 +63,9 @@ FROZEN_RECORD = "checksums.json"
 # (run length, logging, checkpointing, the mesh - restoring reshards - and inference-only `sampling`).
 RESUMABLE_KEYS = ("total_steps", "log_every_steps", "checkpoint_every_steps", "checkpoint", "logging", "debug",
                   "distributed", "mesh", "sampling")
+# Config keys a command that only reads a run (sample, eval) may also set differently: how it evaluates, its batch
+# size and where the data lives do not change what the trained networks are.
+INFERENCE_KEYS = RESUMABLE_KEYS + ("eval", "batch_size", "data.data_dir")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -79,8 +82,9 @@ def differing_keys(a: Any, b: Any, prefix: str = "") -> List[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
-def _resumable(key: str) -> bool:
-    return any(key == r or key.startswith(r + ".") for r in RESUMABLE_KEYS)
+def key_in(key: str, groups) -> bool:
+    """True if the dotted config key is one of `groups` or inside one of them."""
+    return any(key == g or key.startswith(g + ".") for g in groups)
 
 
 def _lookup(data: Any, key: str) -> Any:
@@ -107,7 +111,7 @@ def check_recorded_config(config, workdir: str) -> bool:
         return True
     previous = json.loads(path.read_text())
     keys = differing_keys(previous, current)
-    fixed = [k for k in keys if not _resumable(k)]
+    fixed = [k for k in keys if not key_in(k, RESUMABLE_KEYS)]
     if fixed:
         raise UserError(f"{path} holds a different config in keys that cannot change within a run: "
                         f"{describe_differences(previous, current, fixed)}; use another --workdir or the same config")
@@ -194,8 +198,8 @@ def _nbytes(arrays: Any) -> int:
 
 def checkpoint_bytes(s: Any) -> Tuple[Dict[str, int], int]:
     """({item: bytes of its arrays} of one checkpoint step, bytes of the frozen parameters) of a run's
-    trainer.loop.Setup `s`, from its abstract state alone (shapes x item sizes): the array data orbax writes uncompressed, without its
-    metadata files or the small JSON items (data, config, meta)."""
+    trainer.loop.Setup `s`, from its abstract state alone (shapes x item sizes): the array data orbax writes
+    uncompressed, without its metadata files or the small JSON items (data, config, meta)."""
     items, frozen = split_state(s.abstract_state, s.opt)
     return {name: _nbytes(item) for name, item in items.items()}, _nbytes(frozen)
 
@@ -538,11 +542,13 @@ class Checkpoints:
 
     def _check_config(self, step: int, saved: Mapping) -> None:
         current = config_dict(self.config)
-        keys = [k for k in differing_keys(saved, current) if not _resumable(k)]
+        allowed = INFERENCE_KEYS if self.read_only else RESUMABLE_KEYS
+        keys = [k for k in differing_keys(saved, current) if not key_in(k, allowed)]
         if keys:
+            when = "for sampling or evaluation" if self.read_only else "when resuming"
             raise UserError(f"checkpoint step {step} in {self.directory} was written with a different config: "
-                            f"{describe_differences(saved, current, keys)}. These keys cannot change when "
-                            "resuming; use another --workdir or the checkpoint's config")
+                            f"{describe_differences(saved, current, keys)}. These keys cannot change {when}; use "
+                            "another --workdir or the checkpoint's config")
 
     @staticmethod
     def _check_shapes(what: str, saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> None:

@@ -7,7 +7,8 @@ networks and its checkpoints. Nothing here writes into the run.
     <workdir>/frozen_params/    the frozen pretrained networks, stored once per run
 
 A stage is rebuilt from config.json and networks.json alone: neither the pretrained directories nor the
-training data are needed. Only inference settings (INFERENCE_KEYS) may differ from the saved config.
+training data are needed. Only inference settings (trainer.checkpoints.INFERENCE_KEYS) may differ from the saved
+config.
 """
 
 from __future__ import annotations
@@ -21,13 +22,9 @@ import ml_collections
 
 from pgpis_jax.errors import UserError
 from pgpis_jax.methods.common.stage import NETWORKS_FILE
-from pgpis_jax.trainer.checkpoints import differing_keys
+from pgpis_jax.trainer.checkpoints import INFERENCE_KEYS, differing_keys, key_in
 
 CONFIG_FILE = "config.json"
-# Config keys an inference command may set differently from the run's saved config: they change how it samples,
-# where the data lives and how it is laid out on devices, not what the trained networks are.
-INFERENCE_KEYS = ("sampling", "eval", "batch_size", "data.data_dir", "mesh", "distributed", "logging", "checkpoint",
-                  "debug")
 
 
 @dataclasses.dataclass
@@ -57,10 +54,6 @@ def saved_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(_read_json(path, f"{workdir} is not a trained run directory"))
 
 
-def _is_inference_key(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in INFERENCE_KEYS)
-
-
 def inference_config(workdir: str, config: Optional[ml_collections.ConfigDict] = None) -> ml_collections.ConfigDict:
     """The run's saved config, or `config` when it differs from the saved one in inference settings only (else a
     UserError naming the keys)."""
@@ -68,7 +61,7 @@ def inference_config(workdir: str, config: Optional[ml_collections.ConfigDict] =
     if config is None:
         return saved
     given = json.loads(config.to_json_best_effort())
-    fixed = [k for k in differing_keys(saved.to_dict(), given) if not _is_inference_key(k)]
+    fixed = [k for k in differing_keys(saved.to_dict(), given) if not key_in(k, INFERENCE_KEYS)]
     if fixed:
         raise UserError(f"--config differs from the run's {os.path.join(workdir, CONFIG_FILE)} in "
                         f"{', '.join(fixed[:8])}{' and more' if len(fixed) > 8 else ''}; only inference settings "
