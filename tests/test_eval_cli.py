@@ -86,7 +86,8 @@ def test_config_mode_goes_through_the_method_and_writes_nothing_on_failure(tmp_p
     run.mkdir()
     missing_output = _eval("--config=configs/toy_denoiser.py:demo", f"--workdir={run}")
     assert missing_output.returncode == 1
-    assert _error_lines(missing_output) == ["eval.py: error: --output_dir is required (nothing is written into the run)"]
+    assert _error_lines(missing_output) == [
+        "eval.py: error: --output_dir is required (nothing is written into the run)"]
     untrained = _eval("--config=configs/toy_denoiser.py:demo", f"--workdir={run}", f"--output_dir={out}")
     assert untrained.returncode == 1
     assert _error_lines(untrained) == [f"eval.py: error: no checkpoint in {run}/checkpoints; train first "

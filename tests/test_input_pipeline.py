@@ -276,7 +276,8 @@ def test_a_registered_layout_is_read_by_name_and_a_taken_name_is_refused(builder
 
     def make(options, stored_hw, train):
         def preprocess(ex, seed):
-            return {"mean_colour": tf.reduce_mean(tf.cast(ex["target_image"], tf.float32), axis=(0, 1)) * options["scale"]}
+            mean = tf.reduce_mean(tf.cast(ex["target_image"], tf.float32), axis=(0, 1))
+            return {"mean_colour": mean * options["scale"]}
         return preprocess
 
     input_pipeline.register_layout(input_pipeline.Layout("mean_colour", dict(scale=1.0), make))

@@ -130,12 +130,15 @@ class SplitSampler:
                 continue
             out = generate(batch, jax.random.fold_in(rng, index))
             for folder in self.folders:
-                written += save_images(os.path.join(self.output_dir, folder), names, np.asarray(out.images[folder])[real])
+                images = np.asarray(out.images[folder])[real]
+                written += save_images(os.path.join(self.output_dir, folder), names, images)
             if self.scores:
                 for score in self.scores:
                     scores[score].update((n, float(v)) for n, v in zip(names, np.asarray(out.scores[score])[real]))
                 write_results(scores, self.scores_path)
-        sums = [written, pairs] + [x for score in self.scores for x in (sum(scores[score].values()), len(scores[score]))]
+        sums = [written, pairs]
+        for score in self.scores:
+            sums += [sum(scores[score].values()), len(scores[score])]
         totals = summed_over_processes(sums)
         results = dict(info, images_written=int(totals[0]), pairs=int(totals[1]),
                        folders={folder: os.path.join(self.output_dir, folder) for folder in self.folders})
