@@ -29,7 +29,7 @@ _CONFIG = config_flags.DEFINE_config_file(CONFIG_FLAG, None, "Config file, e.g. 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, outputs and the resolved config.")
 
 
-def _flag_value(argv: Sequence[str], name: str) -> Optional[str]:
+def flag_value(argv: Sequence[str], name: str) -> Optional[str]:
     """The value of `--name=value` or `--name value` in argv, or None if the flag is not given."""
     for i, item in enumerate(argv):
         if item.startswith(f"--{name}="):
@@ -41,7 +41,7 @@ def _flag_value(argv: Sequence[str], name: str) -> Optional[str]:
 
 def _config_file_and_arg(argv: Sequence[str]) -> Optional[tuple]:
     """(path, arg or None) from the --config=... argument, or None if there is none."""
-    value = _flag_value(argv, CONFIG_FLAG)
+    value = flag_value(argv, CONFIG_FLAG)
     if value is None:
         return None
     path, _, arg = value.partition(":")
@@ -75,7 +75,7 @@ def with_saved_config(argv: List[str]) -> List[str]:
     if _config_file_and_arg(argv) is not None:
         return argv
     program = os.path.basename(argv[0])
-    workdir = _flag_value(argv, "workdir")
+    workdir = flag_value(argv, "workdir")
     if workdir is None:
         sys.exit(f"{program}: error: --workdir (a trained run directory) is required")
     if not os.path.isfile(os.path.join(workdir, "config.json")):
@@ -136,24 +136,38 @@ def _differing_keys(a, b, prefix: str = "") -> List[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
-def run(main: Callable[[ml_collections.ConfigDict, str], None], inference: bool = False) -> None:
-    """Runs main(config, workdir) under absl with flags parsed as above and a UserError printed as one line.
-    With `inference`, --config may be left out (the run's saved config is used). main validates what it needs;
-    training and demos then record the config with `write_config_json`."""
+def _absl_main(call: Callable[[str], None]):
+    """absl's main: no positional arguments, call(program name), a UserError printed as one line."""
 
     def absl_main(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
         program = os.path.basename(argv[0])
-        if _WORKDIR.value is None:
-            sys.exit(f"{program}: error: --workdir is required")
         try:
-            main(_CONFIG.value, _WORKDIR.value)
+            call(program)
         except UserError as error:
             sys.exit(f"{program}: error: {error}")
 
+    return absl_main
+
+
+def run(main: Callable[[ml_collections.ConfigDict, str], None], inference: bool = False) -> None:
+    """Runs main(config, workdir) under absl with flags parsed as above and a UserError printed as one line.
+    With `inference`, --config may be left out (the run's saved config is used). main validates what it needs;
+    training and demos then record the config with `write_config_json`."""
+
+    def call(program):
+        if _WORKDIR.value is None:
+            sys.exit(f"{program}: error: --workdir is required")
+        main(_CONFIG.value, _WORKDIR.value)
+
     parser = (lambda argv: parse_flags(with_saved_config(argv))) if inference else parse_flags
-    app.run(absl_main, flags_parser=parser)
+    app.run(_absl_main(call), flags_parser=parser)
+
+
+def run_with_config(main: Callable[[ml_collections.ConfigDict], None]) -> None:
+    """Runs main(config) under absl for commands that read a config and no run (python -m pgpis_jax.inspect)."""
+    app.run(_absl_main(lambda program: main(_CONFIG.value)), flags_parser=parse_flags)
 
 
 INFERENCE_ACTIONS = ("sample", "eval")

@@ -86,6 +86,8 @@ class HostData:
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         consumed = int(state["batches_consumed"])
+        if consumed == 0 and "iterator" not in state:
+            return   # a run that has read nothing yet (an imported checkpoint): the fresh iterator is its position
         if "iterator" in state:
             if not self._has_state:
                 raise UserError("the checkpoint holds an input-pipeline state but this method's iterator has no "

@@ -9,6 +9,7 @@ from typing import Any, Optional, Tuple
 from pgpis_jax.errors import UserError
 from pgpis_jax.trainer import checkpoints as ckpt_lib
 from pgpis_jax.trainer import mesh as mesh_lib
+from pgpis_jax.trainer import metrics as metrics_lib
 from pgpis_jax.trainer.loop import setup
 
 WHICH = ("ema", "raw")
@@ -23,6 +24,7 @@ def load_params(method, config, workdir: str, which: str = "ema", step: Optional
     """
     if which not in WHICH:
         raise UserError(f"which={which!r}: expected one of {', '.join(WHICH)}")
+    metrics_lib.quiet_library_logs()
     mesh_lib.maybe_initialize_distributed(config)
     s = setup(method, config, mesh_lib.make_mesh(config))
     checkpoints = ckpt_lib.Checkpoints(workdir, config, s, read_only=True)

@@ -25,6 +25,7 @@ from pgpis_jax.trainer import ema as ema_lib
 from pgpis_jax.trainer import mesh as mesh_lib
 from pgpis_jax.trainer import metrics as metrics_lib
 from pgpis_jax.trainer import optimizer as opt_lib
+from pgpis_jax.trainer import report as report_lib
 from pgpis_jax.trainer import step as step_lib
 from pgpis_jax.trainer.data import HostData
 from pgpis_jax.trainer.precision import Policy
@@ -114,9 +115,10 @@ def train(method, config, workdir: str) -> str:
     new_run_files = ckpt_lib.check_run_files(method.run_files(), workdir)
     mesh = mesh_lib.make_mesh(config)
     s = setup(method, config, mesh)
-    n_trainable, n_frozen = opt_lib.count_parameters(s.abstract_params, s.opt.trainable)
+    report = report_lib.parameter_report(s)
+    metrics_lib.console(report_lib.format_report(report))
     metrics_lib.console(f"mesh {mesh_lib.describe(mesh)}, {jax.process_count()} process(es); parameters: "
-                        f"{n_trainable:,} trainable, {n_frozen:,} frozen; global batch {config.batch_size} in "
+                        f"{report['trainable']:,} trainable, {report['frozen']:,} frozen; global batch {config.batch_size} in "
                         f"{config.grad.accumulation_steps} micro-batch(es); precision {config.precision.param_dtype} "
                         f"params / {config.precision.compute_dtype} compute")
     checkpoints = ckpt_lib.Checkpoints(workdir, config, s)

@@ -9,7 +9,6 @@ trainable gradients. Gradient accumulation is done by the train step (pgpis_jax/
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Callable, Dict, Mapping
 
 import jax.numpy as jnp
@@ -130,11 +129,3 @@ def make_optimizer(config, abstract_params: Mapping, mu_dtype=None) -> Optimizer
     tx = optax.multi_transform({TRAINABLE: _trainable_transform(config, schedule, mu_dtype),
                                 FROZEN: optax.set_to_zero()}, labels)
     return Optimizer(tx=tx, schedule=schedule, trainable=trainable)
-
-
-def count_parameters(params: Mapping, trainable: Dict[str, bool]):
-    """(trainable, frozen) parameter counts."""
-    counts = [0, 0]
-    for path, leaf in tree.flatten(params).items():
-        counts[0 if trainable[tree.path_str(path)] else 1] += math.prod(leaf.shape)
-    return tuple(counts)

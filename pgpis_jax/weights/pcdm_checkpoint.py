@@ -173,6 +173,11 @@ def load_pcdm_checkpoint(path: str, stage: str, expected: Any, weights_only: boo
         check_params_match(params, expected, "its state dict")
     except ValueError as error:
         problems.insert(0, str(error))
+    if stage == "inpaint" and "class_embedding" not in params.get("unet", {}) and \
+            "class_embedding" in expected.get("unet", {}):
+        problems.insert(0, "it has no unet.class_embedding: it is the simplified stage-2 model of PCDMs' notebooks "
+                           "(PCDMs_ckpt.pt, DINOv2 tokens only), while the paper's stage 2 that configs/pcdm_inpaint.py "
+                           "trains adds the stage-1 embedding through a class embedding, so it cannot be used as one")
     if problems:
         guess = _guess_stage(state_dict)
         hint = f" (its keys look like stage {guess!r})" if guess != stage else ""

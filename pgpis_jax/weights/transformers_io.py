@@ -3,10 +3,12 @@
 `load_transformers` picks the module from the config's `architectures` (CLIPVisionModelWithProjection,
 CLIPVisionModel, CLIPModel, Dinov2Model, SwinModel), converts the PyTorch weights with that encoder's
 converter in encoder_checkpoints.py and checks them strictly against its `jax.eval_shape` tree.
+`save_transformers` writes a CLIP vision or DINOv2 directory that transformers' `from_pretrained` loads.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
@@ -19,7 +21,7 @@ from pgpis_jax.models.encoders.swin import SwinModel
 from pgpis_jax.weights.encoder_checkpoints import (clip_vision_params_from_state_dict, dinov2_params_from_state_dict,
                                                    swin_params_from_state_dict)
 from pgpis_jax.weights.files import CONFIG_NAME, read_config, read_state_dict, resolve_model_dir
-from pgpis_jax.weights.pytorch import check_params_match
+from pgpis_jax.weights.pytorch import check_params_match, params_to_state_dict
 
 # architecture -> (module class, converter(state_dict, config, module, options) -> params)
 _ARCHITECTURES: Dict[str, Tuple[Any, Callable]] = {
@@ -75,3 +77,27 @@ def load_transformers(path_or_repo_id: str, subfolder: Optional[str] = None, dty
     expected = jax.eval_shape(lambda: module.init_params(jax.random.key(0)))
     check_params_match(params, expected, directory)
     return module, jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
+
+
+# linen list attributes named "<name>_<i>" where torch says "<name>.<i>" (CLIP's encoder.layers, DINOv2's encoder.layer)
+SAVABLE_LIST_NAMES = {"CLIPVisionModelWithProjection": ("layers",), "CLIPVisionModel": ("layers",),
+                      "Dinov2Model": ("layer",)}
+
+
+def save_transformers(config: Mapping[str, Any], params, out_dir: str) -> str:
+    """Writes config.json (`config`, a CLIP vision or DINOv2 config.json dict) and model.safetensors (float32, the
+    checkpoint layout transformers publishes) to out_dir, which must not exist; returns out_dir."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    name = _architecture(config)
+    if name not in SAVABLE_LIST_NAMES:
+        raise ValueError(f"saving architecture {name!r} is not supported; expected one of "
+                         f"{', '.join(SAVABLE_LIST_NAMES)}")
+    os.makedirs(out_dir)
+    state_dict = params_to_state_dict(jax.tree.map(lambda x: np.asarray(x, np.float32), params),
+                                      SAVABLE_LIST_NAMES[name])
+    with open(os.path.join(out_dir, CONFIG_NAME), "w") as f:
+        json.dump(dict(config), f, indent=2)
+    save_file(state_dict, os.path.join(out_dir, "model.safetensors"))
+    return out_dir

@@ -16,22 +16,24 @@ Each pretrained network is a *spec* (a ConfigDict):
 A `NetworkBuilder` resolves every `weights` (downloading from the hub when it can), so a missing model is
 reported before anything is compiled; weights are read only in `load_pretrained` (the trainer's warm start).
 Built with the configs a run recorded (`saved`, from <run>/networks.json), it needs no pretrained directory:
-the parameters then come from the run's checkpoint.
+the parameters then come from the run's checkpoint. Built with `DeclaredNetworks(config)` in their place, it builds
+the networks a config declares without their weights (the parameter report).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import jax.numpy as jnp
 
 from pgpis_jax.errors import UserError
 from pgpis_jax.models.latent_codec import PixelShuffleCodec, VAECodec
 from pgpis_jax.weights import diffusers_io, transformers_io
-from pgpis_jax.weights.files import read_config, read_state_dict, resolve_model_dir
+from pgpis_jax.weights.files import CONFIG_NAME, read_config, read_state_dict, resolve_model_dir
 from pgpis_jax.weights.partial import merge_pretrained
+from pgpis_jax.weights.published import PUBLISHED, published_config
 from pgpis_jax.weights.pytorch import state_dict_to_params
 
 
@@ -82,13 +84,60 @@ def resolve_directory(spec, key: str, missing: MissingInputs) -> Optional[str]:
         return None
 
 
-def _network_config(spec, directory: Optional[str], key: str) -> Dict[str, Any]:
-    config = dict(read_config(directory)) if directory else dict(spec.config)
-    unknown = sorted(set(spec.overrides) - set(config)) if directory else []
-    if unknown:
-        raise UserError(f"{key}.overrides: {', '.join(unknown)} not in {os.path.join(directory, 'config.json')}")
+def _network_config(spec, pretrained: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The `pretrained` config with the spec's overrides, or the spec's own `config` for a network without weights.
+    An override may name a key the pretrained config.json leaves at its default (older files list fewer keys); the
+    module rejects keys it does not know, naming them."""
+    config = dict(pretrained) if pretrained is not None else dict(spec.config)
     config.update(dict(spec.overrides))
     return config
+
+
+class DeclaredNetworks(Mapping):
+    """{config path: network config} of the networks a config declares, read without weights or a network
+    connection: a local `weights` directory's config.json, else the published config of the hub id
+    (pgpis_jax/weights/published.py), else `config`; with the spec's overrides. Looked up lazily, by the keys the
+    method asks for; iterates over every spec under config.model."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def _spec(self, key: str):
+        node = self.config
+        for part in key.split(".")[1:]:
+            if part not in node:
+                raise KeyError(key)
+            node = node[part]
+        return node
+
+    def __getitem__(self, key: str) -> Dict[str, Any]:
+        spec = self._spec(key)
+        if not spec.weights:
+            return _network_config(spec)
+        local = os.path.join(spec.weights, spec.subfolder or "")
+        if os.path.isfile(os.path.join(local, CONFIG_NAME)):
+            return _network_config(spec, read_config(local))
+        published = published_config(spec.weights, spec.subfolder)
+        if published is None:
+            listed = ", ".join(f"{w}{f' ({s})' if s else ''}" for w, s in PUBLISHED)
+            where = f" (subfolder {spec.subfolder!r})" if spec.subfolder else ""
+            raise UserError(f"{key}.weights={spec.weights!r}{where}: not a local directory and not among the published "
+                            f"configs known without a download ({listed}); point it at a local copy")
+        return _network_config(spec, published)
+
+    def __contains__(self, key) -> bool:
+        try:
+            spec = self._spec(key)
+        except KeyError:
+            return False
+        return "weights" in spec and "config" in spec
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(f"config.model.{name}" for name in self.config.model
+                    if f"config.model.{name}" in self)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 _MODULE_FROM_CONFIG = {"diffusers": diffusers_io.module_from_diffusers_config,
@@ -135,7 +184,7 @@ class NetworkBuilder:
             directory = resolve_directory(spec, key, self.missing)
             if spec.weights and directory is None:
                 return Resolved(key, None, None, spec, family)
-            config = _network_config(spec, directory, key)
+            config = _network_config(spec, read_config(directory) if directory else None)
         self.recorded[key] = config
         return Resolved(key, _module(family, config, key, module_options), directory, spec, family, config)
 

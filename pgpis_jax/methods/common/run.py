@@ -29,13 +29,15 @@ CONFIG_FILE = "config.json"
 
 @dataclasses.dataclass
 class Trained:
-    """A stage rebuilt from a run: its config, method (a Stage), parameters for sampling and checkpoint step."""
+    """A stage rebuilt from a run: its config, method (a Stage), parameters for sampling, their checkpoint step and
+    which they are ("ema" or "raw": the trained parameters, also where "ema" was asked for and the run kept none)."""
 
     workdir: str
     config: Any
     method: Any
     params: Any
     step: int
+    which: str = "ema"
 
 
 def _read_json(path: str, what: str):
@@ -69,11 +71,13 @@ def inference_config(workdir: str, config: Optional[ml_collections.ConfigDict] =
     return config
 
 
-def load_trained(workdir: str, methods: Sequence[str], config=None, which: str = "ema") -> Trained:
-    """The stage trained in `workdir` (its method one of `methods`) with its parameters for sampling: the EMA
-    ("ema", when the run kept one) or the raw trainable parameters ("raw"), and the frozen ones."""
+def load_trained(workdir: str, methods: Sequence[str], config=None, which: str = "ema",
+                 step: Optional[int] = None) -> Trained:
+    """The stage trained in `workdir` (its method one of `methods`) with its parameters for sampling from checkpoint
+    `step` (None: the newest): the EMA ("ema", when the run kept one) or the raw trainable parameters ("raw"), and
+    the frozen ones."""
     from pgpis_jax import methods as registry
-    from pgpis_jax.trainer import inference
+    from pgpis_jax.trainer import ema, inference
 
     config = inference_config(workdir, config)
     if config.method not in methods:
@@ -81,5 +85,6 @@ def load_trained(workdir: str, methods: Sequence[str], config=None, which: str =
     networks = _read_json(os.path.join(workdir, NETWORKS_FILE),
                           "the run recorded no network configs (trained by an older version: train it again)")
     method = registry.get_method(config.method).build(config, saved_networks=networks)
-    params, step = inference.load_params(method, config, workdir, which=which)
-    return Trained(workdir, config, method, params, step)
+    params, step = inference.load_params(method, config, workdir, which=which, step=step)
+    used = "ema" if which == "ema" and ema.enabled(config) else "raw"
+    return Trained(workdir, config, method, params, step, used)

@@ -27,6 +27,8 @@ class Stage(Method):
 
     saved_networks: the network configs a trained run recorded (<run>/networks.json): the stage is then built
     for inference from the run alone (no pretrained directories, no dataset, no offline features).
+    needs_data=False builds a stage for training without its dataset or features (the pretrained directories are
+    still resolved): importing a released checkpoint into a run.
     Subclasses build their networks with `self.builder` in __init__ and end it with `self.check_inputs()`."""
 
     FROZEN: Tuple[str, ...] = ()
@@ -34,18 +36,19 @@ class Stage(Method):
     DROPPABLE: Dict[str, Tuple[str, ...]] = {}
     LAYOUTS: Tuple[str, ...] = ()
 
-    def __init__(self, config, saved_networks: Optional[Dict[str, Any]] = None):
+    def __init__(self, config, saved_networks: Optional[Dict[str, Any]] = None, needs_data: bool = True):
         super().__init__(config)
         layout = config.data.get("layout", "")
         if layout not in self.LAYOUTS:
             raise UserError(f"config.data.layout={layout!r}: method {config.method!r} reads the layouts "
                             f"{', '.join(self.LAYOUTS)}")
         self.builder = NetworkBuilder(saved_networks)
-        self.features = None if self.builder.from_run else features.open_for_training(config, self.FROZEN)
+        self.needs_data = needs_data and not self.builder.from_run
+        self.features = features.open_for_training(config, self.FROZEN) if self.needs_data else None
 
     def check_inputs(self) -> None:
         """One UserError naming every missing pretrained directory and, for training on pixels, the dataset."""
-        if not self.builder.from_run and self.features is None:
+        if self.needs_data and self.features is None:
             check_dataset(self.config, self.builder.missing)
         self.builder.raise_if_any(self.config.method)
 

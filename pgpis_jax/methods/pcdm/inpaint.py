@@ -30,7 +30,7 @@ from pgpis_jax.diffusion import guidance
 from pgpis_jax.errors import UserError
 from pgpis_jax.methods.common import features, latents
 from pgpis_jax.methods.common.stage import dropped, first_test_examples, per_example_keys
-from pgpis_jax.methods.pcdm import pipeline
+from pgpis_jax.methods.pcdm import formats, pipeline
 from pgpis_jax.methods.pcdm.latent_stage import SOURCE_TOKENS, TARGET_EMBEDDING, LatentStage
 from pgpis_jax.models.pcdm import PoseEncoder, join_canvas, pack_inpaint_input, split_canvas
 
@@ -44,8 +44,8 @@ class PCDMInpaint(LatentStage):
     DROPPABLE = {"source_dino": ("source_tokens",), "target_clip": ("target_embedding",)}
     LAYOUTS = ("pcdm_inpaint",)
 
-    def __init__(self, config, saved_networks=None):
-        super().__init__(config, saved_networks)
+    def __init__(self, config, saved_networks=None, needs_data=True):
+        super().__init__(config, saved_networks, needs_data)
         unet = self.unet.module
         self.embedding_dim = self.encoders.module("image_encoder").projection_dim
         _check_unet(unet, self.codec.channels, self.embedding_dim)
@@ -156,8 +156,11 @@ def _check_unet(unet, latent_channels: int, embedding_dim: int) -> None:
         raise UserError("config.model.unet does not fit stage 2: " + "; ".join(problems))
 
 
-def build(config, saved_networks=None) -> PCDMInpaint:
-    return PCDMInpaint(config, saved_networks)
+FORMATS = formats.formats("inpaint")
+
+
+def build(config, saved_networks=None, needs_data=True) -> PCDMInpaint:
+    return PCDMInpaint(config, saved_networks, needs_data)
 
 
 def extract_features(config, workdir: str, split: str = "train", batch_size=None, dtype: str = "float32"):

@@ -25,8 +25,8 @@ TARGET_EMBEDDING = EncoderUse("target_embedding", network="image_encoder", input
 class LatentStage(Stage):
     ENCODED: Tuple[EncoderUse, ...] = (SOURCE_TOKENS,)
 
-    def __init__(self, config, saved_networks=None):
-        super().__init__(config, saved_networks)
+    def __init__(self, config, saved_networks=None, needs_data=True):
+        super().__init__(config, saved_networks, needs_data)
         policy = Policy.from_config(config)
         m = config.model
         self.module_kw = dict(dtype=policy.compute_dtype, param_dtype=policy.param_dtype)

@@ -30,6 +30,7 @@ from pgpis_jax.methods.common.encoders import EncoderUse, FrozenEncoders
 from pgpis_jax.methods.common.networks import load_pretrained
 from pgpis_jax.methods.common.objective import DiffusionObjective
 from pgpis_jax.methods.common.stage import Stage, dropped, per_example_keys
+from pgpis_jax.methods.pcdm import formats
 from pgpis_jax.models.pcdm import PriorTransformer
 from pgpis_jax.trainer.precision import Policy
 
@@ -48,8 +49,8 @@ class PCDMPrior(Stage):
                  "target_pose_coords": ("target_pose_coords",)}
     LAYOUTS = ("pcdm_prior",)
 
-    def __init__(self, config, saved_networks=None):
-        super().__init__(config, saved_networks)
+    def __init__(self, config, saved_networks=None, needs_data=True):
+        super().__init__(config, saved_networks, needs_data)
         policy = Policy.from_config(config)
         m = config.model
         self.encoders = FrozenEncoders(config, self.ENCODED, self.builder, policy)
@@ -132,8 +133,11 @@ def cosine_similarity(a, b):
     return jnp.sum(a * b, -1) / (jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1))
 
 
-def build(config, saved_networks=None) -> PCDMPrior:
-    return PCDMPrior(config, saved_networks)
+FORMATS = formats.formats("prior")
+
+
+def build(config, saved_networks=None, needs_data=True) -> PCDMPrior:
+    return PCDMPrior(config, saved_networks, needs_data)
 
 
 def extract_features(config, workdir: str, split: str = "train", batch_size=None, dtype: str = "float32"):

@@ -26,6 +26,7 @@ from pgpis_jax.diffusion import guidance
 from pgpis_jax.errors import UserError
 from pgpis_jax.methods.common import features, latents
 from pgpis_jax.methods.common.stage import dropped, per_example_keys
+from pgpis_jax.methods.pcdm import formats
 from pgpis_jax.methods.pcdm.latent_stage import LatentStage
 from pgpis_jax.models.pcdm import pack_refine_input
 
@@ -38,8 +39,8 @@ class PCDMRefine(LatentStage):
     DROPPABLE = {"coarse_image": ("coarse_mean", "coarse_logvar")}
     LAYOUTS = ("pcdm_refine",)
 
-    def __init__(self, config, saved_networks=None):
-        super().__init__(config, saved_networks)
+    def __init__(self, config, saved_networks=None, needs_data=True):
+        super().__init__(config, saved_networks, needs_data)
         unet = self.unet.module
         if unet.in_channels != 2 * self.codec.channels or unet.class_embed_type is not None:
             raise UserError(f"config.model.unet does not fit stage 3: in_channels={unet.in_channels} (expected 2 x "
@@ -87,8 +88,11 @@ class PCDMRefine(LatentStage):
         return None
 
 
-def build(config, saved_networks=None) -> PCDMRefine:
-    return PCDMRefine(config, saved_networks)
+FORMATS = formats.formats("refine")
+
+
+def build(config, saved_networks=None, needs_data=True) -> PCDMRefine:
+    return PCDMRefine(config, saved_networks, needs_data)
 
 
 def extract_features(config, workdir: str, split: str = "train", batch_size=None, dtype: str = "float32"):
