@@ -108,7 +108,7 @@ def pcdm_config(method, arg, total_steps, batch_size):
         data_dir="", pipeline={},
         features_dir=""))   # offline features of the frozen networks (extract_features.py); "" reads pixels
     config.model = ml_collections.ConfigDict(dict(
-        attention_implementation="xla",   # "cudnn" on GPUs with bf16 compute
+        attention_implementation="auto",   # per device when called (pgpis_jax.nn.attention.resolve_implementation)
         image_encoder=network(*CLIP_VIT_H),
         dinov2=network(DINOV2_GIANT, options=dict(position_interpolation="scale_factor" if arg.released else "size"))))
     config.logging.num_samples = 4

@@ -263,8 +263,8 @@ class UNet2DConditionModel(nn.Module):
     attention_head_dim is the number of HEADS per block (int or per-block tuple); the head width is
     channels // heads.
 
-    Our own fields: attention_implementation ("xla" or "cudnn", for every attention), remat (wrap each
-    down / mid / up block in nn.remat), dtype (compute) and param_dtype.
+    Our own fields: attention_implementation (one of pgpis_jax.nn.attention.IMPLEMENTATIONS, for every
+    attention), remat (wrap each down / mid / up block in nn.remat), dtype (compute) and param_dtype.
     """
 
     sample_size: Optional[IntOrTuple] = None

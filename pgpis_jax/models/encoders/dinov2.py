@@ -37,8 +37,8 @@ float32 rounding) and differentiable.
 
 Deviations: the native patch grid (image_size // patch_size) must be square, as for every DINOv2 checkpoint
 (transformers reshapes the table to a square grid whenever it interpolates); `bool_masked_pos` (optional)
-replaces masked patch embeddings by mask_token as transformers does; cudnn attention cannot apply attention
-dropout (training with attention_probs_dropout_prob > 0 needs "xla").
+replaces masked patch embeddings by mask_token as transformers does; only the xla attention applies attention
+dropout (training with attention_probs_dropout_prob > 0 needs "xla" or "auto", which then picks it).
 """
 
 from __future__ import annotations
@@ -397,8 +397,8 @@ class Dinov2Model(nn.Module):
     """transformers' `Dinov2Model`, NHWC. Fields named as Dinov2Config keys take its defaults (DINOv2-base);
     `from_config` builds one from a config.json dict. Our own fields: position_interpolation ("size":
     transformers 5.23, the default; "scale_factor": transformers 4.32, as PCDMs was trained; module docstring),
-    attention_implementation ("xla" or "cudnn"), dtype (compute) and param_dtype; LayerNorms and softmax run in
-    float32.
+    attention_implementation (see pgpis_jax.nn.attention), dtype (compute) and param_dtype; LayerNorms and softmax
+    run in float32.
 
     __call__(pixel_values [B, H, W, num_channels] floating, deterministic=True, bool_masked_pos=None) ->
     {"last_hidden_state": [B, 1 + (H // ph) * (W // pw), D], "pooler_output": [B, D]} in `dtype`. Any H, W of

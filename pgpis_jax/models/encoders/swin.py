@@ -418,7 +418,8 @@ class SwinModel(nn.Module):
 
     Fields mirror SwinConfig's keys; our own fields: add_pooling_layer (SwinModel's constructor argument),
     final_norm (False: no final LayerNorm, as CFLD's LAST_NORM=False; the `layernorm` parameters are then
-    absent), attention_implementation ("xla" or "cudnn"), dtype (compute) and param_dtype. Norms, attention
+    absent), attention_implementation (see pgpis_jax.nn.attention; not "splash", which takes no additive bias and
+    every window attention adds its relative position bias), dtype (compute) and param_dtype. Norms, attention
     softmax and the position bias are float32.
 
     The relative-position tables are sized for the stage windows at `image_size`; an input whose stage
@@ -464,8 +465,10 @@ class SwinModel(nn.Module):
                              "be non-empty and of the same length")
         if self.hidden_act != "gelu":
             raise unsupported("hidden_act", "'gelu' (exact GELU)")
-        if self.attention_implementation not in IMPLEMENTATIONS:
-            raise unsupported("attention_implementation", " or ".join(map(repr, IMPLEMENTATIONS)))
+        if self.attention_implementation not in IMPLEMENTATIONS or self.attention_implementation == "splash":
+            raise unsupported("attention_implementation", " or ".join(repr(name) for name in IMPLEMENTATIONS
+                                                                       if name != "splash")
+                              + " (splash takes no additive bias; Swin adds its relative position bias)")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise unsupported("drop_path_rate", "a rate in [0, 1)")
         for i, heads in enumerate(self.num_heads):
