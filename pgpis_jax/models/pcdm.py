@@ -42,12 +42,13 @@ def denormalize_clip_embedding(x):
     return x * CLIP_EMBEDDING_STD + CLIP_EMBEDDING_MEAN
 
 
-def _gelu_mlp(x, hidden: int, features: int, kw):
-    """Linear `net_0`, exact GELU, LayerNorm `net_3` (eps 1e-5), Linear `net_4` - inside the caller's compact
-    scope, so the parameters are the caller's."""
+def _gelu_mlp(x, hidden: int, features: int, kw, dropout: float = 0.0, deterministic: bool = True):
+    """Linear `net_0`, exact GELU, dropout, LayerNorm `net_3` (eps 1e-5), Linear `net_4`, dropout (torch's
+    net.2 and net.5) - inside the caller's compact scope, so the parameters are the caller's."""
     h = torch_dense(hidden, x.shape[-1], "net_0", **kw)(x.astype(kw["dtype"]))
-    h = LayerNorm(1e-5, name="net_3", **kw)(nn.gelu(h, approximate=False))
-    return torch_dense(features, hidden, "net_4", **kw)(h)
+    h = nn.Dropout(dropout)(nn.gelu(h, approximate=False), deterministic=deterministic)
+    h = torch_dense(features, hidden, "net_4", **kw)(LayerNorm(1e-5, name="net_3", **kw)(h))
+    return nn.Dropout(dropout)(h, deterministic=deterministic)
 
 
 class PoseCoordinateMLP(nn.Module):
@@ -68,16 +69,20 @@ class PoseCoordinateMLP(nn.Module):
 
 class ImageProjector(nn.Module):
     """`image_proj_model_p` of stages 2 and 3, applied per token: Linear `net_0` (-> hidden), exact GELU,
-    LayerNorm `net_3` (eps 1e-5), Linear `net_4` (-> features). tokens [B, N, C] -> [B, N, features]."""
+    LayerNorm `net_3` (eps 1e-5), Linear `net_4` (-> features). tokens [B, N, C] -> [B, N, features].
+    dropout (PCDMs: 0; FPDM's `srcimage_proj_model`, the same layout: 0.2) acts after the GELU and after
+    `net_4` unless deterministic."""
 
     hidden: int = 768
     features: int = 1024
+    dropout: float = 0.0
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, tokens):
-        return _gelu_mlp(tokens, self.hidden, self.features, dict(dtype=self.dtype, param_dtype=self.param_dtype))
+    def __call__(self, tokens, deterministic: bool = True):
+        return _gelu_mlp(tokens, self.hidden, self.features, dict(dtype=self.dtype, param_dtype=self.param_dtype),
+                         self.dropout, deterministic)
 
     def init_params(self, rng, in_features: int = 1536):
         """Fresh parameters for tokens of width in_features (DINOv2-giant: 1536)."""

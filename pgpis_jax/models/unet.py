@@ -3,7 +3,7 @@ names, so that `pgpis_jax.weights.pytorch.state_dict_to_params(torch_unet.state_
 
 Supported: the SD 1.x / 2.x family (CrossAttnDownBlock2D / DownBlock2D, UNetMidBlock2DCrossAttn,
 CrossAttnUpBlock2D / UpBlock2D, conv or linear transformer projections, per-block heads / layers /
-transformer depth, class_embed_type None or "projection"), plus the hooks the PGPIS methods need:
+transformer depth, class_embed_type None, "projection" or FPDM's "mlp"), plus the hooks the PGPIS methods need:
 `conv_in_residual` (PCDMs / FPDM pose features added after conv_in), `down_block_additional_residuals` and
 `mid_block_additional_residual` (T2I-adapter or ControlNet residuals, diffusers' semantics) and
 `up_cross_attention_query_bias` (CFLD's hybrid-granularity attention). Any other diffusers option at a
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pgpis_jax.nn.attention import IMPLEMENTATIONS
-from pgpis_jax.nn.embeddings import TimestepEmbedding, get_timestep_embedding
+from pgpis_jax.nn.embeddings import MLPClassEmbedding, TimestepEmbedding, get_timestep_embedding
 from pgpis_jax.nn.initializers import torch_default_kernel_init
 from pgpis_jax.nn.resnet import Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, conv3x3
 from pgpis_jax.nn.transformer import Transformer2DModel
@@ -35,7 +35,8 @@ IntOrTuple = Union[int, Tuple[int, ...]]
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn",)
-CLASS_EMBED_TYPES = (None, "projection")
+# "mlp" is not diffusers': FPDM's modified UNet (pgpis_jax.nn.embeddings.MLPClassEmbedding).
+CLASS_EMBED_TYPES = (None, "projection", "mlp")
 
 # diffusers config keys that we support only at these values (the first is diffusers' default).
 _FIXED_CONFIG = {
@@ -336,7 +337,7 @@ class UNet2DConditionModel(nn.Module):
         if not isinstance(self.norm_num_groups, int):
             raise unsupported("norm_num_groups", "an int")
         if self.class_embed_type not in CLASS_EMBED_TYPES:
-            raise unsupported("class_embed_type", "None or 'projection'")
+            raise unsupported("class_embed_type", "None, 'projection' or 'mlp'")
         if not isinstance(self.cross_attention_dim, int):
             raise unsupported("cross_attention_dim", "an int")
         if self.downsample_padding not in (0, 1):
@@ -346,8 +347,8 @@ class UNet2DConditionModel(nn.Module):
             raise unsupported("transformer_layers_per_block", "an int or a tuple of ints, one per block")
         if self.attention_implementation not in IMPLEMENTATIONS:
             raise unsupported("attention_implementation", " or ".join(map(repr, IMPLEMENTATIONS)))
-        if self.class_embed_type == "projection" and self.projection_class_embeddings_input_dim is None:
-            raise ValueError("UNet config class_embed_type='projection' needs "
+        if self.class_embed_type is not None and self.projection_class_embeddings_input_dim is None:
+            raise ValueError(f"UNet config class_embed_type={self.class_embed_type!r} needs "
                              "'projection_class_embeddings_input_dim'")
         _per_block(self.layers_per_block, n, "layers_per_block")
         _per_block(self.attention_head_dim, n, "attention_head_dim")
@@ -390,7 +391,7 @@ class UNet2DConditionModel(nn.Module):
         """A fresh parameter tree (wrap in jax.eval_shape for shapes only) from minimal dummy inputs."""
         size = 2 ** (len(self.block_out_channels) - 1)
         class_labels = None
-        if self.class_embed_type == "projection":
+        if self.class_embed_type is not None:
             class_labels = jnp.zeros((1, self.projection_class_embeddings_input_dim), self.dtype)
         return self.init(rng, jnp.zeros((1, size, size, self.in_channels), self.dtype), jnp.zeros((1,), jnp.int32),
                          jnp.zeros((1, 1, self.cross_attention_dim), self.dtype), class_labels=class_labels)["params"]
@@ -421,8 +422,9 @@ class UNet2DConditionModel(nn.Module):
                  mid_block_additional_residual=None, conv_in_residual=None,
                  up_cross_attention_query_bias: Optional[Sequence[Any]] = None, deterministic: bool = True):
         """sample [B, H, W, in_channels]; timestep scalar or [B] (int or float); encoder_hidden_states
-        [B, L, cross_attention_dim]; class_labels [B, projection_class_embeddings_input_dim] (projection
-        class embedding only). Returns [B, H, W, out_channels] in `dtype`.
+        [B, L, cross_attention_dim]; class_labels [B, projection_class_embeddings_input_dim] (with a class
+        embedding only: "projection" or FPDM's "mlp", whose dropout follows `deterministic`; either is added to
+        the time embedding). Returns [B, H, W, out_channels] in `dtype`.
 
         conv_in_residual [B, H, W, block_out_channels[0]] is added right after conv_in (the sum is also the
         first skip). down_block_additional_residuals without mid_block_additional_residual: T2I-adapter
@@ -458,14 +460,19 @@ class UNet2DConditionModel(nn.Module):
                                        downscale_freq_shift=self.freq_shift).astype(self.dtype)
         time_embed_dim = self.time_embedding_dim or channels[0] * 4
         emb = TimestepEmbedding(time_embed_dim, name="time_embedding", **kw)(t_emb)
-        if self.class_embed_type == "projection":
+        if self.class_embed_type is not None:
             if class_labels is None:
-                raise ValueError("class_labels must be given: this UNet has a projection class embedding")
+                raise ValueError(f"class_labels must be given: this UNet has a {self.class_embed_type!r} class "
+                                 "embedding")
             class_labels = jnp.asarray(class_labels).astype(self.dtype)
             if class_labels.shape != (batch, self.projection_class_embeddings_input_dim):
                 raise ValueError(f"class_labels must be [B, {self.projection_class_embeddings_input_dim}] with "
                                  f"B = {batch}, got shape {class_labels.shape}")
-            emb = emb + TimestepEmbedding(time_embed_dim, name="class_embedding", **kw)(class_labels)
+            if self.class_embed_type == "projection":
+                emb = emb + TimestepEmbedding(time_embed_dim, name="class_embedding", **kw)(class_labels)
+            else:
+                emb = emb + MLPClassEmbedding(time_embed_dim, name="class_embedding", **kw)(class_labels,
+                                                                                           deterministic)
         elif class_labels is not None:
             raise ValueError("class_labels were given but this UNet has no class embedding (class_embed_type None)")
 

@@ -1,5 +1,5 @@
 """Timestep embeddings of the diffusion UNets (diffusers' `get_timestep_embedding`, `Timesteps`,
-`TimestepEmbedding`), with diffusers' parameter names."""
+`TimestepEmbedding`), with diffusers' parameter names, and FPDM's MLP class embedding."""
 
 from __future__ import annotations
 
@@ -49,3 +49,24 @@ class TimestepEmbedding(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = torch_dense(self.time_embed_dim, x.shape[-1], "linear_1", **kw)(x)
         return torch_dense(self.out_dim or self.time_embed_dim, self.time_embed_dim, "linear_2", **kw)(nn.silu(x))
+
+
+class MLPClassEmbedding(nn.Module):
+    """FPDM's class embedding (class_embed_type "mlp" of its modified diffusers UNet, the original's
+    `ImageProjModel_g`): Linear `net_0` (-> hidden), exact GELU, dropout, Linear `net_3` (-> time_embed_dim),
+    dropout (torch's net.2 and net.4 have no parameters). x [B, D] -> [B, time_embed_dim]. Both linears start
+    from torch's default init; the original hard-codes hidden 768 and dropout 0.2."""
+
+    time_embed_dim: int
+    hidden: int = 768
+    dropout: float = 0.2
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = nn.gelu(torch_dense(self.hidden, x.shape[-1], "net_0", **kw)(x), approximate=False)
+        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        h = torch_dense(self.time_embed_dim, self.hidden, "net_3", **kw)(h)
+        return nn.Dropout(self.dropout)(h, deterministic=deterministic)
