@@ -95,6 +95,8 @@ class BasicTransformerBlock(nn.Module):
     has_cross_attention); x += ff(norm3(x)). LayerNorm eps `norm_eps` (1e-5 in the UNet); dropout after each
     attention (diffusers' to_out.1) and inside the feed-forward. activation_fn "geglu" (the UNet) or "gelu"
     (the prior); attention_bias gives to_q / to_k / to_v biases (diffusers' attention_bias).
+    double_self_attention (diffusers' option of that name, CFLD's hybrid-granularity attention): attn2 is a
+    second self-attention, x += attn2(norm2(x)), and no context is taken.
 
     x [B, L, dim]; context [B, Lc, Dc]; query_bias [B, L, heads * dim_head] or None is added to the
     cross-attention's projected queries (CFLD's hybrid-granularity attention).
@@ -107,6 +109,7 @@ class BasicTransformerBlock(nn.Module):
     norm_eps: float = 1e-5
     activation_fn: str = "geglu"
     attention_bias: bool = False
+    double_self_attention: bool = False
     attention_implementation: str = "xla"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -120,7 +123,12 @@ class BasicTransformerBlock(nn.Module):
 
         h = LayerNorm(self.norm_eps, name="norm1", **kw)(x)
         x = drop(Attention(name="attn1", **attention)(h), deterministic=deterministic) + x
-        if self.has_cross_attention:
+        if self.double_self_attention:
+            if context is not None or query_bias is not None:
+                raise ValueError("a BasicTransformerBlock with double_self_attention takes no context or query_bias")
+            h = Attention(name="attn2", **attention)(LayerNorm(self.norm_eps, name="norm2", **kw)(x))
+            x = drop(h, deterministic=deterministic) + x
+        elif self.has_cross_attention:
             if context is None:
                 raise ValueError("BasicTransformerBlock with cross-attention needs a context (encoder_hidden_states)")
             h = LayerNorm(self.norm_eps, name="norm2", **kw)(x)

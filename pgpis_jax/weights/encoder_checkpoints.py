@@ -7,7 +7,8 @@ module's parameter tree; keys we do not know stay in the tree, so that check_par
       Dinov2ForImageClassification;
   swin_params_from_state_dict: transformers' SwinModel (also `swin.`-prefixed and transformers 5's names) and
       Microsoft's original layout, with relative-position tables resized to the module's windows as CFLD does.
-`load_swin_checkpoint` reads a Swin `.pth` / `.bin` file and checks it against the module.
+`load_swin_checkpoint` reads a Swin `.pth` / `.bin` file and checks it against the module;
+`swin_params_to_microsoft_state_dict` writes a Swin tree in Microsoft's layout (CFLD's `backbone.*`).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import numpy as np
 
 from pgpis_jax.interpolation import resize_bicubic
 from pgpis_jax.models.encoders.clip_vision import is_full_clip_config
-from pgpis_jax.models.encoders.swin import SwinModel
-from pgpis_jax.weights.pytorch import check_params_match, state_dict_to_params
+from pgpis_jax.models.encoders.swin import (SwinModel, relative_position_index, shifted_window_mask,
+                                            stage_resolutions)
+from pgpis_jax.weights.pytorch import check_params_match, params_to_state_dict, state_dict_to_params
 
 # ------------------------------------------------------------------------------------------------------ CLIP
 
@@ -219,6 +221,52 @@ def _swin_from_microsoft_layout(state: dict) -> dict:
                 out[key] = value
         else:
             out[key] = value
+    return out
+
+
+def swin_params_to_microsoft_state_dict(params: Mapping, module: SwinModel) -> dict:
+    """The state dict (NumPy arrays) of Microsoft's SwinTransformer (the layout CFLD's backbone saves) for
+    SwinModel params: `patch_embed.{proj,norm}`, `layers.N.blocks.M.{norm1, attn.qkv (query, key, value rows
+    fused), attn.proj, attn.relative_position_bias_table, norm2, mlp.fc1, mlp.fc2}`, `layers.N.downsample.*`,
+    `norm` (final_norm) and `absolute_pos_embed`, plus the buffers that module saves: every block's
+    `attn.relative_position_index` (int64) and each shifted block's `attn_mask` ([nW, N, N] float32, -100 / 0)
+    at the module's image_size. The inverse of swin_params_from_state_dict on that layout (which drops the
+    buffers); values are copied exactly."""
+    state = params_to_state_dict(params, ("layers", "blocks"))
+    renames = {v: k for k, v in _SWIN_MICROSOFT_BLOCK_RENAMES.items()}
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[:2] == ["embeddings", "patch_embeddings"]:
+            out[f"patch_embed.proj.{parts[-1]}"] = value
+        elif parts[:2] == ["embeddings", "norm"]:
+            out[f"patch_embed.norm.{parts[-1]}"] = value
+        elif key == "embeddings.position_embeddings":
+            out["absolute_pos_embed"] = value
+        elif parts[0] == "layernorm":
+            out[f"norm.{parts[-1]}"] = value
+        elif parts[3] == "downsample":
+            out[".".join(parts[1:])] = value
+        else:
+            block, inner, leaf = ".".join(parts[1:5]), ".".join(parts[5:-1]), parts[-1]
+            if inner == "attention.self.query":
+                fused = [state[".".join(parts[:5] + ["attention", "self", name, leaf])]
+                         for name in ("query", "key", "value")]
+                out[f"{block}.attn.qkv.{leaf}"] = np.concatenate(fused, axis=0)
+            elif leaf == "relative_position_bias_table":
+                out[f"{block}.attn.relative_position_bias_table"] = value
+            elif inner not in ("attention.self.key", "attention.self.value"):
+                out[f"{block}.{renames[inner]}.{leaf}"] = value
+    height, width = (module.image_size,) * 2 if isinstance(module.image_size, int) else module.image_size
+    resolutions = stage_resolutions(height, width, module.patch_size, len(module.depths))
+    for i, ((window, shift), (rows, cols)) in enumerate(zip(module.stage_windows(), resolutions)):
+        for j in range(module.depths[i]):
+            out[f"layers.{i}.blocks.{j}.attn.relative_position_index"] = relative_position_index(window).astype(
+                np.int64)
+            if shift and j % 2:
+                out[f"layers.{i}.blocks.{j}.attn_mask"] = shifted_window_mask(-(-rows // window) * window,
+                                                                              -(-cols // window) * window,
+                                                                              window, shift)
     return out
 
 

@@ -1,13 +1,17 @@
 """Finding a pretrained model directory and reading the PyTorch weights in it (diffusers and transformers
-share the layout: a config.json beside safetensors, sharded safetensors with an index, or a pickled .bin)."""
+share the layout: a config.json beside safetensors, sharded safetensors with an index, or a pickled .bin), and
+reading one torch.save'd state-dict file (the original methods' training checkpoints: read_torch_state_dict)."""
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Optional
+from pickle import UnpicklingError
+from typing import Dict, Mapping, Optional
 
 import numpy as np
+
+from pgpis_jax.errors import UserError
 
 CONFIG_NAME = "config.json"
 
@@ -71,3 +75,49 @@ def read_state_dict(directory: str, weights_stem: str, variant: Optional[str] = 
         names = ", ".join(os.path.basename(p) for p in (single, index, pickle))
         raise FileNotFoundError(f"{directory}: no weights; expected {names}")
     return {k: np.asarray(v, np.float32) for k, v in state.items()}
+
+
+def _unpickling_reason(error: Exception) -> str:
+    """The informative line of torch's weights-only refusal (e.g. "Unsupported global: GLOBAL x.Y")."""
+    text = str(error)
+    detail = text.split("WeightsUnpickler error:", 1)[-1]
+    lines = [line.strip() for line in detail.splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def read_torch_state_dict(path: str, entry: Optional[str] = None, weights_only: bool = True) -> Dict[str, np.ndarray]:
+    """The state dict pickled in a torch file (torch.save): the file's dict itself (entry None, e.g. the
+    pytorch_model.bin files of accelerate's save_state) or the dict under `entry` (e.g. "module" in a DeepSpeed
+    model-states file), as NumPy arrays: floating-point tensors as float32 (fp16 / bf16 upcast), others (integer
+    buffers) in their dtype. Any problem is one UserError naming the file.
+
+    weights_only=True (the default) unpickles only tensors and plain containers, so reading a file runs no code
+    from it; pass False only for a file you trust that torch refuses otherwise.
+    """
+    import torch
+
+    if not os.path.isfile(path):
+        raise UserError(f"{path} does not exist; expected a torch state-dict file")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except UnpicklingError as error:
+        raise UserError(f"{path}: torch.load(weights_only={weights_only}) could not read it "
+                        f"({_unpickling_reason(error)}): it is not a torch checkpoint, or it pickles objects other "
+                        "than tensors (then, if you trust the file, read it with weights_only=False)") from None
+    except (RuntimeError, EOFError) as error:
+        raise UserError(f"{path}: not a readable torch checkpoint ({type(error).__name__}: {error})") from None
+    if entry is not None:
+        if not isinstance(content, Mapping) or entry not in content:
+            found = ", ".join(map(str, content)) if isinstance(content, Mapping) else type(content).__name__
+            raise UserError(f"{path}: expected a dict with the state dict under {entry!r}, found {found}")
+        content = content[entry]
+    if not isinstance(content, Mapping):
+        raise UserError(f"{path}: expected a state dict (a dict of tensors), found a {type(content).__name__}")
+    state_dict = {}
+    for key, value in content.items():
+        if not torch.is_tensor(value):
+            where = f"{entry} entry" if entry is not None else "entry"
+            raise UserError(f"{path}: {where} {key!r} is a {type(value).__name__}, not a tensor")
+        value = value.detach().cpu()
+        state_dict[key] = (value.to(torch.float32) if value.is_floating_point() else value).numpy()
+    return state_dict

@@ -13,7 +13,6 @@ parameter tree the caller builds with jax.eval_shape.
 from __future__ import annotations
 
 import os
-import pickle
 from typing import Any, Dict, Mapping
 
 import numpy as np
@@ -21,6 +20,7 @@ from absl import logging
 
 from pgpis_jax.errors import UserError
 from pgpis_jax.weights.diffusers_io import LIST_NAMES as DIFFUSERS_LIST_NAMES
+from pgpis_jax.weights.files import read_torch_state_dict
 from pgpis_jax.weights.pytorch import check_params_match, params_to_state_dict, state_dict_to_params
 
 DEEPSPEED_MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -81,40 +81,10 @@ def resolve_checkpoint_file(path: str) -> str:
                     f"'{DEEPSPEED_LATEST}' file; pass the step folder or the file")
 
 
-def _unpickling_reason(error: Exception) -> str:
-    """The informative line of torch's weights-only refusal (e.g. "Unsupported global: GLOBAL x.Y")."""
-    text = str(error)
-    detail = text.split("WeightsUnpickler error:", 1)[-1]
-    lines = [line.strip() for line in detail.splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
-
-
 def read_module_state_dict(path: str, weights_only: bool = True) -> Dict[str, np.ndarray]:
-    """The "module" state dict of a DeepSpeed / PCDMs .pt file as float32 NumPy arrays (fp16 upcast).
-
-    weights_only=True (the default) unpickles only tensors and plain containers, so reading a file runs
-    no code from it; pass False only for a file you trust that torch refuses otherwise.
-    """
-    import torch
-
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=weights_only)
-    except pickle.UnpicklingError as error:
-        raise UserError(f"{path}: torch.load(weights_only={weights_only}) could not read it "
-                        f"({_unpickling_reason(error)}): it is not a torch checkpoint, or it pickles objects other "
-                        "than tensors (then, if you trust the file, read it with weights_only=False)") from None
-    except (RuntimeError, EOFError) as error:
-        raise UserError(f"{path}: not a readable torch checkpoint ({type(error).__name__}: {error})") from None
-    if not isinstance(content, Mapping) or "module" not in content:
-        found = ", ".join(map(str, content)) if isinstance(content, Mapping) else type(content).__name__
-        raise UserError(f"{path}: expected a dict with the state dict under 'module' (a DeepSpeed model-states "
-                        f"file), found {found}")
-    state_dict = {}
-    for key, value in content["module"].items():
-        if not torch.is_tensor(value):
-            raise UserError(f"{path}: module entry {key!r} is a {type(value).__name__}, not a tensor")
-        state_dict[key] = value.detach().to(torch.float32).numpy()
-    return state_dict
+    """The "module" state dict of a DeepSpeed / PCDMs .pt file as NumPy arrays, floating point as float32 (fp16
+    upcast); see pgpis_jax.weights.files.read_torch_state_dict (weights_only)."""
+    return read_torch_state_dict(path, entry="module", weights_only=weights_only)
 
 
 def _guess_stage(keys) -> str:

@@ -7,7 +7,7 @@ Our modules mirror the PyTorch module names, so conversion is mechanical:
          1-D weight (norms) <-> scale; nn.Embedding weight <-> embedding (for the given module paths);
          bias and bare parameters keep their name and layout.
 The reverse direction needs the names of list attributes (which "name_N" are list members rather than
-modules really called e.g. "linear_1").
+modules really called e.g. "linear_1"); lists of lists ("blocks.0.1" <-> "blocks_0_1") need only the outer name.
 """
 
 from __future__ import annotations
@@ -59,19 +59,30 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], embedding_modules
     return params
 
 
+_LIST_MEMBER = re.compile(r"^(.*)_(\d+)$")
+
+
+def _torch_module_name(name: str, lists) -> str:
+    """The torch name of a linen module name: "blocks_0" -> "blocks.0" when "blocks" is a list attribute,
+    "blocks_0_1" -> "blocks.0.1" (a list of lists); any other name as it is."""
+    match = _LIST_MEMBER.match(name)
+    if not match:
+        return name
+    if match[1] in lists:
+        return f"{match[1]}.{match[2]}"
+    parent = _torch_module_name(match[1], lists)
+    return f"{parent}.{match[2]}" if parent != match[1] else name
+
+
 def params_to_state_dict(params: Mapping, list_names: Iterable[str]) -> Dict[str, np.ndarray]:
     """The PyTorch state dict (NumPy arrays) of a nested Flax parameter dict; the inverse of
     `state_dict_to_params` given the names of list attributes (e.g. "down_blocks", "resnets", "to_out")."""
     lists = set(list_names)
-    pattern = re.compile(r"^(.*)_(\d+)$")
     state_dict = {}
     for path, value in jax.tree_util.tree_flatten_with_path(params)[0]:
         names = [entry.key for entry in path]
         *module, leaf = names
-        torch_module = []
-        for name in module:
-            match = pattern.match(name)
-            torch_module.append(f"{match[1]}.{match[2]}" if match and match[1] in lists else name)
+        torch_module = [_torch_module_name(name, lists) for name in module]
         value = np.asarray(value)
         if leaf == "kernel":
             leaf, value = "weight", (value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T)
