@@ -59,19 +59,31 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], embedding_modules
     return params
 
 
+_INDEXED = re.compile(r"^(.*)_(\d+)$")
+
+
+def _torch_module_name(name: str, lists) -> str:
+    """"input_blocks_11_0" -> "input_blocks.11.0" when "input_blocks" is a list name (nested lists, as
+    torch's ModuleList of Sequentials, peel one trailing index at a time); other names are kept."""
+    base, indices = name, []
+    while (match := _INDEXED.match(base)) is not None:
+        base = match[1]
+        indices.insert(0, match[2])
+        if base in lists:
+            return ".".join([base] + indices)
+    return name
+
+
 def params_to_state_dict(params: Mapping, list_names: Iterable[str]) -> Dict[str, np.ndarray]:
     """The PyTorch state dict (NumPy arrays) of a nested Flax parameter dict; the inverse of
-    `state_dict_to_params` given the names of list attributes (e.g. "down_blocks", "resnets", "to_out")."""
+    `state_dict_to_params` given the names of list attributes (e.g. "down_blocks", "resnets", "to_out");
+    nested lists ("input_blocks_11_0" for input_blocks[11][0]) need only the outer name."""
     lists = set(list_names)
-    pattern = re.compile(r"^(.*)_(\d+)$")
     state_dict = {}
     for path, value in jax.tree_util.tree_flatten_with_path(params)[0]:
         names = [entry.key for entry in path]
         *module, leaf = names
-        torch_module = []
-        for name in module:
-            match = pattern.match(name)
-            torch_module.append(f"{match[1]}.{match[2]}" if match and match[1] in lists else name)
+        torch_module = [_torch_module_name(name, lists) for name in module]
         value = np.asarray(value)
         if leaf == "kernel":
             leaf, value = "weight", (value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T)
