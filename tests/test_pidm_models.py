@@ -285,13 +285,21 @@ def _numpy_state_dict(module):
 def _save_train_checkpoint(path, state_dict):
     """A file laid out as PIDM's train.py writes it, with a config object of a module that the reader
     cannot import (it exists only while saving)."""
+    class DiffusionConfig:
+        pass
+
+    class Optimizer:
+        def __init__(self, lr):
+            self.lr = lr
+
     config_module = types.ModuleType("pidm_training_config")
-    exec("class DiffusionConfig:\n    pass\nclass Optimizer:\n    def __init__(self, lr):\n        self.lr = lr\n",
-         config_module.__dict__)
+    for cls in (DiffusionConfig, Optimizer):
+        cls.__module__, cls.__qualname__ = config_module.__name__, cls.__name__
+        setattr(config_module, cls.__name__, cls)
     sys.modules[config_module.__name__] = config_module
     try:
-        conf = config_module.DiffusionConfig()
-        conf.optimizer, conf.fields_set = config_module.Optimizer(2e-5), {"optimizer"}
+        conf = DiffusionConfig()
+        conf.optimizer, conf.fields_set = Optimizer(2e-5), {"optimizer"}
         tensors = {k: torch.from_numpy(v) for k, v in state_dict.items()}
         torch.save({"model": tensors, "ema": tensors, "scheduler": {"step": 3}, "optimizer": {"state": {}},
                     "conf": conf}, path)
