@@ -59,24 +59,25 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], embedding_modules
     return params
 
 
-_LIST_MEMBER = re.compile(r"^(.*)_(\d+)$")
+_INDEXED = re.compile(r"^(.*)_(\d+)$")
 
 
 def _torch_module_name(name: str, lists) -> str:
-    """The torch name of a linen module name: "blocks_0" -> "blocks.0" when "blocks" is a list attribute,
-    "blocks_0_1" -> "blocks.0.1" (a list of lists); any other name as it is."""
-    match = _LIST_MEMBER.match(name)
-    if not match:
-        return name
-    if match[1] in lists:
-        return f"{match[1]}.{match[2]}"
-    parent = _torch_module_name(match[1], lists)
-    return f"{parent}.{match[2]}" if parent != match[1] else name
+    """"input_blocks_11_0" -> "input_blocks.11.0" when "input_blocks" is a list name (nested lists, as
+    torch's ModuleList of Sequentials, peel one trailing index at a time); other names are kept."""
+    base, indices = name, []
+    while (match := _INDEXED.match(base)) is not None:
+        base = match[1]
+        indices.insert(0, match[2])
+        if base in lists:
+            return ".".join([base] + indices)
+    return name
 
 
 def params_to_state_dict(params: Mapping, list_names: Iterable[str]) -> Dict[str, np.ndarray]:
     """The PyTorch state dict (NumPy arrays) of a nested Flax parameter dict; the inverse of
-    `state_dict_to_params` given the names of list attributes (e.g. "down_blocks", "resnets", "to_out")."""
+    `state_dict_to_params` given the names of list attributes (e.g. "down_blocks", "resnets", "to_out");
+    nested lists ("input_blocks_11_0" for input_blocks[11][0]) need only the outer name."""
     lists = set(list_names)
     state_dict = {}
     for path, value in jax.tree_util.tree_flatten_with_path(params)[0]:
