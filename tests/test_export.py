@@ -82,6 +82,8 @@ def released(tmp_path_factory):
         path = save_original(module, root / f"{stage}.pt")
         run = str(root / "runs" / stage)
         importing.import_original(demo_config(stage), run, path)
+        networks = ["prior"] if stage == "prior" else sorted(name for name, _ in module.named_children())
+        assert json.loads(open(os.path.join(run, importing.IMPORT_RECORD)).read())["networks"] == networks
         out[stage] = (module, path, run)
     return out
 
@@ -91,6 +93,8 @@ def _flat(tree):
 
 
 def test_original_export_loads_strictly_bit_identical_and_imports_back_bit_identical(released, tmp_path):
+    """Every stage's export loads strictly into its PyTorch statement, equal bit for bit to the weights that went in;
+    the stage-2 export (all three of its networks) imports back to bit-identical parameters."""
     for stage, (module, _, run) in released.items():
         output = exporting.export_run(run, "original", str(tmp_path / stage))
         state = torch.load(os.path.join(output, DEEPSPEED_MODEL_STATES), map_location="cpu", weights_only=True)
@@ -102,12 +106,13 @@ def test_original_export_loads_strictly_bit_identical_and_imports_back_bit_ident
         assert manifest["format"] == "original" and manifest["step"] == 0 and manifest["method"] == f"pcdm_{stage}"
         assert [f["path"] for f in manifest["files"]] == [DEEPSPEED_MODEL_STATES]
 
-        again = str(tmp_path / f"{stage}_reimported")
-        importing.import_original(demo_config(stage), again, os.path.join(output, DEEPSPEED_MODEL_STATES))
-        first, second = (_flat(load_trained(r, [f"pcdm_{stage}"], which="raw").params) for r in (run, again))
-        assert first.keys() == second.keys()
-        for key in first:
-            np.testing.assert_array_equal(first[key], second[key], err_msg=f"{stage} {key}")
+    run = released["inpaint"][2]
+    again = str(tmp_path / "inpaint_reimported")
+    importing.import_original(demo_config("inpaint"), again, str(tmp_path / "inpaint" / DEEPSPEED_MODEL_STATES))
+    first, second = (_flat(load_trained(r, ["pcdm_inpaint"], which="raw").params) for r in (run, again))
+    assert first.keys() == second.keys()
+    for key in first:
+        np.testing.assert_array_equal(first[key], second[key], err_msg=key)
 
 
 def _unet_inputs(unet_config, class_embedding):
@@ -214,22 +219,21 @@ def _run(*args):
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_command_line_import_export_and_sampling_of_the_imported_runs(released, tmp_path):
-    """export.py both ways as the README shows it, then sample.py on the imported stage-1 and stage-2 runs."""
-    _, inpaint_file, _ = released["inpaint"]
-    run = tmp_path / "inpaint_run"
-    result = _run("export.py", f"--import_original={inpaint_file}", f"--config={REPO}/configs/pcdm_inpaint.py:demo",
-                  f"--workdir={run}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((run / importing.IMPORT_RECORD).read_text())["networks"] == \
-        ["image_proj_model_p", "pose_proj", "unet"]
+def test_command_line_export_and_sampling_of_imported_runs(released, tmp_path):
+    """export.py as the README shows it (a second export to the same output and an import into an existing workdir
+    are one-line errors), then sample.py on the imported stage-1 and stage-2 runs; neither changes the runs."""
+    _, inpaint_file, run = released["inpaint"]
+    before = listing(run)
     result = _run("export.py", f"--workdir={run}", "--format=diffusers", f"--output={tmp_path / 'D'}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "orbax" not in result.stderr
     assert (tmp_path / "D" / "unet" / "config.json").exists()
-    result = _run("export.py", f"--workdir={run}", "--format=diffusers", f"--output={tmp_path / 'D'}")
-    errors = [line for line in result.stderr.splitlines() if line.startswith("export.py: error")]
-    assert result.returncode != 0 and len(errors) == 1 and "exists" in errors[0], result.stderr[-2000:]
+    for args in ([f"--workdir={run}", "--format=diffusers", f"--output={tmp_path / 'D'}"],
+                 [f"--import_original={inpaint_file}", f"--config={REPO}/configs/pcdm_inpaint.py:demo",
+                  f"--workdir={run}"]):
+        result = _run("export.py", *args)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("export.py: error")]
+        assert result.returncode != 0 and len(errors) == 1 and "exists" in errors[0], result.stderr[-2000:]
 
     from PIL import Image
 
@@ -238,13 +242,12 @@ def test_command_line_import_export_and_sampling_of_the_imported_runs(released, 
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 64, 3), np.uint8)).save(tmp_path / "a.png")
     _write_keypoints(tmp_path / "a.txt", 0)
     _write_keypoints(tmp_path / "b.txt", 6)
-    before = listing(run)
     result = _run("sample.py", f"--workdir={run}", f"--prior_workdir={released['prior'][2]}",
                   f"--source_image={tmp_path / 'a.png'}", f"--source_pose={tmp_path / 'a.txt'}",
                   f"--target_pose={tmp_path / 'b.txt'}", f"--output={tmp_path / 'b.png'}",
                   "--config.sampling.num_inference_steps=2")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert np.asarray(Image.open(tmp_path / "b.png")).shape == (64, 64, 3)
+    assert np.asarray(Image.open(tmp_path / "b.png")).std() > 0
     assert listing(run) == before
 
 

@@ -60,9 +60,10 @@ FROZEN_DIR = "frozen_params"
 FROZEN_ARRAYS = "arrays"
 FROZEN_RECORD = "checksums.json"
 # Config keys that may change between runs in one workdir: they do not change what a checkpoint means
-# (run length, logging, checkpointing, the mesh - restoring reshards - and inference-only `sampling`).
+# (run length, logging, checkpointing, the mesh - restoring reshards -, how the step is computed on a device -
+# rematerialisation, the attention kernel - and inference-only `sampling`).
 RESUMABLE_KEYS = ("total_steps", "log_every_steps", "checkpoint_every_steps", "checkpoint", "logging", "debug",
-                  "distributed", "mesh", "sampling")
+                  "distributed", "mesh", "sampling", "remat", "model.attention_implementation")
 # Config keys a command that only reads a run (sample, eval) may also set differently: how it evaluates, its batch
 # size and where the data lives do not change what the trained networks are.
 INFERENCE_KEYS = RESUMABLE_KEYS + ("eval", "batch_size", "data.data_dir")
