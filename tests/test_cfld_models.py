@@ -30,9 +30,9 @@ from pgpis_jax.weights.cfld_checkpoint import (CONDITIONER_FILE, UNET_FILE, cond
                                                unet_state_dict)
 from pgpis_jax.weights.files import read_torch_state_dict
 from pgpis_jax.weights.pytorch import state_dict_to_params
+from tests.parity import check_close, nhwc
 from tests.torch_init import compare_with_torch_init
 
-TOLERANCE = 1e-4
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 # Swin stages 16x16 (window 4, shifted), 8x8 (window 4, shifted), 4x4 (= window, no shift), 2x2 (window clipped
@@ -375,16 +375,6 @@ def _jit(module, method=None):
     return jax.jit(apply, compiler_options=FAST_COMPILE)
 
 
-def _nhwc(tensor):
-    return tensor.detach().numpy().transpose(0, 2, 3, 1)
-
-
-def _check(actual, expected, label):
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.shape == expected.shape, f"{label}: shape {actual.shape} != {expected.shape}"
-    error = float(np.abs(actual - expected).max())
-    print(f"{label}: max abs error {error:.2e} (output scale {np.abs(expected).max():.2f})")
-    assert error <= TOLERANCE, f"{label}: max abs error {error}"
 
 
 def _random(shape, seed, low=None):
@@ -397,7 +387,7 @@ def _random(shape, seed, low=None):
 
 def test_pixel_unshuffle_matches_torch():
     x = _random((2, 3, 8, 12), 0)
-    _check(pixel_unshuffle(_nhwc(x), 4), _nhwc(torch.nn.functional.pixel_unshuffle(x, 4)), "pixel_unshuffle")
+    check_close(pixel_unshuffle(nhwc(x), 4), nhwc(torch.nn.functional.pixel_unshuffle(x, 4)), "pixel_unshuffle")
 
 
 def test_perception_refined_decoder_matches_torch():
@@ -406,7 +396,7 @@ def test_perception_refined_decoder_matches_torch():
     with torch.no_grad():
         expected = reference.decoder(tokens).numpy()
     actual = _jit(conditioner, lambda m, t: m.decoder(t))({"params": params}, tokens.numpy())
-    _check(actual, expected, "PRD")
+    check_close(actual, expected, "PRD")
 
 
 def test_hybrid_granularity_attention_matches_torch_in_unet_block_order():
@@ -417,7 +407,7 @@ def test_hybrid_granularity_attention_matches_torch_in_unet_block_order():
     actual = _jit(conditioner, lambda m, f: m.appearance_encoder(f))({"params": params}, [f.numpy() for f in features])
     assert len(actual) == 9
     for position, block in enumerate(range(3, 12)):  # the UNet's up-block cross-attentions in execution order
-        _check(actual[position], expected[f"block_{block}_cross_attn_q"].numpy(), f"HGA bias of block {block}")
+        check_close(actual[position], expected[f"block_{block}_cross_attn_q"].numpy(), f"HGA bias of block {block}")
     assert conditioner.appearance_encoder.stage_of_branch() == (0, 0, 0, 1, 1, 1, 2, 2, 2)
 
 
@@ -426,10 +416,10 @@ def test_pose_adapter_matches_torch():
     pose = _random((2, 21, 64, 64), 3, low=0)
     with torch.no_grad():
         expected = reference.pose_encoder(pose)
-    actual = _jit(conditioner, lambda m, p: m.encode_pose(p))({"params": params}, _nhwc(pose))
+    actual = _jit(conditioner, lambda m, p: m.encode_pose(p))({"params": params}, nhwc(pose))
     assert len(actual) == 3
     for i, (a, e) in enumerate(zip(actual, expected)):
-        _check(a, _nhwc(e), f"pose adapter stage {i}")
+        check_close(a, nhwc(e), f"pose adapter stage {i}")
 
 
 # --------------------------------------------------------------------------------------- the whole path
@@ -460,17 +450,17 @@ def test_conditioning_and_unet_match_diffusers_with_adapter_and_query_bias_proce
         print(f"effect of the {label} on the torch UNet output: {change:.2f}")
         assert change > 1e-2
 
-    out = _jit(conditioner)({"params": params}, _nhwc(image), _nhwc(pose))
-    _check(out["prompt"], prompt.numpy(), "prompt c")
-    _check(out["null_prompt"], reference.learnable_vector.detach().expand(2, -1, -1).numpy(), "null prompt")
+    out = _jit(conditioner)({"params": params}, nhwc(image), nhwc(pose))
+    check_close(out["prompt"], prompt.numpy(), "prompt c")
+    check_close(out["null_prompt"], reference.learnable_vector.detach().expand(2, -1, -1).numpy(), "null prompt")
     for i, (a, e) in enumerate(zip(out["pose_residuals"], residuals)):
-        _check(a, _nhwc(e), f"pose residual {i}")
+        check_close(a, nhwc(e), f"pose residual {i}")
     for block, bias in zip(range(3, 12), out["query_biases"]):
-        _check(bias, biases[f"block_{block}_cross_attn_q"].numpy(), f"query bias {block}")
-    actual = _jit(unet)({"params": unet_params}, _nhwc(latents), timesteps.numpy(), out["prompt"],
+        check_close(bias, biases[f"block_{block}_cross_attn_q"].numpy(), f"query bias {block}")
+    actual = _jit(unet)({"params": unet_params}, nhwc(latents), timesteps.numpy(), out["prompt"],
                         down_block_additional_residuals=out["pose_residuals"],
                         up_cross_attention_query_bias=out["query_biases"])
-    _check(actual, _nhwc(torch.from_numpy(expected)), "UNet epsilon with CFLD conditioning")
+    check_close(actual, nhwc(torch.from_numpy(expected)), "UNet epsilon with CFLD conditioning")
 
 
 def test_init_follows_the_original():

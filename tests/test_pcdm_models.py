@@ -27,9 +27,9 @@ from pgpis_jax.models.unet import UNet2DConditionModel
 from pgpis_jax.nn.transformer import BasicTransformerBlock
 from pgpis_jax.weights.pcdm_checkpoint import load_pcdm_checkpoint
 from pgpis_jax.weights.pytorch import check_params_match, state_dict_to_params
+from tests.parity import check_close, nhwc
 from tests.torch_init import compare_with_torch_init
 
-TOLERANCE = 1e-4
 # XLA's CPU backend optimisations cost more compile time than they save on these tiny models.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
@@ -173,18 +173,7 @@ def load_through_checkpoint(reference, stage, directory):
     return modules, load_pcdm_checkpoint(str(path), stage, expected)
 
 
-def _nhwc(tensor):
-    return tensor.detach().numpy().transpose(0, 2, 3, 1)
 
-
-def _nchw(array):
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(array).transpose(0, 3, 1, 2)))
-
-
-def _check(actual, expected, label):
-    error = float(np.abs(np.asarray(actual) - expected).max())
-    print(f"{label}: max abs error {error:.2e} (output scale {np.abs(expected).max():.2f})")
-    assert error <= TOLERANCE, f"{label}: max abs error {error}"
 
 
 def _sd(module):
@@ -209,7 +198,7 @@ def test_basic_transformer_block_with_gelu_and_attention_bias_matches_diffusers(
     x = torch.randn(2, 6, 16)
     module = BasicTransformerBlock(2, 8, has_cross_attention=False, activation_fn="gelu", attention_bias=True)
     actual = module.apply({"params": _sd(reference)}, x.numpy())
-    _check(actual, reference(x).detach().numpy(), "BasicTransformerBlock gelu")
+    check_close(actual, reference(x).detach().numpy(), "BasicTransformerBlock gelu")
 
 
 def test_prior_matches_torch_reference(tmp_path):
@@ -225,7 +214,7 @@ def test_prior_matches_torch_reference(tmp_path):
         actual = apply({"params": params}, noisy.numpy(), timesteps.numpy(), source.numpy(), source_pose.numpy(),
                        target_pose.numpy())
         assert actual.dtype == jnp.float32
-        _check(actual, expected, f"prior, t={timesteps.tolist()}")
+        check_close(actual, expected, f"prior, t={timesteps.tolist()}")
     # every token matters: the target pose and the source embedding change the prediction
     moved = apply({"params": params}, noisy.numpy(), timesteps.numpy(), source.numpy(), source_pose.numpy(),
                   target_pose.numpy()[::-1])
@@ -260,9 +249,9 @@ def test_pose_encoder_matches_controlnet_conditioning_embedding():
     reference = perturb(ControlNetConditioningEmbedding(TINY_POSE["features"], 3, TINY_POSE["block_out_channels"]), 4)
     pose = torch.rand(2, 3, 20, 12) * 2 - 1  # 20 x 12 is not a multiple of 8: padding must be torch's
     module = PoseEncoder(**TINY_POSE)
-    actual = module.apply({"params": _sd(reference)}, _nhwc(pose))
+    actual = module.apply({"params": _sd(reference)}, nhwc(pose))
     assert actual.shape == (2, 3, 2, TINY_POSE["features"])
-    _check(actual, _nhwc(reference(pose)), "pose encoder")
+    check_close(actual, nhwc(reference(pose)), "pose encoder")
 
 
 @pytest.mark.parametrize("final_norm", [False, True])
@@ -272,7 +261,7 @@ def test_projector_and_pose_mlp_match_torch_sequential(final_norm):
     x = torch.randn(2, 7, 24) if not final_norm else torch.randn(3, 24)
     module = PoseCoordinateMLP(20, 16) if final_norm else ImageProjector(20, 16)
     actual = module.apply({"params": _sd(reference)}, x.numpy())
-    _check(actual, reference(x).detach().numpy(), type(module).__name__)
+    check_close(actual, reference(x).detach().numpy(), type(module).__name__)
 
 
 def _canvas_inputs(generator):
@@ -303,13 +292,13 @@ def test_stage2_unet_with_pose_features_matches_diffusers_with_conv_in_hook(tmp_
         finally:
             handle.remove()
 
-    pose_features = modules["pose_proj"].apply({"params": params["pose_proj"]}, _nhwc(pose))
+    pose_features = modules["pose_proj"].apply({"params": params["pose_proj"]}, nhwc(pose))
     projected = modules["image_proj_model_p"].apply({"params": params["image_proj_model_p"]}, dino.numpy())
     context = jnp.concatenate([projected, embedding.numpy()[:, None]], axis=1)
-    sample = pack_inpaint_input(_nhwc(noisy), _nhwc(masked))
+    sample = pack_inpaint_input(nhwc(noisy), nhwc(masked))
     actual = _jit(modules["unet"])({"params": params["unet"]}, sample, timesteps.numpy(), context,
                                    embedding.numpy(), conv_in_residual=pose_features)
-    _check(actual, _nhwc(expected), "stage-2 UNet + pose encoder + projector")
+    check_close(actual, nhwc(expected), "stage-2 UNet + pose encoder + projector")
 
 
 def test_stage3_unet_matches_diffusers(tmp_path):
@@ -323,9 +312,9 @@ def test_stage3_unet_matches_diffusers(tmp_path):
         tokens = reference.image_proj_model_p(dino)
         expected = reference.unet(torch.cat([noisy, coarse], 1), timesteps, tokens).sample
     context = modules["image_proj_model_p"].apply({"params": params["image_proj_model_p"]}, dino.numpy())
-    sample = pack_refine_input(_nhwc(noisy), _nhwc(coarse))
+    sample = pack_refine_input(nhwc(noisy), nhwc(coarse))
     actual = _jit(modules["unet"])({"params": params["unet"]}, sample, timesteps.numpy(), context)
-    _check(actual, _nhwc(expected), "stage-3 UNet + projector")
+    check_close(actual, nhwc(expected), "stage-3 UNet + projector")
 
 
 # ------------------------------------------------------------------------------------------- canvas

@@ -21,9 +21,9 @@ from pgpis_jax.errors import UserError
 from pgpis_jax.models.pidm import PIDMUNet, pack_unet_input
 from pgpis_jax.weights.pidm_checkpoint import (load_pidm_checkpoint, pidm_params_to_state_dict,
                                                pidm_state_dict_to_params, unused_key_reason)
+from tests.parity import check_close, nhwc
 from tests.torch_init import compare_with_torch_init
 
-TOLERANCE = 1e-4
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 # Widths 32, 64, 96: every lateral concatenation is a multiple of 32 (PIDM's GroupNorm needs it), groups of
 # 1 to 6 channels; attention at 8 and 4 (levels 1 and 2) of a 16-pixel image_size.
@@ -253,18 +253,7 @@ def tiny_torch_pidm(config=TINY, seed=0):
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _nhwc(tensor):
-    return tensor.detach().numpy().transpose(0, 2, 3, 1)
 
-
-def _nchw(array):
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(array).transpose(0, 3, 1, 2)))
-
-
-def _check(actual, expected, label):
-    error = float(np.abs(np.asarray(actual) - expected).max())
-    print(f"{label}: max abs error {error:.2e} (output scale {np.abs(expected).max():.2f})")
-    assert error <= TOLERANCE, f"{label}: max abs error {error}"
 
 
 def _modules(config):
@@ -333,18 +322,18 @@ def test_unet_and_texture_encoder_match_torch_statement(config, tmp_path):
         null_maps = reference.encoder(torch.zeros_like(source))
         expected_null = reference(torch.cat([noisy, pose], 1), timesteps, null_maps).numpy()
 
-    features = _fast(encoder.apply)({"params": params["encoder"]}, _nhwc(source))
+    features = _fast(encoder.apply)({"params": params["encoder"]}, nhwc(source))
     assert len(features) == len(maps) == len(unet.input_blocks())
     for k, (ours, theirs) in enumerate(zip(features, maps)):
-        _check(ours, _nhwc(theirs), f"texture encoder map {k}")
+        check_close(ours, nhwc(theirs), f"texture encoder map {k}")
     apply = _fast(unet.apply)
-    x = pack_unet_input(_nhwc(noisy), _nhwc(pose))
+    x = pack_unet_input(nhwc(noisy), nhwc(pose))
     actual = apply({"params": params["unet"]}, x, timesteps.numpy(), features)
     assert actual.shape == (2, 16, 8, 6)
-    _check(actual, _nhwc(torch.from_numpy(expected)), "UNet with texture features")
+    check_close(actual, nhwc(torch.from_numpy(expected)), "UNet with texture features")
     null_features = _fast(encoder.apply)({"params": params["encoder"]}, np.zeros((2, 16, 8, 3), np.float32))
     actual_null = apply({"params": params["unet"]}, x, timesteps.numpy(), null_features)
-    _check(actual_null, _nhwc(torch.from_numpy(expected_null)), "UNet with null texture features")
+    check_close(actual_null, nhwc(torch.from_numpy(expected_null)), "UNet with null texture features")
     # the cross-attention matters: other source maps change the prediction
     assert np.abs(np.asarray(actual_null) - np.asarray(actual)).max() > 1e-2
 

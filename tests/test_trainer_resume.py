@@ -211,6 +211,9 @@ def test_a_run_writes_metrics_tensorboard_grids_and_progress(reference):
     lines = stdout.splitlines()
     assert lines[0].startswith("mesh data=1, fsdp=1 (1 devices), 1 process(es); parameters: 157,632 trainable, "
                                "0 frozen; global batch 32 in 1 micro-batch(es)")
+    # the parameter report (trainer/report.py): one row per network, then the totals
+    assert lines[1].split() == ["network", "parameters", "trainable"]
+    assert ["total", "157,632", "157,632"] in [line.split() for line in lines[2:12]]
     progress = [line for line in lines if line.startswith("step ")]
     assert len(progress) == TOTAL and progress[-1].startswith(f"step {TOTAL}/{TOTAL} (100.0%) | loss ")
     assert all(" | ETA " in line and " img/s/device | " in line for line in progress)

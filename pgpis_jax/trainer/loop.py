@@ -116,11 +116,11 @@ def train(method, config, workdir: str) -> str:
     mesh = mesh_lib.make_mesh(config)
     s = setup(method, config, mesh)
     report = report_lib.parameter_report(s)
-    metrics_lib.console(report_lib.format_report(report))
     metrics_lib.console(f"mesh {mesh_lib.describe(mesh)}, {jax.process_count()} process(es); parameters: "
-                        f"{report['trainable']:,} trainable, {report['frozen']:,} frozen; global batch {config.batch_size} in "
-                        f"{config.grad.accumulation_steps} micro-batch(es); precision {config.precision.param_dtype} "
-                        f"params / {config.precision.compute_dtype} compute")
+                        f"{report['trainable']:,} trainable, {report['frozen']:,} frozen; global batch "
+                        f"{config.batch_size} in {config.grad.accumulation_steps} micro-batch(es); precision "
+                        f"{config.precision.param_dtype} params / {config.precision.compute_dtype} compute")
+    metrics_lib.console(report_lib.format_report(report))
     checkpoints = ckpt_lib.Checkpoints(workdir, config, s)
     writer = None
     preemption = None

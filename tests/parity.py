@@ -1,0 +1,21 @@
+"""What the PyTorch-parity tests share: torch's NCHW outputs in our NHWC layout, and the closeness check
+that prints the error it asserts on."""
+
+import numpy as np
+import torch
+
+TOLERANCE = 1e-4
+
+
+def nhwc(tensor: torch.Tensor) -> np.ndarray:
+    """A torch [B, C, H, W] tensor as a NumPy [B, H, W, C] array."""
+    return tensor.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def check_close(actual, expected, label: str, tolerance: float = TOLERANCE) -> None:
+    """Asserts equal shapes and a max abs error <= tolerance; prints the error and the output scale."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, f"{label}: shape {actual.shape} != {expected.shape}"
+    error = float(np.abs(actual - expected).max())
+    print(f"{label}: max abs error {error:.2e} (output scale {np.abs(expected).max():.2f})")
+    assert error <= tolerance, f"{label}: max abs error {error}"
