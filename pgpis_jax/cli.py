@@ -108,32 +108,30 @@ def parse_flags(argv: List[str]) -> List[str]:
 
 
 def write_config_json(config: ml_collections.ConfigDict, workdir: str, name: str = "config.json") -> str:
-    """Writes the resolved config as JSON to workdir/name and returns the path.
+    """Writes the resolved config as JSON to workdir/name (under a temporary name, then renamed) and returns the path.
 
-    An existing file there with different content is an error naming the differing keys: a workdir
+    An existing file there that differs in other keys than those that may change between runs (e.g. the
+    `distributed` settings of each process of a multi-host job) is an error naming the differing keys: a workdir
     belongs to one config.
     """
+    from pgpis_jax.trainer.checkpoints import RESUMABLE_KEYS, differing_keys, key_in
+
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, name)
     resolved = json.loads(config.to_json_best_effort(sort_keys=True))
     if os.path.exists(path):
         with open(path) as f:
             previous = json.load(f)
-        differing = _differing_keys(previous, resolved)
+        differing = [key for key in differing_keys(previous, resolved) if not key_in(key, RESUMABLE_KEYS)]
         if differing:
             raise UserError(f"{path} holds a different config (keys {', '.join(differing)}); "
                             "use another --workdir or the same config")
         return path
-    with open(path, "w") as f:
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w") as f:
         json.dump(resolved, f, indent=2, sort_keys=True)
+    os.replace(temporary, path)
     return path
-
-
-def _differing_keys(a, b, prefix: str = "") -> List[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        keys = sorted(set(a) | set(b))
-        return [k for key in keys for k in _differing_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
-    return [] if a == b else [prefix.rstrip(".")]
 
 
 def _absl_main(call: Callable[[str], None]):

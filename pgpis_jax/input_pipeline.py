@@ -6,17 +6,20 @@ batch layouts (a config chooses it with `config.data.layout`; a method names the
     state = pipeline.get_state()           # small JSON-able dict: save it with the checkpoint
     pipeline = InputPipeline(..., state=state)    # continues with exactly the batches an uninterrupted run sees
 
-What it does, per host:
-- **Sharding**: the split's N records are cut into `process_count` contiguous slices (process i reads records
-  [i*N//n, (i+1)*N//n)), disjoint and covering the split; TFDS stores records in a hashed order, so a slice is
-  a random subset. `process_index` / `process_count` default to `jax.process_index()` / `jax.process_count()`.
-- **Training** (`train=True`): epochs forever. Epoch e reads the host's slice with the shard order shuffled
-  and a shuffle buffer, both seeded from (seed, e, process_index), takes `steps_per_epoch * host_batch_size`
-  records (the same count on every host, so hosts stay in step), and batches them with `drop_remainder`. The
-  position is (epoch, step); resuming rebuilds epoch e and skips step * host_batch_size *encoded* records
-  (no decoding), so a resumed run yields exactly the batches of an uninterrupted one.
-- **Evaluation** (`train=False`): one pass in record order, no augmentation; the last partial batch is padded
-  with zeros and every host yields the same number of batches (`mask` marks real examples).
+What it does, per host (`process_index` / `process_count` default to `jax.process_index()` /
+`jax.process_count()`):
+- **Training** (`train=True`): epochs forever, one global stream whatever the number of hosts. Epoch e reads the
+  whole split with the file order shuffled and a shuffle buffer, both seeded from (seed, e) only, takes
+  `steps_per_epoch * batch_size` records and cuts them into global batches; host i keeps rows
+  [i*B/n, (i+1)*B/n) of every global batch, dropping the other hosts' records *before* decoding them. So the
+  global batches (and their `example_id`s and augmentations) are the same for 1 process or 64, and a run resumes
+  on a slice of another size with the same data. The position is (epoch, step) of the global stream; resuming
+  rebuilds epoch e and skips step * batch_size encoded records (no decoding), so a resumed run yields exactly
+  the batches of an uninterrupted one. Every host reads (not decodes) all records.
+- **Evaluation** (`train=False`): the split's N records are cut into `process_count` contiguous slices (process i
+  reads records [i*N//n, (i+1)*N//n)), disjoint and covering the split; one pass in record order, no
+  augmentation; the last partial batch is padded with zeros and every host yields the same number of batches
+  (`mask` marks real examples); `example_id` is the record's index in the split.
 - Per record, in parallel (`num_parallel_calls`, deterministic order): JPEG/PNG decode, resize (bicubic with
   antialiasing, rounded to uint8 levels as PIL's output is), pose rendering (`pgpis_jax.poses`, on the host
   through `tf.numpy_function`), the layout's augmentation with stateless random numbers seeded by
@@ -27,8 +30,9 @@ Keypoints are (x, y) pixels (see `pgpis_jax.poses`), -1 = missing. Images are NH
 ## Batches (the one place they are documented)
 
 Every batch also has `mask`: bool [B], False for evaluation padding, and `example_id`: int32 [B], the
-example's position in this epoch's stream of all hosts (distinct within a global batch; methods derive
-per-example noise from it, so a step's randomness does not depend on micro-batching). With `include_names` (default: evaluation
+example's position in this epoch's global stream (evaluation: its record index; distinct within a global batch;
+methods derive per-example noise from it, so a step's randomness depends neither on micro-batching nor on the
+number of hosts). With `include_names` (default: evaluation
 only) it has `source_name` and `target_name` (bytes [B]). S, C, P are the `image_size`, `condition_size`,
 `pose_size` options; sizes are (height, width); "CLIP-norm" = (x/255 - OpenAI CLIP mean) / std, "ImageNet-norm"
 likewise with ImageNet statistics; [-1, 1] = x/127.5 - 1; [0, 1] = x/255.
@@ -430,12 +434,12 @@ class InputPipeline:
 
         n = self.num_split_examples = self.builder.info.splits[split].num_examples
         start, stop = process_index * n // process_count, (process_index + 1) * n // process_count
-        self.host_range = (start, stop)
+        self.host_range = (start, stop) if not self.train else (0, n)
         if self.train:
-            self.steps_per_epoch = (n // process_count) // self.host_batch_size
+            self.steps_per_epoch = n // self.batch_size
             if self.steps_per_epoch == 0:
                 raise UserError(f"split {split!r} of {self.builder.name} has {n} examples: fewer than one batch "
-                                f"of {self.host_batch_size} for each of {process_count} processes")
+                                f"of {self.batch_size}")
         else:
             self.steps_per_epoch = math.ceil(math.ceil(n / process_count) / self.host_batch_size)
         shape = self.builder.info.features["source_image"].shape
@@ -447,9 +451,12 @@ class InputPipeline:
 
     # -- state ------------------------------------------------------------------------------------------
     def _identity(self):
-        return {"dataset": self.builder.name, "split": self.split, "num_examples": self.num_split_examples,
-                "seed": self.seed, "batch_size": self.batch_size, "process_index": self.process_index,
-                "process_count": self.process_count, "layout": self.layout, "train": self.train}
+        """What a state is valid for: a training position is the same for any number of hosts."""
+        identity = {"dataset": self.builder.name, "split": self.split, "num_examples": self.num_split_examples,
+                    "seed": self.seed, "batch_size": self.batch_size, "layout": self.layout, "train": self.train}
+        if not self.train:
+            identity.update(process_index=self.process_index, process_count=self.process_count)
+        return identity
 
     def get_state(self) -> dict:
         """The position of the next batch (epoch, step within the epoch) and what it is valid for."""
@@ -470,8 +477,7 @@ class InputPipeline:
 
     # -- tf.data ----------------------------------------------------------------------------------------
     def _seeds(self, epoch):
-        return [int(s) for s in np.random.SeedSequence(
-            [self.seed, epoch, self.process_index]).generate_state(3, dtype=np.uint32)]
+        return [int(s) for s in np.random.SeedSequence([self.seed, epoch]).generate_state(3, dtype=np.uint32)]
 
     def epoch_dataset(self, epoch, start_step=0) -> tf.data.Dataset:
         """The tf.data pipeline of one epoch of this host, from batch `start_step` on."""
@@ -485,10 +491,14 @@ class InputPipeline:
         hb = self.host_batch_size
         if self.train:
             ds = ds.shuffle(self.shuffle_buffer_size, seed=shuffle_seed, reshuffle_each_iteration=False)
-            ds = ds.take(self.steps_per_epoch * hb)
-        ds = ds.enumerate().skip(start_step * hb)
+            ds = ds.take(self.steps_per_epoch * self.batch_size).enumerate().skip(start_step * self.batch_size)
+            batch_size, process = self.batch_size, self.process_index
+            ds = ds.filter(lambda position, ex: (position % batch_size) // hb == process)
+            id_offset = tf.constant(0, tf.int64)
+        else:
+            ds = ds.enumerate().skip(start_step * hb)
+            id_offset = tf.constant(start, tf.int64)
         preprocess, include_names, hw = self._preprocess, self.include_names, self.stored_hw
-        id_offset = tf.constant(self.process_index * self.steps_per_epoch * hb, tf.int64)
 
         def process(position, ex):
             ex = dict(ex)

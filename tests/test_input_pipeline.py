@@ -72,17 +72,22 @@ def test_shards_are_disjoint_and_cover_the_split(builder):
         assert seen[0] | seen[1] | seen[2] == everything
 
 
-def test_training_shards_stay_in_their_slice_and_in_step(builder):
-    slices = []
-    for i in range(3):
-        p = _pipeline(builder, batch_size=9, process_index=i, process_count=3, include_names=True, seed=3)
-        assert p.host_batch_size == 3 and p.steps_per_epoch == 20 // 3
-        first_epoch = [pair for _ in range(p.steps_per_epoch) for pair in _pairs(next(p))]
-        assert len(set(first_epoch)) == len(first_epoch) == 18          # no repeats within an epoch
-        slices.append(set(first_epoch))
-        next(p)
-        assert p.get_state()["epoch"] == 1 and p.get_state()["step"] == 1
-    assert not (slices[0] & slices[1]) and not (slices[1] & slices[2]) and not (slices[0] & slices[2])
+def test_training_batches_are_the_same_global_batches_for_any_number_of_hosts(builder):
+    """Three hosts' batches, stacked in process order, are the one-host batches (pairs, augmentation, example ids),
+    through an epoch boundary and after a resume from a one-host state."""
+    options = dict(flip_prob=0.5)
+    single = _pipeline(builder, batch_size=9, include_names=True, seed=3, options=options)
+    hosts = [_pipeline(builder, batch_size=9, process_index=i, process_count=3, include_names=True, seed=3,
+                       options=options) for i in range(3)]
+    assert single.steps_per_epoch == hosts[0].steps_per_epoch and hosts[0].host_batch_size == 3
+    for _ in range(single.steps_per_epoch + 2):
+        parts = [next(h) for h in hosts]
+        _equal(next(single), {k: np.concatenate([part[k] for part in parts]) for k in parts[0]})
+    assert single.get_state()["epoch"] == 1 and all(h.get_state() == single.get_state() for h in hosts)
+    resumed = _pipeline(builder, batch_size=9, process_index=1, process_count=3, include_names=True, seed=3,
+                        options=options, state=single.get_state())
+    expected = next(single)
+    _equal(next(resumed), {k: v[3:6] for k, v in expected.items()})
 
 
 def test_same_seed_same_batches_other_seed_other_order(builder):

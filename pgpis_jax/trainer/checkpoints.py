@@ -489,10 +489,9 @@ class Checkpoints:
         wanted = {name: self.abstract_items[name] for name in names}
         recorded = {k: v for k, v in meta["arrays"].items() if k.split(".")[0] in names}
         self._check_shapes(f"checkpoint step {step} in {self.directory}", recorded, array_specs(wanted))
-        if check_data and data.get("process_count") != jax.process_count():
-            raise UserError(f"checkpoint step {step} was written by {data.get('process_count')} processes; this run "
-                            f"has {jax.process_count()}: the input-pipeline positions cannot be mapped (resume with "
-                            "the same number of hosts)")
+        position = None
+        if check_data:
+            position = _data_position(data, step)
         try:
             items = self.manager.restore(step, args=ocp.args.Composite(
                 **{name: ocp.args.StandardRestore(item) for name, item in wanted.items()}))
@@ -505,7 +504,7 @@ class Checkpoints:
         if bad:
             raise CorruptCheckpoint(f"arrays {bad} do not match the checksums saved with them")
         logging.info("restored %s of checkpoint step %d from %s", ", ".join(names), step, self.directory)
-        return items, data["processes"][jax.process_index()] if check_data else None
+        return items, position
 
     def _restore_frozen(self) -> Dict:
         """The frozen parameters from <workdir>/frozen_params ({} when the run has none), checked against the
@@ -566,6 +565,20 @@ class Checkpoints:
         if problems:
             more = f" and {len(problems) - 8} more" if len(problems) > 8 else ""
             raise UserError(f"{what} does not match the state this config builds: {'; '.join(problems[:8])}{more}")
+
+
+def _data_position(data: Mapping[str, Any], step: int) -> Any:
+    """This process's input position from a checkpoint's `data` item. Positions that are the same on every process
+    (a global stream: the input pipeline, offline features) resume on any number of processes; per-process ones only
+    on as many processes as wrote them."""
+    positions = data["processes"]
+    if all(position == positions[0] for position in positions):
+        return positions[0]
+    if len(positions) != jax.process_count():
+        raise UserError(f"checkpoint step {step} was written by {len(positions)} processes with different input "
+                        f"positions; this run has {jax.process_count()}: they cannot be mapped (resume with the same "
+                        "number of hosts)")
+    return positions[jax.process_index()]
 
 
 def _sync(name: str) -> None:

@@ -160,7 +160,10 @@ def extract_split(build, config, directory: str, split: str = "train", batch_siz
     config.data.features_dir = ""   # extraction reads pixels
     stage = build(config)
     mesh_lib.maybe_initialize_distributed(config)
-    params = trainer.initial_params(trainer.setup(stage, config, mesh_lib.make_mesh(config)), stage, config)
+    # this process's devices only: the parameters are the same on every process (the run's seed), and the batches
+    # are host-local
+    params = trainer.initial_params(trainer.setup(stage, config, mesh_lib.make_mesh(config, jax.local_devices())),
+                                    stage, config)
     meta = {"method": config.method, "split": split, "storage_dtype": storage_dtype,
             "settings": settings(config, stage.FROZEN), "fingerprint": fingerprint(stage.frozen_params(params))}
     index_path = os.path.join(directory, INDEX)
