@@ -9,7 +9,7 @@ import subprocess
 import sys
 from typing import List, Sequence
 
-from tests.trainer_utils import ROOT, env
+from tests.trainer_utils import CACHE_ENV, ROOT, env
 
 TIMEOUT = 600
 
@@ -30,7 +30,11 @@ def free_port() -> int:
 
 
 def _env(devices_per_process: int):
-    return env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+    """The test environment without the persistent compilation cache (each process compiles its own programs)."""
+    variables = env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+    for name in CACHE_ENV:
+        variables.pop(name)
+    return variables
 
 
 def start(script: str, args: Sequence[str], processes: int, devices_per_process: int) -> List[subprocess.Popen]:

@@ -88,11 +88,15 @@ def test_unknown_override_names_missing_group_and_leaf():
 
 
 def test_workdir_config_is_written_once_and_a_different_one_is_refused(tmp_path):
-    config = ml_collections.ConfigDict({"method": "m", "optimizer": {"learning_rate": 1e-4}})
+    config = ml_collections.ConfigDict({"method": "m", "optimizer": {"learning_rate": 1e-4},
+                                        "distributed": {"process_id": 0}})
     path = cli.write_config_json(config, str(tmp_path))
     with open(path) as f:
-        assert json.load(f) == {"method": "m", "optimizer": {"learning_rate": 1e-4}}
+        assert json.load(f) == {"method": "m", "optimizer": {"learning_rate": 1e-4}, "distributed": {"process_id": 0}}
     assert cli.write_config_json(config, str(tmp_path)) == path
+    config.distributed.process_id = 1   # another process of the same multi-host job
+    assert cli.write_config_json(config, str(tmp_path)) == path
+    assert os.listdir(tmp_path) == ["config.json"]
     config.optimizer.learning_rate = 1e-5
     with pytest.raises(UserError, match="optimizer.learning_rate"):
         cli.write_config_json(config, str(tmp_path))
