@@ -492,8 +492,8 @@ class InputPipeline:
         if self.train:
             ds = ds.shuffle(self.shuffle_buffer_size, seed=shuffle_seed, reshuffle_each_iteration=False)
             ds = ds.take(self.steps_per_epoch * self.batch_size).enumerate().skip(start_step * self.batch_size)
-            batch_size, process = self.batch_size, self.process_index
-            ds = ds.filter(lambda position, ex: (position % batch_size) // hb == process)
+            batch_size, host = self.batch_size, self.process_index
+            ds = ds.filter(lambda position, ex: (position % batch_size) // hb == host)
             id_offset = tf.constant(0, tf.int64)
         else:
             ds = ds.enumerate().skip(start_step * hb)
