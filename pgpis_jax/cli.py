@@ -167,16 +167,19 @@ def _absl_main(call: Callable[[str], None]):
     return absl_main
 
 
-def run(main: Callable[[ml_collections.ConfigDict, str], None], inference: bool = False) -> None:
+def run(main: Callable[[ml_collections.ConfigDict, str], None], inference: bool = False,
+        check_config: bool = True) -> None:
     """Runs main(config, workdir) under absl with flags parsed as above and a UserError printed as one line.
     With `inference`, --config may be left out (the run's saved config is used). The whole config is checked
-    first (pgpis_jax/config_checks.py), before anything is built, compiled or written; main validates the rest it
-    needs; training and demos then record the config with `write_config_json`."""
+    first (pgpis_jax/config_checks.py; check_config=False: main does it), before anything is built, compiled or
+    written; main validates the rest it needs; training and demos then record the config with
+    `write_config_json`."""
 
     def call(program):
         if _WORKDIR.value is None:
             sys.exit(f"{program}: error: --workdir is required")
-        config_checks.check(_CONFIG.value)
+        if check_config:
+            config_checks.check(_CONFIG.value)
         main(_CONFIG.value, _WORKDIR.value)
 
     parser = (lambda argv: parse_flags(with_saved_config(argv))) if inference else parse_flags
@@ -204,6 +207,7 @@ def run_method(action: str, options: Callable[[], dict] = dict) -> None:
 
     def main(config, workdir):
         method = methods.get_method(config.method)
+        config_checks.check(config)
         if action == "train":
             from pgpis_jax import trainer
 
@@ -227,4 +231,4 @@ def run_method(action: str, options: Callable[[], dict] = dict) -> None:
             write_config_json(config, workdir, f"{action}_config.json")
             function(config, workdir, **given)
 
-    run(main, inference=action in INFERENCE_ACTIONS)
+    run(main, inference=action in INFERENCE_ACTIONS, check_config=False)

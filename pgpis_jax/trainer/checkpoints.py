@@ -34,6 +34,7 @@ import json
 import logging as pylogging
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -460,7 +461,7 @@ class Checkpoints:
         steps = committed_steps(str(self.workdir))
         kept = (f"the newest complete checkpoint is step {steps[-1]} in {self.directory}" if steps else
                 "no checkpoint had been written, so nothing of this run was kept")
-        return (f"no space left on the disk of {self.workdir} ({_first_line(_out_of_space_cause(error))}); {kept}, "
+        return (f"no space left on the disk of {self.workdir} ({_describe_no_space(error)}); {kept}, "
                 f"and what the failed save had written was removed. One checkpoint step takes {_size(step_bytes)} "
                 f"(config.checkpoint.keep={self.config.checkpoint.keep} are kept"
                 + (f", and {_size(frozen)} of frozen parameters once per run" if frozen else "")
@@ -654,6 +655,17 @@ def _out_of_space_cause(error: BaseException) -> Optional[BaseException]:
             return error
         error = error.__cause__ or error.__context__
     return None
+
+
+def _describe_no_space(error: BaseException) -> str:
+    """"<file>: <reason>" of a full-disk error: an OSError's, or the file and reason in a TensorStore message."""
+    cause = _out_of_space_cause(error)
+    if isinstance(cause, OSError) and cause.errno in _NO_SPACE_ERRNOS:
+        return f"{cause.filename or 'a file'}: {cause.strerror}"
+    text = str(cause)
+    files = re.findall(r'local file "([^"]+)"', text)
+    reason = next((t for t in _NO_SPACE_TEXTS[:3] if t in text), "No space left on device")
+    return f"{files[-1] if files else 'a file'}: {reason}"
 
 
 def out_of_space(error: BaseException) -> bool:

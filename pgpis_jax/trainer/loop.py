@@ -32,6 +32,9 @@ from pgpis_jax.trainer.data import HostData
 from pgpis_jax.trainer.precision import Policy
 
 SAMPLE_KEY_SALT = 0x5A3F1E
+# Exit status of train.py after SIGTERM or a preemption notice, once the checkpoint of the current step is saved
+# (EX_TEMPFAIL: a temporary failure; rerunning the same command resumes).
+PREEMPTED_EXIT_CODE = 75
 
 
 @dataclasses.dataclass
@@ -142,11 +145,6 @@ def train(method, config, workdir: str) -> str:
         raise
 
 
-# Exit status of train.py after SIGTERM or a preemption notice, once the checkpoint of the current step is saved
-# (EX_TEMPFAIL: a temporary failure; rerunning the same command resumes).
-PREEMPTED_EXIT_CODE = 75
-
-
 class _Outputs:
     """What a training segment keeps open: the checkpoint manager, the metric writer, the SIGTERM handler."""
 
@@ -168,7 +166,7 @@ class _Outputs:
         except Exception:  # noqa: BLE001 - see the docstring
             if not quietly:
                 raise
-            logging.exception("while closing the run's outputs after a failure")
+            logging.debug("while closing the run's outputs after a failure", exc_info=True)
 
 
 def _entries(workdir: str) -> Optional[set]:

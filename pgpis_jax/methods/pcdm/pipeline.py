@@ -22,9 +22,10 @@ squashed canvas half), one folder per stage so that each can be scored by eval.p
     <output_dir>/results.json                  counts, folders and the stage-1 cosine similarity between
                                                predicted and true target embeddings (when the prior ran)
     <output_dir>/scores.<process>.json         that similarity per pair, kept across resumed runs
-    <output_dir>/sample_config.json            what the images depend on: the stage-2 config (without where the
-                                               data lives and the eval settings), the ablation, best_of, split,
-                                               sampling batch size and the checkpoint step of each stage
+    <output_dir>/sample_config.json            what the images depend on: the stage-2 config (without the keys
+                                               only training reads, where the data lies and the eval settings),
+                                               the ablation, best_of, split, sampling batch size and the
+                                               checkpoint step of each stage
 
 Intact outputs are kept (a batch whose outputs all decode at the right size is skipped, broken ones are generated
 again; pgpis_jax/methods/common/split_sampler.py); an output directory holding images of other settings is refused.
@@ -51,7 +52,7 @@ from pgpis_jax.methods.common.split_sampler import (Generated, SplitSampler, can
 from pgpis_jax.methods.common.stage import check_same_data
 from pgpis_jax.methods.pcdm.prior import cosine_similarity
 from pgpis_jax.preprocessing import clip_preprocess
-from pgpis_jax.trainer.checkpoints import LOCATION_KEYS
+from pgpis_jax.trainer.checkpoints import LOCATION_KEYS, RESUMABLE_KEYS
 
 ABLATIONS = ("full", "B1", "B2", "B3", "true")
 _NEEDS = {"full": ("prior", "refine"), "B1": (), "B2": ("prior",), "B3": ("refine",), "true": ()}
@@ -229,12 +230,16 @@ class PCDMPipeline:
 
 def sample_settings(config, ablation: str, best_of: int, split: str, batch_size: int) -> Dict[str, Any]:
     """What split-mode images depend on besides the checkpoints (recorded in sample_config.json): the stage-2 config
-    without where the data lives and how it is evaluated, and the sampling options."""
+    without what only training reads or may change between runs (trainer.checkpoints.RESUMABLE_KEYS: run length,
+    logging, the mesh, where the data lies, ...; `sampling` stays), how it is evaluated and its batch size (the
+    sampling batch size is one of the options), and the options."""
     recorded = json.loads(config.to_json_best_effort(sort_keys=True))
-    recorded.pop("eval", None)
-    for key in LOCATION_KEYS:
-        group, leaf = key.split(".")
-        recorded.get(group, {}).pop(leaf, None)
+    for key in [k for k in RESUMABLE_KEYS if k != "sampling"] + ["eval", "batch_size"]:
+        *groups, leaf = key.split(".")
+        node = recorded
+        for group in groups:
+            node = node.get(group, {})
+        node.pop(leaf, None)
     return {"config": recorded, "ablation": ablation, "best_of": best_of, "split": split, "batch_size": batch_size}
 
 
