@@ -210,8 +210,9 @@ def test_a_run_writes_metrics_tensorboard_grids_and_progress(reference):
     assert sorted(os.listdir(os.path.join(workdir, "samples"))) == [
         "step_00000010.png", "step_00000020.png", "step_00000030.png"]
     lines = stdout.splitlines()
-    assert lines[0].startswith("mesh data=1, fsdp=1 (1 devices), 1 process(es); parameters: 157,632 trainable, "
-                               "0 frozen; global batch 32 in 1 micro-batch(es)")
+    mesh_line = next(line for line in lines if line.startswith("mesh "))   # after the parameter report
+    assert mesh_line.startswith("mesh data=1, fsdp=1 (1 devices), 1 process(es); parameters: 157,632 trainable, "
+                                "0 frozen; global batch 32 in 1 micro-batch(es)")
     progress = [line for line in lines if line.startswith("step ")]
     assert len(progress) == TOTAL and progress[-1].startswith(f"step {TOTAL}/{TOTAL} (100.0%) | loss ")
     assert all(" | ETA " in line and " img/s/device | " in line for line in progress)

@@ -24,6 +24,9 @@ or that was written by an older format, is an error naming the keys / arrays / s
 corrupted frozen_params is an error naming it; an unreadable or corrupted newest checkpoint (orbax error, or
 an array whose checksum does not match) is an error, unless config.checkpoint.fallback_to_older is set: then
 resuming moves it to <workdir>/corrupt_checkpoints/ and uses the next older intact one, and the log says so.
+A full disk while saving is reported by `out_of_space_message` (the newest complete step, the size of one step);
+`close(remove_incomplete=True)` removes what a failed save left. `check_workdir` refuses a workdir that is a file or
+not writable before anything is written.
 """
 
 from __future__ import annotations
@@ -124,6 +127,12 @@ def committed_steps(workdir: str) -> List[int]:
     return sorted(int(child.name) for child in directory.iterdir() if child.name.isdigit())
 
 
+def holds_no_checkpoint(workdir: str) -> bool:
+    """True if `workdir` has neither a committed checkpoint nor one moved aside as corrupt: a run there stopped
+    before its first checkpoint, and what it recorded (config.json, run files) may be replaced."""
+    return not committed_steps(workdir) and not (epath.Path(workdir) / "corrupt_checkpoints").exists()
+
+
 def check_recorded_config(config, workdir: str) -> bool:
     """Compares the config with <workdir>/config.json; True if the file must be (re)written.
 
@@ -139,7 +148,7 @@ def check_recorded_config(config, workdir: str) -> bool:
     previous = json.loads(path.read_text())
     keys = differing_keys(previous, current)
     fixed = [k for k in keys if not key_in(k, RESUMABLE_KEYS)]
-    if fixed and not committed_steps(workdir):
+    if fixed and holds_no_checkpoint(workdir):
         logging.warning("%s holds another config (%s) but %s/checkpoints has no checkpoint: replacing it", path,
                         describe_differences(previous, current, fixed), workdir)
         return True
@@ -175,7 +184,7 @@ def check_run_files(files: Mapping[str, Any], workdir: str) -> Dict[str, Any]:
     (then it is replaced).
     """
     missing = {}
-    replaceable = not committed_steps(workdir)
+    replaceable = holds_no_checkpoint(workdir)
     for name, value in files.items():
         if not name or os.path.basename(name) != name:
             raise ValueError(f"Method.run_files(): {name!r} is not a plain file name")

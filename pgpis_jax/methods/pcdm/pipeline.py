@@ -157,9 +157,6 @@ class PCDMPipeline:
         pair's ground-truth target (S x S) to output_dir/<reference>. Returns the totals over all processes."""
         if best_of < 1:
             raise UserError(f"--best_of={best_of}: expected a number of candidates >= 1")
-        for stage in (self.inpaint, self.prior):
-            if stage is not None:
-                check_same_data(stage.workdir, stage.config)
         options = dict(split=split, train=False, include_names=True, process_index=jax.process_index(),
                        process_count=jax.process_count())
         pipe = input_pipeline.from_config(with_batch_size(self.inpaint.config, batch_size), **options)
@@ -248,23 +245,41 @@ def _default_ablation(prior_workdir: Optional[str], refine_workdir: Optional[str
         (bool(prior_workdir), bool(refine_workdir))]
 
 
+def _with_moved_data(run: str, workdir: str, stage2) -> Any:
+    """The saved config of the stage run `run`, with the data locations (trainer.checkpoints.LOCATION_KEYS) that the
+    stage-2 config `stage2` moves away from what the stage-2 run `workdir` recorded."""
+    own, recorded = saved_config(run), saved_config(workdir)
+    for key in LOCATION_KEYS:
+        group, leaf = key.split(".")
+        value = stage2.get(group, {}).get(leaf)
+        if leaf in own.get(group, {}) and value != recorded.get(group, {}).get(leaf):
+            own[group][leaf] = value
+    return own
+
+
+def check_data(workdir: str, split: str, config=None, prior_workdir: Optional[str] = None) -> None:
+    """Before anything is loaded: the dataset the stage-2 config (and the prior's) points at is the one each run
+    was trained on (stage.check_same_data) and has `split`."""
+    stage2 = inference_config(workdir, config)
+    check_same_data(workdir, stage2)
+    if prior_workdir:
+        check_same_data(prior_workdir, _with_moved_data(prior_workdir, workdir, stage2))
+    builder = input_pipeline.load_builder(input_pipeline.dataset_name(stage2.data), stage2.data.get("data_dir") or None)
+    if split not in builder.info.splits:
+        raise UserError(f"--split={split}: dataset {builder.name} has the splits {', '.join(builder.info.splits)}")
+
+
 def open_pipeline(workdir: str, config=None, ablation: Optional[str] = None, prior_workdir: Optional[str] = None,
                   refine_workdir: Optional[str] = None) -> PCDMPipeline:
-    """The stages of an ablation from their run directories (default ablation: the stages given). Where the data
-    lies (trainer.checkpoints.LOCATION_KEYS) as `config` gives it applies to the prior and refining runs too."""
+    """The stages of an ablation from their run directories (default ablation: the stages given). Data that `config`
+    moves (another data_dir than the stage-2 run recorded) is looked for there by the prior and refining runs too."""
     ablation = ablation or _default_ablation(prior_workdir, refine_workdir)
     inpaint = load_trained(workdir, ("pcdm_inpaint",), config)
-
-    def other(run, method):
-        own = saved_config(run)
-        for key in LOCATION_KEYS:
-            group, leaf = key.split(".")
-            if leaf in own[group] and config is not None:
-                own[group][leaf] = inpaint.config[group][leaf]
-        return load_trained(run, (method,), own)
-
-    prior = other(prior_workdir, "pcdm_prior") if prior_workdir else None
-    refine = other(refine_workdir, "pcdm_refine") if refine_workdir else None
+    prior = load_trained(prior_workdir, ("pcdm_prior",), _with_moved_data(prior_workdir, workdir, inpaint.config)) \
+        if prior_workdir else None
+    refine = load_trained(refine_workdir, ("pcdm_refine",), _with_moved_data(refine_workdir, workdir,
+                                                                               inpaint.config)) \
+        if refine_workdir else None
     return PCDMPipeline(inpaint, ablation, prior, refine, seed=inpaint.config.seed)
 
 
@@ -308,6 +323,7 @@ def sample_command(workdir: str, config=None, ablation: Optional[str] = None, pr
         print(f"wrote {output}", flush=True)
         return None
     config_checks.check_writable_directory(output_dir, "--output_dir")
+    check_data(workdir, split, config, prior_workdir)
     stage2 = inference_config(workdir, config)
     batch_size = batch_size or stage2.batch_size
     check_settings(output_dir, sample_settings(stage2, ablation, best_of, split, batch_size))
@@ -324,6 +340,7 @@ def generate_test_set(workdir: str, output_dir: str, config=None):
     score, the reference folder, the config used)."""
     from pgpis_jax.metrics import protocols
 
+    check_data(workdir, "test", config)
     pipe = open_pipeline(workdir, config, "B1")
     config = pipe.inpaint.config
     protocol = (config.get("eval") or {}).get("protocol", evaluation.default_eval_config().protocol)
