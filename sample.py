@@ -33,6 +33,10 @@ _FLAGS = {
     "source_pose": flags.DEFINE_string("source_pose", None, "Single mode: 18-line 'x y' keypoints or a pose image."),
     "target_pose": flags.DEFINE_string("target_pose", None, "Single mode: 18-line 'x y' keypoints or a pose image."),
     "output": flags.DEFINE_string("output", None, "Single mode: the output PNG."),
+    "joints_outside_image": flags.DEFINE_enum("joints_outside_image", "error", ["error", "clip", "drop"],
+                                              "Single mode: a pose keypoint outside the source photo is an error, "
+                                              "or is clipped to the nearest pixel inside, or dropped (missing); "
+                                              "the count is printed."),
 }
 
 

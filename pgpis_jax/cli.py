@@ -12,21 +12,24 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
+import logging as pylogging
 import os
 import sys
+import traceback
 from typing import Callable, List, Optional, Sequence
 
 import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from pgpis_jax import methods
-from pgpis_jax.errors import UserError
+from pgpis_jax import config_checks, methods
+from pgpis_jax.errors import UserError, os_error_message
 
 CONFIG_FLAG = "config"
 _CONFIG = config_flags.DEFINE_config_file(CONFIG_FLAG, None, "Config file, e.g. configs/pcdm_inpaint.py[:arg].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, outputs and the resolved config.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "On an error, print its traceback before the one-line message.")
 
 
 def flag_value(argv: Sequence[str], name: str) -> Optional[str]:
@@ -134,29 +137,47 @@ def write_config_json(config: ml_collections.ConfigDict, workdir: str, name: str
     return path
 
 
+def _library_error_echoes(record: pylogging.LogRecord) -> bool:
+    """False for the errors orbax logs from its background threads (with tracebacks) when a save or restore
+    fails: the failure reaches our code, which reports it as one line; --verbose keeps them."""
+    return not (record.levelno >= pylogging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
 def _absl_main(call: Callable[[str], None]):
-    """absl's main: no positional arguments, call(program name), a UserError printed as one line."""
+    """absl's main: no positional arguments, call(program name); a UserError, or an OSError (a file that cannot
+    be written or read: read-only, missing, disk full), is printed as one line (with --verbose after its
+    traceback) and exits with status 1."""
 
     def absl_main(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
         program = os.path.basename(argv[0])
+        if not _VERBOSE.value:
+            pylogging.getLogger("absl").addFilter(_library_error_echoes)
         try:
             call(program)
-        except UserError as error:
-            sys.exit(f"{program}: error: {error}")
+        except (UserError, OSError) as error:
+            if _VERBOSE.value:
+                traceback.print_exception(error)
+            message = str(error) if isinstance(error, UserError) else os_error_message(error)
+            sys.exit(f"{program}: error: {message}")
 
     return absl_main
 
 
-def run(main: Callable[[ml_collections.ConfigDict, str], None], inference: bool = False) -> None:
+def run(main: Callable[[ml_collections.ConfigDict, str], None], inference: bool = False,
+        check_config: bool = True) -> None:
     """Runs main(config, workdir) under absl with flags parsed as above and a UserError printed as one line.
-    With `inference`, --config may be left out (the run's saved config is used). main validates what it needs;
-    training and demos then record the config with `write_config_json`."""
+    With `inference`, --config may be left out (the run's saved config is used). The whole config is checked
+    first (pgpis_jax/config_checks.py; check_config=False: main does it), before anything is built, compiled or
+    written; main validates the rest it needs; training and demos then record the config with
+    `write_config_json`."""
 
     def call(program):
         if _WORKDIR.value is None:
             sys.exit(f"{program}: error: --workdir is required")
+        if check_config:
+            config_checks.check(_CONFIG.value)
         main(_CONFIG.value, _WORKDIR.value)
 
     parser = (lambda argv: parse_flags(with_saved_config(argv))) if inference else parse_flags
@@ -175,7 +196,8 @@ def run_method(action: str, options: Callable[[], dict] = dict) -> None:
     """The train/sample/eval/extract_features entry points: runs `action` of the method named by config.method.
 
     "train" goes to the shared trainer with the method's `build(config)` (the trainer records the config itself
-    and allows the keys that may change when resuming, e.g. total_steps, to differ). "sample" and "eval" call the
+    and allows the keys that may change when resuming, e.g. total_steps, to differ); a run stopped by SIGTERM or a
+    preemption notice saves and exits with trainer.PREEMPTED_EXIT_CODE. "sample" and "eval" call the
     method module's `action(workdir, config=config, **options)`, which opens the run read-only. Other actions
     (extract_features) record the config as <workdir>/<action>_config.json and call `action(config, workdir,
     **options)`. `options()` returns the entry point's own flags given on the command line; a flag the action
@@ -183,10 +205,12 @@ def run_method(action: str, options: Callable[[], dict] = dict) -> None:
 
     def main(config, workdir):
         method = methods.get_method(config.method)
+        config_checks.check(config)
         if action == "train":
             from pgpis_jax import trainer
 
-            trainer.train(method.build(config), config, workdir)
+            if trainer.train(method.build(config), config, workdir) == "preempted":
+                sys.exit(trainer.PREEMPTED_EXIT_CODE)
             return
         function = getattr(method, action, None)
         if function is None:
@@ -205,4 +229,4 @@ def run_method(action: str, options: Callable[[], dict] = dict) -> None:
             write_config_json(config, workdir, f"{action}_config.json")
             function(config, workdir, **given)
 
-    run(main, inference=action in INFERENCE_ACTIONS)
+    run(main, inference=action in INFERENCE_ACTIONS, check_config=False)

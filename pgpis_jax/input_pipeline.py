@@ -72,6 +72,8 @@ together with p = `flip_prob` (default 0); the PCDMs stages do not augment.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 from pathlib import Path
 from typing import Callable
@@ -573,6 +575,23 @@ def dataset_name(data_config):
     dataset + `builder_config` when the config names one (e.g. "synthetic_people/64x64_demo")."""
     h, w = (int(v) for v in data_config.image_size)
     return f"{data_config.dataset}/{data_config.get('builder_config') or f'{h}x{w}'}"
+
+
+def dataset_identity(data_config) -> dict:
+    """What the prepared dataset of a config's `data` section is, wherever it lies (data_dir is not part of it):
+    the TFDS name, builder config and version, the examples of each split, and a fingerprint (SHA-256, 16 hex
+    digits) of the feature spec, the builder's metadata and each split's shard lengths and bytes. A run records
+    it, so that resuming or sampling with the data in another folder is allowed and other data is refused."""
+    builder = load_builder(dataset_name(data_config), data_config.get("data_dir") or None)
+    info = builder.info
+    splits = sorted(info.splits.items())
+    content = {"features": info.features.to_json(), "metadata": dict(info.metadata or {}),
+               "splits": {name: {"shard_lengths": [int(n) for n in split.shard_lengths],
+                                 "num_bytes": int(split.num_bytes)} for name, split in splits}}
+    fingerprint = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"dataset": builder.name, "config": builder.builder_config.name if builder.builder_config else "",
+            "version": str(info.version), "splits": {name: int(split.num_examples) for name, split in splits},
+            "fingerprint": fingerprint}
 
 
 def from_config(config, *, split="train", train=True, data_dir=None, state=None, **kwargs):

@@ -184,7 +184,8 @@ def test_prior_and_inpaint_train_then_sample_from_the_run_directories_alone(demo
     assert results["ablation"] == "B2" and results["best_of"] == 2 and results["prior_cosine_similarity_pairs"] == 96
     assert results["images_written"] == 3 * 96 and results["pairs"] == 96
     assert -1.0 <= results["prior_cosine_similarity"] <= 1.0
-    assert json.loads((out / "sample_config.json").read_text())["sampling"]["num_inference_steps"] == 2
+    recorded = json.loads((out / "sample_config.json").read_text())
+    assert recorded["config"]["sampling"]["num_inference_steps"] == 2 and recorded["best_of"] == 2
     names = sorted(os.listdir(out / "stage2"))
     assert len(names) == 96 and all(n.endswith(".png") and "_to_" in n for n in names)
     assert [sorted(os.listdir(out / "stage2_candidates" / f"sample_{k}")) for k in (0, 1)] == [names, names]

@@ -17,9 +17,11 @@ from pgpis_jax.datasets.formats import DataError
 ROOT = Path(__file__).resolve().parents[1]
 TFDS = str(Path(sys.executable).parent / "tfds")
 # Any network access from a build fails at once: proxies that point at a closed port.
+# PYTHONPATH: `tfds build` imports this checkout's pgpis_jax (not another one an editable install points at).
 NO_NETWORK = dict(os.environ, http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9",
                   HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9", no_proxy="", NO_PROXY="",
-                  JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+                  JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+                  PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
 HIGHRES = (550, 375)    # fixture "originals": In-shop images are 1101 x 750; half that keeps the tests fast
 
 

@@ -73,8 +73,9 @@ def _error_lines(stderr):
 
 
 def test_sigterm_then_sigkill_then_restart_log_the_same_losses_as_an_uninterrupted_run(reference, tmp_path):
-    """train.py preempted (SIGTERM: saves at the current step, exits 0), resumed and killed (SIGKILL) after
-    its next checkpoint, resumed again: every resumed segment logs the uninterrupted run's losses."""
+    """train.py preempted (SIGTERM: saves at the current step, exits with PREEMPTED_EXIT_CODE 75), resumed and
+    killed (SIGKILL) after its next checkpoint, resumed again: every resumed segment logs the uninterrupted run's
+    losses."""
     _, _, expected = reference
     workdir = str(tmp_path)
     slow = dict(RUN, **{"debug.step_delay_seconds": 0.1})
@@ -83,7 +84,7 @@ def test_sigterm_then_sigkill_then_restart_log_the_same_losses_as_an_uninterrupt
     reached = wait_until(lambda: max(logged_steps(workdir), default=0) >= 6, process)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
-    assert reached and process.returncode == 0, stderr[-3000:]
+    assert reached and process.returncode == loop.PREEMPTED_EXIT_CODE == 75, stderr[-3000:]
     line = next(line for line in stdout.splitlines() if line.startswith("preempted: saved a checkpoint at step"))
     preempted_at = int(line.split("at step ")[1].split()[0])
     assert 6 <= preempted_at < 10 and committed_steps(workdir) == [preempted_at]

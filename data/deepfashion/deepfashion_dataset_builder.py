@@ -40,4 +40,4 @@ class Builder(tfds_builder.PairDatasetBuilder):
 
     def _sources(self, dl_manager):
         layout = formats.deepfashion_layout(dl_manager.manual_dir, self.builder_config.layout)
-        return {split: layout.split(split, strict=self._strict) for split in ("train", "test")}
+        return {split: layout.split(split, **self._split_options) for split in ("train", "test")}

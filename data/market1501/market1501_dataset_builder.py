@@ -35,4 +35,4 @@ class Builder(tfds_builder.PairDatasetBuilder):
 
     def _sources(self, dl_manager):
         layout = formats.MarketLayout(dl_manager.manual_dir)
-        return {split: layout.split(split, strict=self._strict) for split in ("train", "test")}
+        return {split: layout.split(split, **self._split_options) for split in ("train", "test")}

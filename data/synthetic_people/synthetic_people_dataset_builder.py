@@ -56,7 +56,8 @@ class Builder(tfds_builder.PairDatasetBuilder):
             textured_backdrop_prob=config.textured_backdrop_prob, patterned_prob=config.patterned_prob)
         layout = formats.DeepFashionLayout(self._workdir.name, annotation_hw=(config.height, config.width))
         self._pending = {"train", "test"}
-        return {split: layout.split(split, strict=True) for split in ("train", "test")}
+        return {split: layout.split(split, strict=True, outside=self.builder_config.joints_outside_image)
+                for split in ("train", "test")}
 
     def _generate_examples(self, source):
         yield from super()._generate_examples(source)

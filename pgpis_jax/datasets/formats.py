@@ -17,6 +17,10 @@ the JSON layouts' paths are converted to it, so records name images the same way
 Bad input is reported as `Problem(path, line, reason)`. A reader given `strict=True` raises the first one as
 `DataError` (a `UserError` whose message names the file and line); with `strict=False` it collects them in
 `SplitSource.problems` and leaves out what they concern.
+
+Keypoints must be finite (NaN / inf are errors naming the file and line). A visible joint outside its image (its
+pixel-centre coordinates outside [-0.5, W - 0.5) x [-0.5, H - 0.5)) is an error by default; `OutsideJoints`
+("clip": moved to the nearest pixel inside; "drop": marked missing) handles them instead and counts them.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -176,7 +181,7 @@ def read_pairs_csv(path, problems: Problems) -> list[Pair]:
 
 
 def parse_keypoint_list(text, num=NUM_KEYPOINTS) -> list[float]:
-    """A JSON list of `num` numbers (`"[24, 40, -1, ...]"`); raises ValueError saying what is wrong."""
+    """A JSON list of `num` finite numbers (`"[24, 40, -1, ...]"`); raises ValueError saying what is wrong."""
     try:
         values = json.loads(text)
     except json.JSONDecodeError:
@@ -186,6 +191,9 @@ def parse_keypoint_list(text, num=NUM_KEYPOINTS) -> list[float]:
         raise ValueError(f"{text.strip()[:60]!r} is not a list of numbers")
     if len(values) != num:
         raise ValueError(f"{len(values)} values, expected {num}")
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"{bad[0]} is not a finite number (coordinates are pixels, -1 for a missing joint)")
     return [float(v) for v in values]
 
 
@@ -250,16 +258,17 @@ def read_pairs_json(path, problems: Problems) -> list[Pair]:
     return pairs
 
 
-def read_keypoint_txt(path) -> np.ndarray:
-    """An 18-line `x y` keypoint file (np.savetxt of an (18, 2) array) -> float32 (18, 2) as written.
+def read_keypoint_txt(path, with_lines: bool = False):
+    """An 18-line `x y` keypoint file (np.savetxt of an (18, 2) array) -> float32 (18, 2) as written (and, with
+    `with_lines`, the 1-based line of each joint).
 
-    Raises DataError naming the file and line for a missing file, a line without two numbers, or a count
-    other than 18.
+    Raises DataError naming the file and line for a missing file, a line without two finite numbers, or a
+    count other than 18.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "keypoint file not found")
-    rows = []
+    rows, lines = [], []
     for number, line in enumerate(_read_lines(path), start=1):
         if not line.strip():
             continue
@@ -270,10 +279,65 @@ def read_keypoint_txt(path) -> np.ndarray:
             raise DataError(path, f"{line.strip()[:60]!r} is not two numbers 'x y'", number) from None
         if len(values) != 2:
             raise DataError(path, f"expected two numbers 'x y', got {len(values)}", number)
+        if not all(math.isfinite(v) for v in values):
+            raise DataError(path, f"{line.strip()[:60]!r}: coordinates must be finite numbers (pixels, -1 -1 for "
+                                  "a missing joint)", number)
         rows.append(values)
+        lines.append(number)
     if len(rows) != NUM_KEYPOINTS:
         raise DataError(path, f"{len(rows)} keypoint lines, expected {NUM_KEYPOINTS}")
-    return np.asarray(rows, np.float32)
+    keypoints = np.asarray(rows, np.float32)
+    return (keypoints, lines) if with_lines else keypoints
+
+
+OUTSIDE_POLICIES = ("error", "clip", "drop")
+
+
+@dataclasses.dataclass
+class OutsideJoints:
+    """What to do with a visible joint outside its image, and how many it changed: "error" (a DataError naming
+    the file, line and joint), "clip" (moved to the nearest pixel inside), "drop" (marked missing, -1)."""
+
+    policy: str = "error"
+    joints: int = 0     # joints clipped or dropped
+    images: int = 0     # images with at least one
+
+    def __post_init__(self):
+        if self.policy not in OUTSIDE_POLICIES:
+            raise UserError(f"joints outside the image: {self.policy!r}; expected one of "
+                            f"{', '.join(OUTSIDE_POLICIES)}")
+
+    def apply(self, keypoints, hw, path, lines=None) -> np.ndarray:
+        """`keypoints` (18, 2) x y of an image of size `hw` (height, width) with the policy applied. lines: the
+        line of the image's annotation (int) or of each joint (a list), for the error."""
+        kp = np.array(keypoints, np.float32)
+        height, width = hw
+        x, y = kp[:, 0], kp[:, 1]
+        outside = poses.visible(kp) & ((x < -0.5) | (x >= width - 0.5) | (y < -0.5) | (y >= height - 0.5))
+        if not outside.any():
+            return kp
+        joint = int(np.argmax(outside))
+        if self.policy == "error":
+            line = lines[joint] if isinstance(lines, (list, tuple)) else lines
+            more = int(outside.sum()) - 1
+            raise DataError(path, f"joint {joint} ({poses.JOINT_NAMES[joint]}) at x={x[joint]:g}, y={y[joint]:g} is "
+                                  f"outside the {height} x {width} (H x W) image{f' (and {more} more)' if more else ''}"
+                                  "; clip or drop such joints with the joints_outside_image option (README, "
+                                  "Reliability)", line)
+        if self.policy == "clip":
+            kp[outside] = np.stack([np.clip(x[outside], 0, width - 1), np.clip(y[outside], 0, height - 1)], -1)
+        else:
+            kp[outside] = poses.MISSING
+        self.joints += int(outside.sum())
+        self.images += 1
+        return kp
+
+    def summary(self, where: str) -> str:
+        verb = "clipped" if self.policy == "clip" else "dropped"
+        return f"{where}: {verb} {self.joints} joint(s) outside the image in {self.images} image(s)"
+
+    def as_dict(self) -> dict:
+        return {"policy": self.policy, "joints": self.joints, "images": self.images}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -320,7 +384,8 @@ class SplitSource:
 
     `keypoints(name)` returns (18, 2) x y keypoints in `keypoint_hw` or raises DataError; `image_path(name)`
     returns the file or raises DataError. `problems` holds the lines the readers could not use (strict=False;
-    unusable annotations are raised again by `keypoints` for the pairs that need them).
+    unusable annotations are raised again by `keypoints` for the pairs that need them). `outside` applies the
+    policy for joints outside the image in `keypoints` and counts what it changed.
     """
     split: str
     pairs_path: str
@@ -332,12 +397,18 @@ class SplitSource:
     record_name: Callable[[str], str]
     problems: list[Problem]
     info: dict
+    outside: OutsideJoints = dataclasses.field(default_factory=OutsideJoints)
 
 
-def _annotation_lookup(annotations, problems: Problems, ann_path):
+def _annotation_lookup(annotations, problems: Problems, ann_path, hw, outside: OutsideJoints):
+    checked = {}
+
     def keypoints(name):
         if name in annotations:
-            return annotations[name][0]
+            if name not in checked:
+                kp, line = annotations[name]
+                checked[name] = outside.apply(kp, hw, ann_path, line)
+            return checked[name]
         if name in problems.by_name:
             p = problems.by_name[name]
             raise DataError(p.path, p.reason, p.line)
@@ -393,8 +464,9 @@ class DeepFashionLayout:
                 index.setdefault(name, path)
         return index
 
-    def split(self, split, *, strict=True) -> SplitSource:
-        problems = Problems(strict)
+    def split(self, split, *, strict=True, outside="error") -> SplitSource:
+        """The split's pairs; `outside`: the policy for joints outside the image (OutsideJoints)."""
+        problems, outside = Problems(strict), OutsideJoints(outside)
         pairs_path, ann_path = self._file("pairs", split), self._file("annotation", split)
         pairs = read_pairs_csv(pairs_path, problems)
         annotations = read_annotation_csv(ann_path, problems)
@@ -406,7 +478,7 @@ class DeepFashionLayout:
         info = {"layout": self.name, "lst_images": len(read_lst(lst)) if lst.is_file() else None}
         where = f"{self.root}/MEN, {self.root}/WOMEN (as flattened names), {split}_highres/ or {split}/"
 
-        keypoints = _annotation_lookup(annotations, problems, ann_path)
+        keypoints = _annotation_lookup(annotations, problems, ann_path, self.annotation_hw, outside)
 
         def image_path(name):
             if name not in index:
@@ -414,7 +486,7 @@ class DeepFashionLayout:
             return index[name]
 
         return SplitSource(split, str(pairs_path), pairs, self.annotation_hw, keypoints, image_path,
-                           deepfashion_person_id, lambda n: n, problems.items, info)
+                           deepfashion_person_id, lambda n: n, problems.items, info, outside)
 
 
 class MarketLayout:
@@ -426,8 +498,9 @@ class MarketLayout:
         self.root = Path(root)
         self.annotation_hw = tuple(annotation_hw)
 
-    def split(self, split, *, strict=True) -> SplitSource:
-        problems = Problems(strict)
+    def split(self, split, *, strict=True, outside="error") -> SplitSource:
+        """The split's pairs; `outside`: the policy for joints outside the image (OutsideJoints)."""
+        problems, outside = Problems(strict), OutsideJoints(outside)
         pairs_path = _require(self.root / f"market-pairs-{split}.csv", f"the Market-1501 pairs of '{split}'")
         ann_path = _require(self.root / f"market-annotation-{split}.csv",
                             f"the Market-1501 annotation of '{split}'")
@@ -437,7 +510,7 @@ class MarketLayout:
         if not any(f.is_dir() for f in folders):
             raise DataError(folders[0], f"image folder not found (expected {split}/ or bounding_box_{split}/)")
 
-        keypoints = _annotation_lookup(annotations, problems, ann_path)
+        keypoints = _annotation_lookup(annotations, problems, ann_path, self.annotation_hw, outside)
 
         def image_path(name):
             for folder in folders:
@@ -446,7 +519,7 @@ class MarketLayout:
             raise DataError(folders[0] / name, f"image not found (looked in {', '.join(map(str, folders))})")
 
         return SplitSource(split, str(pairs_path), pairs, self.annotation_hw, keypoints, image_path,
-                           market_person_id, lambda n: n, problems.items, {"layout": self.name})
+                           market_person_id, lambda n: n, problems.items, {"layout": self.name}, outside)
 
 
 class JsonPairsLayout:
@@ -483,8 +556,9 @@ class JsonPairsLayout:
         raise DataError(self.root, f"no image folder: expected {split}_lst_512_png/, {split}_lst_256_png/, "
                                    "all_data_png/ or train_all_png/")
 
-    def split(self, split, *, strict=True) -> SplitSource:
-        problems = Problems(strict)
+    def split(self, split, *, strict=True, outside="error") -> SplitSource:
+        """The split's pairs; `outside`: the policy for joints outside the image (OutsideJoints)."""
+        problems, outside = Problems(strict), OutsideJoints(outside)
         if self.style == "fpdm":
             pairs_path = _require(self.root / f"{split}_pairs_data.json", f"the FPDM pairs of '{split}'")
         else:
@@ -530,15 +604,15 @@ class JsonPairsLayout:
 
         def keypoints(name):
             if name not in cache:
-                kp = read_keypoint_txt(txt_path(name))
+                kp, lines = read_keypoint_txt(txt_path(name), with_lines=True)
                 gone = (kp[:, 0] == poses.MISSING) | (kp[:, 1] == poses.MISSING)
                 kp = np.stack([kp[:, 0] - x_offset, kp[:, 1]], axis=-1).astype(np.float32)
                 kp[gone] = poses.MISSING
-                cache[name] = kp
+                cache[name] = outside.apply(kp, self.annotation_hw, txt_path(name), lines)
             return cache[name]
 
         return SplitSource(split, str(pairs_path), pairs, self.annotation_hw, keypoints, image_path,
-                           deepfashion_person_id, record_name, problems.items, {"layout": self.name})
+                           deepfashion_person_id, record_name, problems.items, {"layout": self.name}, outside)
 
 
 def deepfashion_layout(root, layout="auto"):

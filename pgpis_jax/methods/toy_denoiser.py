@@ -24,6 +24,7 @@ from etils import epath
 
 from pgpis_jax.diffusion import forward
 from pgpis_jax.errors import UserError
+from pgpis_jax.evaluation import write_results
 from pgpis_jax.methods.base import Method, example_keys, diffusion_schedules
 from pgpis_jax.nn.embeddings import get_timestep_embedding
 from pgpis_jax.trainer.precision import Policy, remat_policy
@@ -203,8 +204,11 @@ def build(config, saved_networks=None) -> ToyDenoiser:
 
 
 def _require_output_dir(output_dir) -> str:
+    from pgpis_jax.config_checks import check_writable_directory
+
     if not output_dir:
         raise UserError("--output_dir is required (nothing is written into the run)")
+    check_writable_directory(output_dir, "--output_dir")
     return output_dir
 
 
@@ -236,6 +240,5 @@ def eval(workdir: str, config, output_dir=None) -> None:  # noqa: A001 - the ent
     rng = jax.random.key(config.seed + 1)
     loss, zeros = jax.jit(method.heldout_losses)(params, batch, rng)
     result = {"step": step, "heldout_loss": float(loss), "predict_zero_loss": float(zeros)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
+    write_results(result, str(path))
     print(json.dumps(result), flush=True)

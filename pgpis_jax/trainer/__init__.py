@@ -6,6 +6,6 @@ Modules (one idea each): tree (parameter paths), mesh, optimizer, ema, precision
 data (global batches, input position), checkpoints, metrics, loop.
 """
 
-from pgpis_jax.trainer.loop import Setup, init_state, initial_params, setup, train
+from pgpis_jax.trainer.loop import PREEMPTED_EXIT_CODE, Setup, init_state, initial_params, setup, train
 
-__all__ = ["Setup", "init_state", "initial_params", "setup", "train"]
+__all__ = ["PREEMPTED_EXIT_CODE", "Setup", "init_state", "initial_params", "setup", "train"]

@@ -24,15 +24,20 @@ or that was written by an older format, is an error naming the keys / arrays / s
 corrupted frozen_params is an error naming it; an unreadable or corrupted newest checkpoint (orbax error, or
 an array whose checksum does not match) is an error, unless config.checkpoint.fallback_to_older is set: then
 resuming moves it to <workdir>/corrupt_checkpoints/ and uses the next older intact one, and the log says so.
+A full disk while saving is reported by `out_of_space_message` (the newest complete step, the size of one step);
+`close(remove_incomplete=True)` removes what a failed save left. `check_workdir` refuses a workdir that is a file or
+not writable before anything is written.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging as pylogging
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -48,6 +53,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from pgpis_jax.config_checks import check_writable_directory
 from pgpis_jax.errors import UserError
 from pgpis_jax.trainer import tree
 
@@ -59,14 +65,17 @@ ARRAY_ITEMS = ("params", "ema", "opt_state", "progress")
 FROZEN_DIR = "frozen_params"
 FROZEN_ARRAYS = "arrays"
 FROZEN_RECORD = "checksums.json"
+# Where a run's data lives: it may move between runs; what it is is checked instead (the dataset's identity in the
+# method's run files, the features' settings and fingerprint).
+LOCATION_KEYS = ("data.data_dir", "data.features_dir")
 # Config keys that may change between runs in one workdir: they do not change what a checkpoint means
 # (run length, logging, checkpointing, the mesh - restoring reshards -, how the step is computed on a device -
-# rematerialisation, the attention kernel - and inference-only `sampling`).
+# rematerialisation, the attention kernel -, inference-only `sampling` and where the data lives).
 RESUMABLE_KEYS = ("total_steps", "log_every_steps", "checkpoint_every_steps", "checkpoint", "logging", "debug",
-                  "distributed", "mesh", "sampling", "remat", "model.attention_implementation")
-# Config keys a command that only reads a run (sample, eval) may also set differently: how it evaluates, its batch
-# size and where the data lives do not change what the trained networks are.
-INFERENCE_KEYS = RESUMABLE_KEYS + ("eval", "batch_size", "data.data_dir")
+                  "distributed", "mesh", "sampling", "remat", "model.attention_implementation") + LOCATION_KEYS
+# Config keys a command that only reads a run (sample, eval) may also set differently: how it evaluates and its
+# batch size do not change what the trained networks are.
+INFERENCE_KEYS = RESUMABLE_KEYS + ("eval", "batch_size")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -99,12 +108,38 @@ def describe_differences(saved: Mapping, current: Mapping, keys: List[str], limi
     return ", ".join(shown) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
+def check_workdir(workdir: str) -> None:
+    """UserError unless a training run can write in `workdir` (see config_checks.check_writable_directory) and
+    in its checkpoints/. Creates nothing."""
+    check_writable_directory(workdir, "--workdir")
+    checkpoints = os.path.join(str(workdir), "checkpoints")
+    if "://" not in str(workdir) and os.path.isdir(checkpoints) and not os.access(checkpoints, os.W_OK | os.X_OK):
+        raise UserError(f"--workdir={workdir}: {checkpoints} is not writable (a read-only file system or no "
+                        "permission); give a writable --workdir")
+
+
+def committed_steps(workdir: str) -> List[int]:
+    """The steps of <workdir>/checkpoints that were committed (orbax renames a step into place when it is
+    complete), read from the directory listing."""
+    directory = epath.Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        return []
+    return sorted(int(child.name) for child in directory.iterdir() if child.name.isdigit())
+
+
+def holds_no_checkpoint(workdir: str) -> bool:
+    """True if `workdir` has neither a committed checkpoint nor one moved aside as corrupt: a run there stopped
+    before its first checkpoint, and what it recorded (config.json, run files) may be replaced."""
+    return not committed_steps(workdir) and not (epath.Path(workdir) / "corrupt_checkpoints").exists()
+
+
 def check_recorded_config(config, workdir: str) -> bool:
     """Compares the config with <workdir>/config.json; True if the file must be (re)written.
 
     A difference in a key outside RESUMABLE_KEYS is an error naming the keys (a workdir belongs to one
     run); differences in resumable keys (e.g. total_steps to train longer, the mesh for another slice) are
-    logged.
+    logged. A workdir without any checkpoint holds nothing to resume: its config.json (left by a run that
+    stopped before its first checkpoint) is replaced, with a warning.
     """
     current = config_dict(config)
     path = epath.Path(workdir) / "config.json"
@@ -113,6 +148,10 @@ def check_recorded_config(config, workdir: str) -> bool:
     previous = json.loads(path.read_text())
     keys = differing_keys(previous, current)
     fixed = [k for k in keys if not key_in(k, RESUMABLE_KEYS)]
+    if fixed and holds_no_checkpoint(workdir):
+        logging.warning("%s holds another config (%s) but %s/checkpoints has no checkpoint: replacing it", path,
+                        describe_differences(previous, current, fixed), workdir)
+        return True
     if fixed:
         raise UserError(f"{path} holds a different config in keys that cannot change within a run: "
                         f"{describe_differences(previous, current, fixed)}; use another --workdir or the same config")
@@ -141,15 +180,17 @@ def check_run_files(files: Mapping[str, Any], workdir: str) -> Dict[str, Any]:
     of them at the start of a fresh run), for write_run_files once the run's state fits the config.
 
     A file recorded by an earlier run of this workdir that holds other content is an error naming the file
-    and the differing top-level keys (a workdir belongs to one run).
+    and the differing top-level keys (a workdir belongs to one run), unless the workdir has no checkpoint yet
+    (then it is replaced).
     """
     missing = {}
+    replaceable = holds_no_checkpoint(workdir)
     for name, value in files.items():
         if not name or os.path.basename(name) != name:
             raise ValueError(f"Method.run_files(): {name!r} is not a plain file name")
         path = epath.Path(workdir) / name
         value = json.loads(json.dumps(value))
-        if not path.exists():
+        if not path.exists() or replaceable:
             missing[name] = value
             continue
         try:
@@ -161,8 +202,11 @@ def check_run_files(files: Mapping[str, Any], workdir: str) -> Dict[str, Any]:
             keys = sorted(k for k in set(recorded) | set(value) if recorded.get(k) != value.get(k)) \
                 if isinstance(recorded, dict) and isinstance(value, dict) else []
             what = f"in top-level keys {', '.join(keys)}" if keys else "(the whole value)"
+            details = describe_differences(recorded, value, differing_keys(recorded, value), limit=4) \
+                if keys else ""
             raise UserError(f"{path} records different content than this run's method gives {what}; a workdir "
-                            "belongs to one run: use another --workdir or the settings it was trained with")
+                            "belongs to one run: use another --workdir or the settings (and data) it was trained "
+                            f"with{'; recorded -> now: ' + details if details else ''}")
     return missing
 
 
@@ -292,10 +336,10 @@ class _NeverRetrievedFilter(pylogging.Filter):
 
 
 def _ignore_closed_loop_callbacks() -> None:
-    """When orbax fails to read a checkpoint, the tensorstore reads still in flight complete into the event
-    loop orbax already closed: each prints an "Event loop is closed" traceback and asyncio logs "Future
-    exception was never retrieved". The failure itself is reported once, by us; these echoes are dropped.
-    Other unraisable exceptions and asyncio messages pass."""
+    """When orbax fails to read or write a checkpoint, the tensorstore reads and writes still in flight complete
+    into the event loop orbax already closed: each prints an "Event loop is closed" traceback (or, at interpreter
+    exit, an ImportError) and asyncio logs "Future exception was never retrieved". The failure itself is reported
+    once, by us; these echoes are dropped. Other unraisable exceptions and asyncio messages pass."""
     previous = sys.unraisablehook
     if getattr(previous, "_pgpis_filter", False):
         return
@@ -303,6 +347,8 @@ def _ignore_closed_loop_callbacks() -> None:
     def hook(args):
         if isinstance(args.exc_value, RuntimeError) and str(args.exc_value) == "Event loop is closed":
             return
+        if isinstance(args.exc_value, ImportError) and "Python is likely shutting down" in str(args.exc_value):
+            return   # orbax's write coroutines of a failed save, finalised at interpreter exit
         previous(args)
 
     hook._pgpis_filter = True
@@ -344,6 +390,7 @@ class Checkpoints:
                 enable_async_checkpointing=bool(settings.async_save))
         self.manager = None if read_only and not self.directory.exists() else \
             ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
+        _ignore_closed_loop_callbacks()
 
     # -- saving ------------------------------------------------------------------------------------------
     def save(self, step: int, state: Any, data_state: Any) -> bool:
@@ -394,16 +441,48 @@ class Checkpoints:
         if self.manager is not None:
             self.manager.wait_until_finished()
 
-    def close(self) -> None:
-        if self.manager is not None:
-            self.manager.wait_until_finished()
-            self.manager.close()
+    def close(self, remove_incomplete: bool = False) -> None:
+        """Waits for an in-flight save and closes the manager (once). remove_incomplete: after a failure, also
+        removes what a failed save left (orbax's temporary step directories, frozen_params.tmp; process 0);
+        the committed steps stay as they are."""
+        manager, self.manager = self.manager, None
+        try:
+            if manager is not None:
+                manager.wait_until_finished()
+                manager.close()
+        finally:
+            if remove_incomplete and not self.read_only and jax.process_index() == 0:
+                _let_failed_reads_settle()
+                for path in self.incomplete():
+                    path.rmtree() if path.is_dir() else path.unlink()
+
+    def incomplete(self) -> List[epath.Path]:
+        """What failed or interrupted saves left: orbax's temporary step directories and frozen_params.tmp."""
+        found = [child for child in self.directory.iterdir() if TMP_MARK in child.name] \
+            if self.directory.is_dir() else []
+        frozen = self.workdir / f"{FROZEN_DIR}.tmp"
+        return found + ([frozen] if frozen.exists() else [])
+
+    def out_of_space_message(self, error: BaseException, s: Any) -> str:
+        """One line after a full disk stopped the run (`error`): where, what is left, how much to free."""
+        items, frozen = checkpoint_bytes(s)
+        step_bytes = sum(items.values())
+        steps = committed_steps(str(self.workdir))
+        kept = (f"the newest complete checkpoint is step {steps[-1]} in {self.directory}" if steps else
+                "no checkpoint had been written, so nothing of this run was kept")
+        return (f"no space left on the disk of {self.workdir} ({_describe_no_space(error)}); {kept}, "
+                f"and what the failed save had written was removed. One checkpoint step takes {_size(step_bytes)} "
+                f"(config.checkpoint.keep={self.config.checkpoint.keep} are kept"
+                + (f", and {_size(frozen)} of frozen parameters once per run" if frozen else "")
+                + "): free at least that much there, then rerun the same command to resume")
 
     def latest_step(self) -> Optional[int]:
         return None if self.manager is None else self.manager.latest_step()
 
     def all_steps(self) -> List[int]:
-        return [] if self.manager is None else sorted(self.manager.all_steps())
+        if self.manager is None:
+            return committed_steps(str(self.workdir)) if not self.read_only else []
+        return sorted(self.manager.all_steps())
 
     # -- restoring ---------------------------------------------------------------------------------------
     def restore(self) -> Optional[Tuple[Any, Any, int]]:
@@ -579,6 +658,45 @@ def _data_position(data: Mapping[str, Any], step: int) -> Any:
                         f"positions; this run has {jax.process_count()}: they cannot be mapped (resume with the same "
                         "number of hosts)")
     return positions[jax.process_index()]
+
+
+# orbax writes a step under "<step>.orbax-checkpoint-tmp" (and its items likewise) and renames it when complete.
+TMP_MARK = ".orbax-checkpoint-tmp"
+_NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_NO_SPACE_TEXTS = ("No space left on device", "Disk quota exceeded", "File too large", "os_error_code='28'")
+
+
+def _out_of_space_cause(error: BaseException) -> Optional[BaseException]:
+    """The exception in `error`'s chain (itself, its cause or context) that says the disk is full, or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _NO_SPACE_ERRNOS:
+            return error
+        if any(text in str(error) for text in _NO_SPACE_TEXTS):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _describe_no_space(error: BaseException) -> str:
+    """"<file>: <reason>" of a full-disk error: an OSError's, or the file and reason in a TensorStore message."""
+    cause = _out_of_space_cause(error)
+    if isinstance(cause, OSError) and cause.errno in _NO_SPACE_ERRNOS:
+        return f"{cause.filename or 'a file'}: {cause.strerror}"
+    text = str(cause)
+    files = re.findall(r'local file "([^"]+)"', text)
+    reason = next((t for t in _NO_SPACE_TEXTS[:3] if t in text), "No space left on device")
+    return f"{files[-1] if files else 'a file'}: {reason}"
+
+
+def out_of_space(error: BaseException) -> bool:
+    """True if `error` (or what caused it) is a full disk or quota, e.g. while orbax writes a checkpoint."""
+    return _out_of_space_cause(error) is not None
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
 def _sync(name: str) -> None:

@@ -19,6 +19,7 @@ from clu import metric_writers
 from etils import epath
 from jax.sharding import Mesh
 
+from pgpis_jax import config_checks
 from pgpis_jax.errors import UserError
 from pgpis_jax.trainer import checkpoints as ckpt_lib
 from pgpis_jax.trainer import ema as ema_lib
@@ -31,6 +32,9 @@ from pgpis_jax.trainer.data import HostData
 from pgpis_jax.trainer.precision import Policy
 
 SAMPLE_KEY_SALT = 0x5A3F1E
+# Exit status of train.py after SIGTERM or a preemption notice, once the checkpoint of the current step is saved
+# (EX_TEMPFAIL: a temporary failure; rerunning the same command resumes).
+PREEMPTED_EXIT_CODE = 75
 
 
 @dataclasses.dataclass
@@ -103,14 +107,17 @@ def _mean_metrics(window) -> Dict[str, float]:
 def train(method, config, workdir: str) -> str:
     """Trains `method` to config.total_steps in `workdir`, resuming from its newest checkpoint.
 
-    Returns "done", "preempted" (a checkpoint was saved; rerun to continue) or "already_done". Raises
-    UserError for bad configs, unusable checkpoints and non-finite losses (metrics.NonFiniteLoss).
+    Returns "done", "preempted" (a checkpoint was saved; rerun to continue; train.py exits with
+    PREEMPTED_EXIT_CODE) or "already_done". Raises UserError for bad configs and workdirs, unusable checkpoints,
+    a full disk and non-finite losses (metrics.NonFiniteLoss).
+
+    Nothing is written before the first train step has compiled (config.json, run files, logs); a fresh run that
+    fails before its first checkpoint is committed removes what it created, so the corrected rerun starts clean.
     """
     metrics_lib.quiet_library_logs()
     mesh_lib.maybe_initialize_distributed(config)
-    for key in ("total_steps", "log_every_steps", "checkpoint_every_steps"):
-        if config[key] < 1:
-            raise UserError(f"config.{key} must be >= 1, got {config[key]}")
+    config_checks.check(config)
+    ckpt_lib.check_workdir(workdir)
     rewrite_config = ckpt_lib.check_recorded_config(config, workdir)
     new_run_files = ckpt_lib.check_run_files(method.run_files(), workdir)
     mesh = mesh_lib.make_mesh(config)
@@ -121,50 +128,111 @@ def train(method, config, workdir: str) -> str:
                         f"{config.batch_size} in {config.grad.accumulation_steps} micro-batch(es); precision "
                         f"{config.precision.param_dtype} params / {config.precision.compute_dtype} compute")
     metrics_lib.console(report_lib.format_report(report))
+    created_by_others = _entries(workdir)
     checkpoints = ckpt_lib.Checkpoints(workdir, config, s)
-    writer = None
-    preemption = None
+    fresh = not checkpoints.all_steps()
+    outputs = _Outputs(checkpoints)
     try:
-        host = HostData(method.train_iterator(jax.process_index(), jax.process_count()), mesh, config)
-        restored = checkpoints.restore()
-        if restored is not None:
-            state, data_state, start = restored
-            host.set_state(data_state)
-            metrics_lib.console(f"resumed from checkpoint step {start} in {checkpoints.directory}")
-        else:
-            state, start = init_state(s, method, config), 0
-            metrics_lib.console(f"no checkpoint in {checkpoints.directory}: starting from step 0")
-        if rewrite_config:
-            ckpt_lib.write_config(config, workdir)
-        ckpt_lib.write_run_files(new_run_files, workdir)
-        if start >= config.total_steps:
-            metrics_lib.console(f"already trained to step {start} >= config.total_steps {config.total_steps}; "
-                                "nothing to do")
-            return "already_done"
-        writer = metrics_lib.make_writer(workdir, config)
-        preemption = ckpt_lib.PreemptionWatch(bool(config.checkpoint.save_on_preemption))
-        return _run(method, config, workdir, s, state, start, host, checkpoints, writer, preemption)
-    finally:
-        if preemption is not None:
-            preemption.close()
-        checkpoints.close()   # waits for an in-flight save, so the last good checkpoint is complete
-        if writer is not None:
-            writer.flush()
-            writer.close()
+        result = _segment(method, config, workdir, s, checkpoints, outputs, rewrite_config, new_run_files)
+        outputs.close()   # waits for an in-flight save, so the last good checkpoint is complete
+        return result
+    except BaseException as error:
+        outputs.close(quietly=True)
+        if fresh and not checkpoints.all_steps():
+            _remove_created(workdir, created_by_others)
+        if isinstance(error, Exception) and ckpt_lib.out_of_space(error):
+            raise UserError(checkpoints.out_of_space_message(error, s)) from None
+        raise
 
 
-def _run(method, config, workdir, s: Setup, state, start, host, checkpoints, writer, preemption) -> str:
-    total = int(config.total_steps)
-    mesh = s.mesh
+class _Outputs:
+    """What a training segment keeps open: the checkpoint manager, the metric writer, the SIGTERM handler."""
+
+    def __init__(self, checkpoints):
+        self.checkpoints, self.writer, self.preemption = checkpoints, None, None
+
+    def close(self, quietly: bool = False) -> None:
+        """Restores the SIGTERM handler, waits for the last save and closes the writer (each once). quietly:
+        after a failure, whose report matters more than a second error while closing (logged only)."""
+        try:
+            if self.preemption is not None:
+                self.preemption, preemption = None, self.preemption
+                preemption.close()
+            if self.writer is not None:
+                self.writer, writer = None, self.writer
+                writer.flush()
+                writer.close()
+            self.checkpoints.close(remove_incomplete=quietly)
+        except Exception:  # noqa: BLE001 - see the docstring
+            if not quietly:
+                raise
+            logging.debug("while closing the run's outputs after a failure", exc_info=True)
+
+
+def _entries(workdir: str) -> Optional[set]:
+    """The names in `workdir`, or None if it does not exist."""
+    path = epath.Path(workdir)
+    return {child.name for child in path.iterdir()} if path.is_dir() else None
+
+
+def _remove_created(workdir: str, before: Optional[set]) -> None:
+    """Removes what this process created in `workdir` (all of it if it did not exist): a fresh run that failed
+    before its first checkpoint leaves the directory as it found it (process 0)."""
+    if jax.process_index() != 0:
+        return
+    path = epath.Path(workdir)
+    if before is None:
+        if path.exists():
+            path.rmtree()
+        return
+    for child in path.iterdir():
+        if child.name not in before:
+            child.rmtree() if child.is_dir() else child.unlink()
+
+
+def _segment(method, config, workdir: str, s: Setup, checkpoints, outputs: _Outputs, rewrite_config: bool,
+             new_run_files) -> str:
+    """Restores or initialises the state, compiles the step, then records the config and trains."""
+    host = HostData(method.train_iterator(jax.process_index(), jax.process_count()), s.mesh, config)
+    restored = checkpoints.restore()
+    if restored is not None:
+        state, data_state, start = restored
+        host.set_state(data_state)
+        metrics_lib.console(f"resumed from checkpoint step {start} in {checkpoints.directory}")
+    else:
+        state, start = init_state(s, method, config), 0
+        metrics_lib.console(f"no checkpoint in {checkpoints.directory}: starting from step 0")
+    if start >= config.total_steps:
+        _record(config, workdir, rewrite_config, new_run_files)
+        metrics_lib.console(f"already trained to step {start} >= config.total_steps {config.total_steps}; "
+                            "nothing to do")
+        return "already_done"
     host_batch = host.next_host_batch()
     batch = host.to_global(host_batch)
     t0 = time.perf_counter()
-    jitted = step_lib.jit_train_step(s.train_step, s.state_shardings, host.shardings(host_batch), mesh)
+    jitted = step_lib.jit_train_step(s.train_step, s.state_shardings, host.shardings(host_batch), s.mesh)
     compiled = jitted.lower(state, batch).compile()
     compile_seconds = time.perf_counter() - t0
     metrics_lib.console(f"compiled the train step in {compile_seconds:.1f}s")
     sampler = _make_sampler(method, config, s) if config.logging.sample_every_steps > 0 else None
+    _record(config, workdir, rewrite_config, new_run_files)
+    outputs.writer = metrics_lib.make_writer(workdir, config)
+    outputs.preemption = ckpt_lib.PreemptionWatch(bool(config.checkpoint.save_on_preemption))
+    return _run(config, workdir, s, state, start, host, batch, compiled, compile_seconds, sampler, checkpoints,
+                outputs.writer, outputs.preemption)
 
+
+def _record(config, workdir: str, rewrite_config: bool, new_run_files) -> None:
+    """config.json (when new or changed in resumable keys) and the method's run files not recorded yet."""
+    if rewrite_config:
+        ckpt_lib.write_config(config, workdir)
+    ckpt_lib.write_run_files(new_run_files, workdir)
+
+
+def _run(config, workdir, s: Setup, state, start, host, batch, compiled, compile_seconds, sampler, checkpoints,
+         writer, preemption) -> str:
+    total = int(config.total_steps)
+    mesh = s.mesh
     progress = metrics_lib.Progress(start, total, config.batch_size, mesh.devices.size)
     writers = metric_writers.MultiWriter([writer, metrics_lib.ConsoleWriter(progress)])
     step = start
@@ -180,7 +248,7 @@ def _run(method, config, workdir, s: Setup, state, start, host, checkpoints, wri
             checkpoints.save(step, state, host.get_state())
             checkpoints.wait()
             metrics_lib.console(f"preempted: saved a checkpoint at step {step} in {checkpoints.directory}; rerun the "
-                                "same command to resume")
+                                f"same command to resume (exit status {PREEMPTED_EXIT_CODE})")
             return "preempted"
         if not first:
             batch = host.to_global(host.next_host_batch())

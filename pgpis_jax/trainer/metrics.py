@@ -279,4 +279,6 @@ def save_png(path: epath.Path, grid: np.ndarray, min_size: int = 256) -> None:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(buffer.getvalue())
+    temporary = path.parent / f"{path.name}.tmp"   # written under a temporary name, then renamed
+    temporary.write_bytes(buffer.getvalue())
+    temporary.replace(path)

@@ -51,30 +51,43 @@ def read_state_dict(directory: str, weights_stem: str, variant: Optional[str] = 
     """The state dict (float32 NumPy arrays) in `directory`, from `<stem>.safetensors`, the sharded
     `<stem>.safetensors.index.json`, or the pickled `.bin` (loaded with weights_only), in that order of
     preference. weights_stem: "diffusion_pytorch_model" (diffusers) or "model" / "pytorch_model"
-    (transformers: safetensors are "model.*", pickles "pytorch_model.bin")."""
-    from safetensors.numpy import load_file
-
+    (transformers: safetensors are "model.*", pickles "pytorch_model.bin"). A file that cannot be read (truncated,
+    not a weight file) is a UserError naming it."""
     infix = f".{variant}" if variant else ""
     safetensors_stem = "model" if weights_stem == "pytorch_model" else weights_stem
     single = os.path.join(directory, f"{safetensors_stem}{infix}.safetensors")
     index = os.path.join(directory, f"{safetensors_stem}{infix}.safetensors.index.json")
     pickle = os.path.join(directory, f"{weights_stem}{infix}.bin")
     if os.path.isfile(single):
-        state = load_file(single)
+        state = read_safetensors(single)
     elif os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise UserError(f"{index}: not a safetensors index ({type(error).__name__}: {error})") from None
         state = {}
         for shard in shards:
-            state.update(load_file(os.path.join(directory, shard)))
+            state.update(read_safetensors(os.path.join(directory, shard)))
     elif os.path.isfile(pickle):
-        import torch
-
-        state = {k: v.float().numpy() for k, v in torch.load(pickle, map_location="cpu", weights_only=True).items()}
+        state = read_torch_state_dict(pickle)
     else:
         names = ", ".join(os.path.basename(p) for p in (single, index, pickle))
         raise FileNotFoundError(f"{directory}: no weights; expected {names}")
     return {k: np.asarray(v, np.float32) for k, v in state.items()}
+
+
+def read_safetensors(path: str) -> Dict[str, np.ndarray]:
+    """The arrays of a safetensors file; UserError naming the file if it is missing, truncated or not one."""
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(path)
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist; expected a safetensors file") from None
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own SafetensorError (and OSError)
+        raise UserError(f"{path}: not a readable safetensors file, perhaps truncated or still being copied "
+                        f"({type(error).__name__}: {error})") from None
 
 
 def _unpickling_reason(error: Exception) -> str:

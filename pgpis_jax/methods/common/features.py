@@ -17,6 +17,8 @@ A feature directory:
                                      parameters' fingerprint, shape and dtype per key, rows per shard
     constants.npz                    features of zeroed inputs, one row per key
     shard-<p>-of-<n>/<key>.bin       process p's rows, raw little-endian arrays [rows, *shape]
+    shard-<p>-of-<n>/<key>.crc32     the CRC-32 of each row's bytes, little-endian uint32 [rows]; every row is
+                                     checked against it when training reads it
     shard-<p>-of-<n>/progress.json   rows written so far (extraction resumes from there)
 
 Training checks that the directory was made with the same settings and frozen weights (a fingerprint of every
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from typing import Any, Dict, Iterator, List, Optional
 
 import jax
@@ -40,7 +43,8 @@ from pgpis_jax.methods.common.hosts import summed_over_processes, with_batch_siz
 
 INDEX = "features.json"
 CONSTANTS = "constants.npz"
-FORMAT_VERSION = 1
+# 2: a CRC-32 per row and key.
+FORMAT_VERSION = 2
 STORAGE_DTYPES = ("float32", "float16")
 # Relative tolerance of the frozen-parameter fingerprint (float32 sums whose order depends on sharding).
 FINGERPRINT_RTOL = 1e-4
@@ -85,6 +89,20 @@ def _shard_name(process_index: int, process_count: int) -> str:
     return f"shard-{process_index}-of-{process_count}"
 
 
+# ---------------------------------------------------------------------------------------------- checksums
+
+
+def checksum_path(path: str) -> str:
+    """The row checksums of <key>.bin: <key>.crc32."""
+    return os.path.splitext(path)[0] + ".crc32"
+
+
+def row_checksums(rows: np.ndarray) -> np.ndarray:
+    """CRC-32 of each row's bytes (as stored), little-endian uint32 [len(rows)]."""
+    flat = np.ascontiguousarray(rows).reshape(len(rows), -1).view(np.uint8)
+    return np.asarray([zlib.crc32(row) for row in flat], np.dtype("<u4"))
+
+
 # ---------------------------------------------------------------------------------------------- writing
 
 
@@ -115,13 +133,13 @@ class ShardWriter:
 
     def _truncate(self, key: str, spec) -> None:
         """Drops bytes past the recorded rows (a batch interrupted while being written)."""
-        size = self.rows * int(np.prod(spec["shape"], dtype=np.int64)) * np.dtype(spec["dtype"]).itemsize
-        path = self._path(key)
-        if not os.path.exists(path) or os.path.getsize(path) < size:
-            raise UserError(f"{path} holds fewer rows than {self.progress_path} records; delete {self.directory} "
-                            f"and extract again")
-        with open(path, "r+b") as f:
-            f.truncate(size)
+        row = int(np.prod(spec["shape"], dtype=np.int64)) * np.dtype(spec["dtype"]).itemsize
+        for path, size in ((self._path(key), self.rows * row), (checksum_path(self._path(key)), self.rows * 4)):
+            if not os.path.exists(path) or os.path.getsize(path) < size:
+                raise UserError(f"{path} holds fewer rows than {self.progress_path} records; delete "
+                                f"{self.directory} and extract again")
+            with open(path, "r+b") as f:
+                f.truncate(size)
 
     def stored(self, value: np.ndarray) -> np.ndarray:
         """value as stored: uint8 stays uint8, floats become the storage dtype, little-endian."""
@@ -142,6 +160,8 @@ class ShardWriter:
         for key, value in stored.items():
             with open(self._path(key), "ab") as f:
                 f.write(value.tobytes())
+            with open(checksum_path(self._path(key)), "ab") as f:
+                f.write(row_checksums(value).tobytes())
         self.rows += counts.pop()
         with open(self.progress_path + ".tmp", "w") as f:
             json.dump({"rows": self.rows, "keys": self.keys, "meta": self.meta}, f)
@@ -196,10 +216,13 @@ def extract_split(build, config, directory: str, split: str = "train", batch_siz
     constants = {k: np.asarray(v) for k, v in jax.device_get(extract(params, zeros)).items() if k in dropped}
     index = dict(meta, format_version=FORMAT_VERSION, keys=writer.keys, rows=int(sum(shard_rows)),
                  shards=[{"name": _shard_name(q, n), "rows": int(r)} for q, r in enumerate(shard_rows)])
-    if p == 0:
-        np.savez(os.path.join(directory, CONSTANTS), **constants)
-        with open(index_path, "w") as f:
+    if p == 0:   # each under a temporary name, then renamed: features.json last, when everything is there
+        with open(os.path.join(directory, CONSTANTS + ".tmp"), "wb") as f:
+            np.savez(f, **constants)
+        os.replace(os.path.join(directory, CONSTANTS + ".tmp"), os.path.join(directory, CONSTANTS))
+        with open(index_path + ".tmp", "w") as f:
             json.dump(index, f, indent=2)
+        os.replace(index_path + ".tmp", index_path)
     print(f"{directory}: {index['rows']} rows of {', '.join(sorted(writer.keys))}", flush=True)
     return index
 
@@ -218,23 +241,29 @@ class FeatureDataset:
         with open(path) as f:
             self.index = json.load(f)
         if self.index.get("format_version") != FORMAT_VERSION:
-            raise UserError(f"{path}: format_version {self.index.get('format_version')}, expected {FORMAT_VERSION}")
+            raise UserError(f"{path}: format_version {self.index.get('format_version')}, expected {FORMAT_VERSION} "
+                            f"(version 2 adds row checksums): extract the features again")
         self.directory = directory
         self.keys = self.index["keys"]
         with np.load(os.path.join(directory, CONSTANTS)) as constants:
             self.constants = {k: constants[k] for k in constants.files}
-        self._maps = []
+        self._maps, self._checksums, self._files = [], [], []
         for shard in self.index["shards"]:
-            maps = {}
+            maps, sums, files = {}, {}, {}
             for key, spec in self.keys.items():
                 file = os.path.join(directory, shard["name"], f"{key}.bin")
                 shape = (shard["rows"], *spec["shape"])
                 expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(spec["dtype"]).itemsize
-                if not os.path.isfile(file) or os.path.getsize(file) != expected:
-                    raise UserError(f"{file}: expected {expected} bytes ({shape} {spec['dtype']}); the feature "
-                                    f"directory is incomplete or was changed")
+                for path, size in ((file, expected), (checksum_path(file), 4 * shard["rows"])):
+                    if not os.path.isfile(path) or os.path.getsize(path) != size:
+                        raise UserError(f"{path}: expected {size} bytes ({shape} {spec['dtype']}); the feature "
+                                        f"directory is incomplete or was changed")
                 maps[key] = np.memmap(file, dtype=np.dtype(spec["dtype"]), mode="r", shape=shape)
+                sums[key] = np.memmap(checksum_path(file), dtype=np.dtype("<u4"), mode="r", shape=(shard["rows"],))
+                files[key] = file
             self._maps.append(maps)
+            self._checksums.append(sums)
+            self._files.append(files)
         self._starts = np.cumsum([0] + [s["rows"] for s in self.index["shards"]])
 
     def __len__(self) -> int:
@@ -254,7 +283,8 @@ class FeatureDataset:
                             f"({', '.join(differ)}): {details}")
 
     def rows(self, indices: np.ndarray) -> Dict[str, np.ndarray]:
-        """{key: [len(indices), *shape]} in the order of `indices` (global row numbers)."""
+        """{key: [len(indices), *shape]} in the order of `indices` (global row numbers), each row checked against
+        the checksum written with it (UserError naming the file and row if it differs)."""
         shard = np.searchsorted(self._starts, indices, side="right") - 1
         out = {k: np.empty((len(indices), *spec["shape"]), np.dtype(spec["dtype"]).newbyteorder("="))
                for k, spec in self.keys.items()}
@@ -263,7 +293,13 @@ class FeatureDataset:
             local = indices[where] - self._starts[s]
             order = np.argsort(local)   # sorted reads are kinder to memory maps
             for key, array in self._maps[s].items():
-                out[key][where[order]] = array[local[order]]
+                rows = array[local[order]]
+                bad = np.nonzero(row_checksums(rows) != self._checksums[s][key][local[order]])[0]
+                if bad.size:
+                    raise UserError(f"{self._files[s][key]}: row {int(local[order][bad[0]])} does not match the "
+                                    f"checksum written with it ({checksum_path(self._files[s][key])}): the file was "
+                                    "changed or damaged after extraction; extract the features again")
+                out[key][where[order]] = rows
         return {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in out.items()}
 
 

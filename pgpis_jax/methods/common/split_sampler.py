@@ -5,12 +5,15 @@ writes the images, resumes, shards over processes and gathers the totals.
     <output_dir>/<folder>/<source stem>_to_<target stem>.png    one file per pair and folder (S x S, uint8)
     <output_dir>/scores.<process>.json                          per-pair scores (e.g. the prior's cosine), kept
                                                                 across resumed runs
+    <output_dir>/sample_config.json                             the settings the images were sampled with
     <output_dir>/results.json                                   totals over all processes (process 0 writes it)
 
-Each process runs its own slice of the split (the input pipeline shards by process). A batch whose images and
-scores all exist is skipped, so an interrupted run continues where it stopped. Every file is written under a
-temporary name and renamed, so a file that exists is complete. `oracle_best_of` is PCDMs' best-of-N selection
-(highest SSIM against the ground truth), for methods whose protocol scores it.
+Each process runs its own slice of the split (the input pipeline shards by process). A batch whose images all
+exist, decode and have the expected size, and whose scores exist, is skipped, so an interrupted run continues where
+it stopped; a broken image (truncated, empty, another size) is generated again. Every file is written under a
+temporary name and renamed. An output directory belongs to one set of sampling settings: resuming into it with
+others is refused before anything is written. `oracle_best_of` is PCDMs' best-of-N selection (highest SSIM against
+the ground truth), for methods whose protocol scores it.
 """
 
 from __future__ import annotations
@@ -18,19 +21,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Dict, Iterable, Mapping, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
 from PIL import Image
 
+from pgpis_jax.errors import UserError
 from pgpis_jax.evaluation import write_results
 from pgpis_jax.methods.common.hosts import summed_over_processes
 from pgpis_jax.metrics import protocols
+from pgpis_jax.trainer.checkpoints import describe_differences, differing_keys
 
 # PCDMs' selection SSIM: Gaussian sigma 1.2, population covariance, data range of the candidate, uint8 scale.
 ORACLE_SSIM = protocols.PCDMS.oracle_ssim
 RESULTS_FILE = "results.json"
+SETTINGS_FILE = "sample_config.json"
 
 
 @dataclasses.dataclass
@@ -60,17 +66,50 @@ def save_png_atomic(path: str, image) -> None:
     os.replace(path + ".tmp", path)
 
 
-def save_images(folder: str, names, images) -> int:
-    """Writes images [N, H, W, 3] in [-1, 1] as folder/<name>.png, keeping existing files; returns the count
-    written."""
+def intact_image(path: str, hw: Optional[Tuple[int, int]] = None) -> bool:
+    """True if the image file at `path` exists, decodes to its end (PIL's verify: structure and checksums) and,
+    when `hw` (height, width) is given, has that size."""
+    try:
+        with Image.open(path) as image:
+            if hw is not None and image.size != (hw[1], hw[0]):
+                return False
+            image.verify()
+        return True
+    except (OSError, SyntaxError, ValueError):
+        return False
+
+
+def save_images(folder: str, names, images, keep=lambda path: os.path.exists(path)) -> int:
+    """Writes images [N, H, W, 3] in [-1, 1] as folder/<name>.png, keeping the files for which keep(path) holds
+    (default: the files that exist); returns the count written."""
     os.makedirs(folder, exist_ok=True)
     written = 0
     for name, image in zip(names, images):
         path = os.path.join(folder, f"{name}.png")
-        if not os.path.exists(path):
+        if not keep(path):
             save_png_atomic(path, image)
             written += 1
     return written
+
+
+def check_settings(output_dir: str, settings: Mapping[str, Any]) -> None:
+    """UserError if <output_dir>/sample_config.json records other values for any top-level key of `settings`
+    (images sampled with other settings are there: a resumed run would mix them). Reads only."""
+    path = os.path.join(output_dir, SETTINGS_FILE)
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            recorded = json.load(f)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path} cannot be read ({error}); it records how the images there were sampled: use "
+                        "another --output_dir") from None
+    given = json.loads(json.dumps(dict(settings)))
+    keys = differing_keys({k: recorded.get(k) for k in given}, given)
+    if keys:
+        raise UserError(f"--output_dir={output_dir} holds images sampled with other settings: "
+                        f"{describe_differences(recorded, given, keys)}; use another --output_dir (or the same "
+                        "settings to resume)")
 
 
 def oracle_choice(candidates, truth) -> np.ndarray:
@@ -96,10 +135,14 @@ def candidate_folders(folder: str, count: int) -> list:
 
 
 class SplitSampler:
-    """Writes `folders` (relative to output_dir) and `scores` for every pair of the batches it is given."""
+    """Writes `folders` (relative to output_dir) and `scores` for every pair of the batches it is given, images of
+    `image_hw` (height, width; None: any size), recording `settings` (JSON-able, e.g. the config and options the
+    images depend on) in sample_config.json."""
 
-    def __init__(self, output_dir: str, folders: Sequence[str], scores: Sequence[str] = ()):
+    def __init__(self, output_dir: str, folders: Sequence[str], scores: Sequence[str] = (),
+                 image_hw: Optional[Tuple[int, int]] = None, settings: Optional[Mapping[str, Any]] = None):
         self.output_dir, self.folders, self.scores = output_dir, tuple(folders), tuple(scores)
+        self.image_hw, self.settings = image_hw, dict(settings or {})
         self.scores_path = os.path.join(output_dir, f"scores.{jax.process_index()}.json")
 
     def _recorded_scores(self) -> Dict[str, Dict[str, float]]:
@@ -109,41 +152,51 @@ class SplitSampler:
             recorded = json.load(f)
         return {name: recorded.get(name, {}) for name in self.scores}
 
-    def _finished(self, names, scores) -> bool:
-        return all(os.path.exists(os.path.join(self.output_dir, folder, f"{name}.png"))
-                   for folder in self.folders for name in names) and \
-            all(name in scores[score] for score in self.scores for name in names)
+    def _intact(self, path: str) -> bool:
+        return intact_image(path, self.image_hw)
+
+    def _finished(self, names, scores) -> Tuple[bool, int]:
+        """(every image of `names` intact and every score recorded, the count of images there but broken)."""
+        paths = [os.path.join(self.output_dir, folder, f"{name}.png") for folder in self.folders for name in names]
+        broken = sum(1 for path in paths if os.path.exists(path) and not self._intact(path))
+        images = not broken and all(os.path.exists(path) for path in paths)
+        return images and all(name in scores[score] for score in self.scores for name in names), broken
 
     def run(self, batches: Iterable[Mapping[str, Any]], generate: Callable[[Mapping[str, Any], Any], Generated],
             rng, info: Mapping[str, Any] = ()) -> Dict[str, Any]:
         """Generates every batch not yet finished (batch `index` with fold_in(rng, index)) and returns the
-        results over all processes (also written to results.json by process 0): `info`, images_written,
-        pairs, folders, and the mean of each score with its pair count."""
+        results over all processes (also written to results.json by process 0): `info`, images_written (of which
+        broken_replaced were there but broken), pairs, folders, and the mean of each score with its pair count."""
+        check_settings(self.output_dir, self.settings)
         os.makedirs(self.output_dir, exist_ok=True)
+        if jax.process_index() == 0 and self.settings:
+            write_results(self.settings, os.path.join(self.output_dir, SETTINGS_FILE))
         scores = self._recorded_scores()
-        written = pairs = 0
+        written = pairs = replaced = 0
         for index, batch in enumerate(batches):
             real = np.asarray(batch["mask"])
             names = [pair_stem(s, t) for s, t, r in zip(batch["source_name"], batch["target_name"], real) if r]
             pairs += len(names)
-            if self._finished(names, scores):
+            finished, broken = self._finished(names, scores)
+            if finished:
                 continue
+            replaced += broken
             out = generate(batch, jax.random.fold_in(rng, index))
             for folder in self.folders:
                 images = np.asarray(out.images[folder])[real]
-                written += save_images(os.path.join(self.output_dir, folder), names, images)
+                written += save_images(os.path.join(self.output_dir, folder), names, images, keep=self._intact)
             if self.scores:
                 for score in self.scores:
                     scores[score].update((n, float(v)) for n, v in zip(names, np.asarray(out.scores[score])[real]))
                 write_results(scores, self.scores_path)
-        sums = [written, pairs]
+        sums = [written, pairs, replaced]
         for score in self.scores:
             sums += [sum(scores[score].values()), len(scores[score])]
         totals = summed_over_processes(sums)
-        results = dict(info, images_written=int(totals[0]), pairs=int(totals[1]),
+        results = dict(info, images_written=int(totals[0]), pairs=int(totals[1]), broken_replaced=int(totals[2]),
                        folders={folder: os.path.join(self.output_dir, folder) for folder in self.folders})
         for k, score in enumerate(self.scores):
-            total, count = totals[2 + 2 * k], totals[3 + 2 * k]
+            total, count = totals[3 + 2 * k], totals[4 + 2 * k]
             results[score] = float(total / count) if count else None
             results[f"{score}_pairs"] = int(count)
         if jax.process_index() == 0:

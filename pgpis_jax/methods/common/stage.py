@@ -16,6 +16,7 @@ from pgpis_jax.methods.common import features
 from pgpis_jax.methods.common.networks import NetworkBuilder
 
 NETWORKS_FILE = "networks.json"
+DATASET_FILE = "dataset.json"
 
 
 class Stage(Method):
@@ -53,8 +54,20 @@ class Stage(Method):
         self.builder.raise_if_any(self.config.method)
 
     def run_files(self) -> Dict[str, Any]:
-        """The resolved configs of the stage's networks, from which inference rebuilds them."""
-        return {NETWORKS_FILE: self.builder.recorded}
+        """The resolved configs of the stage's networks, from which inference rebuilds them, and what the stage
+        trains on (`data_identity`), so that resuming with the data in another folder is checked by what it is."""
+        files = {NETWORKS_FILE: self.builder.recorded}
+        if self.needs_data:
+            files[DATASET_FILE] = self.data_identity()
+        return files
+
+    def data_identity(self) -> Dict[str, Any]:
+        """{"features": the offline features' method, split, rows and frozen-weight fingerprint} or {"tfds":
+        input_pipeline.dataset_identity} of the training data; neither holds where the data lies."""
+        if self.features is not None:
+            index = self.features.index
+            return {"features": {key: index[key] for key in ("method", "split", "rows", "fingerprint")}}
+        return {"tfds": input_pipeline.dataset_identity(self.config.data)}
 
     def extract(self, params, batch) -> Dict[str, Any]:
         """{feature: [B, ...]} of a pixel batch (its INPUTS keys); the frozen networks' outputs."""
@@ -110,6 +123,27 @@ def dropped(keys, probability: float):
 def zero_where(drop, x):
     """x with the examples where drop [B] is True set to zeros (the methods zero an encoder's input pixels)."""
     return jnp.where(drop.reshape((-1,) + (1,) * (x.ndim - 1)), jnp.zeros_like(x), x)
+
+
+def check_same_data(trained_workdir: str, config) -> None:
+    """UserError if the run in `trained_workdir` recorded other training data (its dataset.json) than the TFDS
+    dataset `config.data` now points at; nothing to check for a run that recorded none or trained on features."""
+    import json
+    import os
+
+    path = os.path.join(trained_workdir, DATASET_FILE)
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        recorded = json.load(f).get("tfds")
+    if recorded is None:
+        return
+    current = input_pipeline.dataset_identity(config.data)
+    if current != recorded:
+        keys = [k for k in sorted(set(recorded) | set(current)) if recorded.get(k) != current.get(k)]
+        raise UserError(f"config.data.data_dir={config.data.get('data_dir') or '(the TFDS default)'} holds another "
+                        f"dataset than the one {trained_workdir} was trained on ({path}): "
+                        + ", ".join(f"{k} {recorded.get(k)!r} -> {current.get(k)!r}" for k in keys))
 
 
 def check_dataset(config, missing) -> None:

@@ -22,9 +22,14 @@ squashed canvas half), one folder per stage so that each can be scored by eval.p
     <output_dir>/results.json                  counts, folders and the stage-1 cosine similarity between
                                                predicted and true target embeddings (when the prior ran)
     <output_dir>/scores.<process>.json         that similarity per pair, kept across resumed runs
-    <output_dir>/sample_config.json            the stage-2 config the images were sampled with
+    <output_dir>/sample_config.json            what the images depend on: the stage-2 config (without the keys
+                                               only training reads, where the data lies and the eval settings),
+                                               the ablation, best_of, split, sampling batch size and the
+                                               checkpoint step of each stage
 
-Existing outputs are kept (a batch whose outputs all exist is skipped; pgpis_jax/methods/common/split_sampler.py).
+Intact outputs are kept (a batch whose outputs all decode at the right size is skipped, broken ones are generated
+again; pgpis_jax/methods/common/split_sampler.py); an output directory holding images of other settings is refused.
+Every flag and input file is checked before a checkpoint is loaded.
 """
 
 from __future__ import annotations
@@ -37,19 +42,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pgpis_jax import evaluation, input_pipeline, poses
+from pgpis_jax import config_checks, evaluation, input_pipeline, poses
 from pgpis_jax.errors import UserError
 from pgpis_jax.methods.common import single_image
 from pgpis_jax.methods.common.hosts import with_batch_size
-from pgpis_jax.methods.common.run import Trained, load_trained
-from pgpis_jax.methods.common.split_sampler import (Generated, SplitSampler, candidate_folders, oracle_best_of,
-                                                    save_png_atomic)
+from pgpis_jax.methods.common.run import Trained, inference_config, load_trained, saved_config
+from pgpis_jax.methods.common.split_sampler import (Generated, SplitSampler, candidate_folders, check_settings,
+                                                    oracle_best_of, save_png_atomic)
+from pgpis_jax.methods.common.stage import check_same_data
 from pgpis_jax.methods.pcdm.prior import cosine_similarity
 from pgpis_jax.preprocessing import clip_preprocess
+from pgpis_jax.trainer.checkpoints import LOCATION_KEYS, RESUMABLE_KEYS
 
 ABLATIONS = ("full", "B1", "B2", "B3", "true")
 _NEEDS = {"full": ("prior", "refine"), "B1": (), "B2": ("prior",), "B3": ("refine",), "true": ()}
 PRIOR_SCORE = "prior_cosine_similarity"
+
+
+def check_stages(ablation: str, prior: bool, refine: bool) -> None:
+    """UserError unless `ablation` is known and the stages given (prior, refine: whether their runs are) are those
+    it uses."""
+    if ablation not in ABLATIONS:
+        raise UserError(f"--ablation={ablation!r}; expected one of {', '.join(ABLATIONS)}")
+    needed = _NEEDS[ablation]
+    for name, given in (("prior", prior), ("refine", refine)):
+        if name in needed and not given:
+            raise UserError(f"--ablation={ablation} needs --{name}_workdir")
+        if name not in needed and given:
+            raise UserError(f"--ablation={ablation} does not use --{name}_workdir")
 
 
 class PCDMPipeline:
@@ -57,14 +77,7 @@ class PCDMPipeline:
 
     def __init__(self, inpaint: Trained, ablation: str, prior: Optional[Trained] = None,
                  refine: Optional[Trained] = None, seed: int = 42):
-        if ablation not in ABLATIONS:
-            raise UserError(f"--ablation={ablation!r}; expected one of {', '.join(ABLATIONS)}")
-        needed = _NEEDS[ablation]
-        for name, stage in (("prior", prior), ("refine", refine)):
-            if name in needed and stage is None:
-                raise UserError(f"--ablation={ablation} needs --{name}_workdir")
-            if name not in needed and stage is not None:
-                raise UserError(f"--ablation={ablation} does not use --{name}_workdir")
+        check_stages(ablation, prior is not None, refine is not None)
         self.inpaint, self.prior, self.refine, self.ablation = inpaint, prior, refine, ablation
         self.rng = jax.random.key(seed)
         s = inpaint.config.sampling
@@ -166,11 +179,16 @@ class PCDMPipeline:
                       for key, group in folders.items() for k, folder in enumerate(group)}
             return Generated(images, {PRIOR_SCORE: cosine} if cosine is not None else {})
 
-        sampler = SplitSampler(output_dir, [f for group in folders.values() for f in group],
-                               scores=(PRIOR_SCORE,) if self.prior is not None else ())
         info = {"split": split, "ablation": self.ablation, "best_of": best_of,
                 "steps": {name: stage.step for name, stage in (("prior", self.prior), ("inpaint", self.inpaint),
                                                                ("refine", self.refine)) if stage is not None}}
+        size = int(input_pipeline.layout_options("pcdm_inpaint", self.inpaint.config.data.get("pipeline", {}))[
+            "image_size"])
+        settings = dict(sample_settings(self.inpaint.config, self.ablation, best_of, split, batch_size),
+                        steps=info["steps"])
+        sampler = SplitSampler(output_dir, [f for group in folders.values() for f in group],
+                               scores=(PRIOR_SCORE,) if self.prior is not None else (), image_hw=(size, size),
+                               settings=settings)
         if best_of > 1:
             info["selection"] = (f"oracle: per pair and stage the candidate of highest SSIM against the ground truth "
                                  f"(Gaussian sigma 1.2, population covariance, data range of the candidate, on "
@@ -180,46 +198,88 @@ class PCDMPipeline:
 
     # ------------------------------------------------------------------------------------------ single mode
 
-    def run_single(self, source_image: str, source_pose: str, target_pose: str, output_path: str) -> None:
-        """One source image file and two poses (18-line `x y` keypoint files in their image's pixels, or
-        rendered pose images) -> output_path (PNG, S x S), written under a temporary name and renamed."""
+    def run_single(self, inputs: single_image.Inputs, output_path: str) -> None:
+        """One source photo and two poses (single_image.read_inputs: 18-line `x y` keypoint files in the photo's
+        pixels, or rendered pose images) -> output_path (PNG, S x S), written under a temporary name and renamed."""
         o = input_pipeline.layout_options("pcdm_inpaint", self.inpaint.config.data.get("pipeline", {}))
         size = int(o["image_size"])
-        image = single_image.read_rgb(source_image)
+        image = inputs.image
         hw = image.shape[:2]
-        source_kp, source_pose_image = single_image.read_pose(source_pose, hw, size, "pcdms")
-        target_kp, target_pose_image = single_image.read_pose(target_pose, hw, size, "pcdms")
-        if self.prior is not None and (source_kp is None or target_kp is None):
-            raise UserError("the prior needs keypoint files for --source_pose and --target_pose (pose images "
-                            "carry no coordinates); use --ablation=B1 or B3 with pose images")
         from PIL import Image
 
         squashed = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC), np.float32) / 127.5 - 1
         clip_in = clip_preprocess(Image.fromarray(image).resize((o["clip_size"],) * 2, Image.BICUBIC),
                                   size=o["clip_size"], crop=o["clip_size"])
+        pose_images = [single_image.render_pose(pose, hw, size, "pcdms") for pose in (inputs.source, inputs.target)]
         batch = {"image": np.concatenate([squashed, squashed], axis=1)[None],
-                 "pose": np.concatenate([source_pose_image, target_pose_image], axis=1)[None],
+                 "pose": np.concatenate(pose_images, axis=1)[None],
                  "source_dino": clip_in[None]}
         prior_inputs = None
         if self.prior is not None:
             prior_inputs = {"source_clip": clip_in[None],
-                            "source_pose_coords": poses.normalize_keypoints(source_kp, hw)[None],
-                            "target_pose_coords": poses.normalize_keypoints(target_kp, hw)[None]}
+                            "source_pose_coords": poses.normalize_keypoints(inputs.source.keypoints, hw)[None],
+                            "target_pose_coords": poses.normalize_keypoints(inputs.target.keypoints, hw)[None]}
         out, _ = self.generate(batch, prior_inputs, self.rng)
         final = out.get("stage3", out["stage2"])
         os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
         save_png_atomic(output_path, np.asarray(final[0]))
 
 
+def sample_settings(config, ablation: str, best_of: int, split: str, batch_size: int) -> Dict[str, Any]:
+    """What split-mode images depend on besides the checkpoints (recorded in sample_config.json): the stage-2 config
+    without what only training reads or may change between runs (trainer.checkpoints.RESUMABLE_KEYS: run length,
+    logging, the mesh, where the data lies, ...; `sampling` stays), how it is evaluated and its batch size (the
+    sampling batch size is one of the options), and the options."""
+    recorded = json.loads(config.to_json_best_effort(sort_keys=True))
+    for key in [k for k in RESUMABLE_KEYS if k != "sampling"] + ["eval", "batch_size"]:
+        *groups, leaf = key.split(".")
+        node = recorded
+        for group in groups:
+            node = node.get(group, {})
+        node.pop(leaf, None)
+    return {"config": recorded, "ablation": ablation, "best_of": best_of, "split": split, "batch_size": batch_size}
+
+
+def _default_ablation(prior_workdir: Optional[str], refine_workdir: Optional[str]) -> str:
+    return {(True, True): "full", (True, False): "B2", (False, True): "B3", (False, False): "B1"}[
+        (bool(prior_workdir), bool(refine_workdir))]
+
+
+def _with_moved_data(run: str, workdir: str, stage2) -> Any:
+    """The saved config of the stage run `run`, with the data locations (trainer.checkpoints.LOCATION_KEYS) that the
+    stage-2 config `stage2` moves away from what the stage-2 run `workdir` recorded."""
+    own, recorded = saved_config(run), saved_config(workdir)
+    for key in LOCATION_KEYS:
+        group, leaf = key.split(".")
+        value = stage2.get(group, {}).get(leaf)
+        if leaf in own.get(group, {}) and value != recorded.get(group, {}).get(leaf):
+            own[group][leaf] = value
+    return own
+
+
+def check_data(workdir: str, split: str, config=None, prior_workdir: Optional[str] = None) -> None:
+    """Before anything is loaded: the dataset the stage-2 config (and the prior's) points at is the one each run
+    was trained on (stage.check_same_data) and has `split`."""
+    stage2 = inference_config(workdir, config)
+    check_same_data(workdir, stage2)
+    if prior_workdir:
+        check_same_data(prior_workdir, _with_moved_data(prior_workdir, workdir, stage2))
+    builder = input_pipeline.load_builder(input_pipeline.dataset_name(stage2.data), stage2.data.get("data_dir") or None)
+    if split not in builder.info.splits:
+        raise UserError(f"--split={split}: dataset {builder.name} has the splits {', '.join(builder.info.splits)}")
+
+
 def open_pipeline(workdir: str, config=None, ablation: Optional[str] = None, prior_workdir: Optional[str] = None,
                   refine_workdir: Optional[str] = None) -> PCDMPipeline:
-    """The stages of an ablation from their run directories (default ablation: the stages given)."""
-    if ablation is None:
-        ablation = {(True, True): "full", (True, False): "B2", (False, True): "B3", (False, False): "B1"}[
-            (prior_workdir is not None, refine_workdir is not None)]
+    """The stages of an ablation from their run directories (default ablation: the stages given). Data that `config`
+    moves (another data_dir than the stage-2 run recorded) is looked for there by the prior and refining runs too."""
+    ablation = ablation or _default_ablation(prior_workdir, refine_workdir)
     inpaint = load_trained(workdir, ("pcdm_inpaint",), config)
-    prior = load_trained(prior_workdir, ("pcdm_prior",)) if prior_workdir else None
-    refine = load_trained(refine_workdir, ("pcdm_refine",)) if refine_workdir else None
+    prior = load_trained(prior_workdir, ("pcdm_prior",), _with_moved_data(prior_workdir, workdir, inpaint.config)) \
+        if prior_workdir else None
+    refine = load_trained(refine_workdir, ("pcdm_refine",), _with_moved_data(refine_workdir, workdir,
+                                                                               inpaint.config)) \
+        if refine_workdir else None
     return PCDMPipeline(inpaint, ablation, prior, refine, seed=inpaint.config.seed)
 
 
@@ -227,11 +287,13 @@ def sample_command(workdir: str, config=None, ablation: Optional[str] = None, pr
                    refine_workdir: Optional[str] = None, split: Optional[str] = None,
                    output_dir: Optional[str] = None, batch_size: Optional[int] = None, best_of: int = 1,
                    source_image: Optional[str] = None, source_pose: Optional[str] = None,
-                   target_pose: Optional[str] = None, output: Optional[str] = None) -> Optional[Dict[str, Any]]:
+                   target_pose: Optional[str] = None, output: Optional[str] = None,
+                   joints_outside_image: str = "error") -> Optional[Dict[str, Any]]:
     """sample.py for PCDMs: split mode (--split, --output_dir, optionally --best_of) or single mode
-    (--source_image, --source_pose, --target_pose, --output). `config`: the stage-2 config with inference
-    overrides (None: the run's own). Every flag is checked before anything is loaded or written. Returns split
-    mode's results (also written by process 0 to output_dir/results.json)."""
+    (--source_image, --source_pose, --target_pose, --output; joints_outside_image: "error", "clip" or "drop" for
+    pose keypoints outside the photo). `config`: the stage-2 config with inference overrides (None: the run's own).
+    Every flag and input file is checked before anything is loaded or written. Returns split mode's results (also
+    written by process 0 to output_dir/results.json)."""
     single = (source_image, source_pose, target_pose, output)
     if split is None and not any(single):
         raise UserError("give --split and --output_dir (every pair of a split) or --source_image, --source_pose, "
@@ -246,14 +308,27 @@ def sample_command(workdir: str, config=None, ablation: Optional[str] = None, pr
         raise UserError("single mode needs --source_image, --source_pose, --target_pose and --output")
     if split is None and os.path.exists(output):
         raise UserError(f"--output={output} exists; choose a new file (outputs are never overwritten)")
-    pipe = open_pipeline(workdir, config, ablation, prior_workdir, refine_workdir)
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"--batch_size={batch_size}: expected a positive number of pairs")
+    ablation = ablation or _default_ablation(prior_workdir, refine_workdir)
+    check_stages(ablation, bool(prior_workdir), bool(refine_workdir))
     if split is None:
-        pipe.run_single(source_image, source_pose, target_pose, output)
+        config_checks.check_writable_directory(os.path.dirname(os.path.abspath(output)), "--output's folder")
+        inputs = single_image.read_inputs(source_image, source_pose, target_pose, joints_outside_image)
+        if "prior" in _NEEDS[ablation] and (inputs.source.keypoints is None or inputs.target.keypoints is None):
+            raise UserError("the prior needs keypoint files for --source_pose and --target_pose (pose images "
+                            "carry no coordinates); use --ablation=B1 or B3 with pose images")
+        pipe = open_pipeline(workdir, config, ablation, prior_workdir, refine_workdir)
+        pipe.run_single(inputs, output)
         print(f"wrote {output}", flush=True)
         return None
-    results = pipe.run_split(split, output_dir, batch_size or pipe.inpaint.config.batch_size, best_of)
-    if jax.process_index() == 0:
-        evaluation.write_results(pipe.inpaint.config.to_dict(), os.path.join(output_dir, "sample_config.json"))
+    config_checks.check_writable_directory(output_dir, "--output_dir")
+    check_data(workdir, split, config, prior_workdir)
+    stage2 = inference_config(workdir, config)
+    batch_size = batch_size or stage2.batch_size
+    check_settings(output_dir, sample_settings(stage2, ablation, best_of, split, batch_size))
+    pipe = open_pipeline(workdir, config, ablation, prior_workdir, refine_workdir)
+    results = pipe.run_split(split, output_dir, batch_size, best_of)
     print(json.dumps(results), flush=True)
     return results
 
@@ -265,6 +340,7 @@ def generate_test_set(workdir: str, output_dir: str, config=None):
     score, the reference folder, the config used)."""
     from pgpis_jax.metrics import protocols
 
+    check_data(workdir, "test", config)
     pipe = open_pipeline(workdir, config, "B1")
     config = pipe.inpaint.config
     protocol = (config.get("eval") or {}).get("protocol", evaluation.default_eval_config().protocol)
