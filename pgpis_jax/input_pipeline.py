@@ -54,6 +54,7 @@ likewise with ImageNet statistics; [-1, 1] = x/127.5 - 1; [0, 1] = x/255.
 | `cfld` | `source_image`, `target_image` | [B, S, S, 3] | [-1, 1], squashed (S = 512) |
 | | `condition_image` | [B, C, C, 3] | [-1, 1], source at C = 256, flipped left-right with p = `flip_prob` (0.5) in training |
 | | `source_pose`, `target_pose` | [B, P, P, 21] | [0, 1], `poses.cfld_pose_map` at P = 256 |
+| | `reference_image` | [B, H, W, 3] | [-1, 1], the stored target (option `reference`: the ground truth CFLD scores against) |
 | `fpdm` | `target_image` | [B, 512, 352, 3] | [-1, 1] |
 | | `target_pose` | [B, 512, 352, 3] | [0, 1], "pidm" skeleton drawn on 550 x 375 (`pose_canvas`), resized |
 | | `source_dino` | [B, 512, 512, 3] | ImageNet-norm source (training: from 256 x 256 with p = 0.5) |
@@ -269,6 +270,8 @@ def _cfld(o, stored, train):
         out["condition_image"] = cond
         for role in ("source", "target"):
             out[f"{role}_pose"] = _numpy(pose_map, [ex[f"{role}_keypoints"]], (*p, 21))
+        if o["reference"]:
+            out["reference_image"] = to_signed(tf.cast(ex["target_image"], tf.float32))
         return out
     return preprocess
 
@@ -356,7 +359,8 @@ LAYOUTS = {layout.name: layout for layout in (
     Layout("pcdm_prior", dict(clip_size=224), _pcdm_prior),
     Layout("pcdm_inpaint", dict(image_size=512, clip_size=224, stickwidth=None), _pcdm_inpaint),
     Layout("pcdm_refine", dict(image_size=512, clip_size=224, coarse_dir=""), _pcdm_refine),
-    Layout("cfld", dict(image_size=512, condition_size=256, pose_size=256, sigma=6.0, flip_prob=0.5), _cfld),
+    Layout("cfld", dict(image_size=512, condition_size=256, pose_size=256, sigma=6.0, flip_prob=0.5, reference=False),
+           _cfld),
     Layout("fpdm", dict(image_size=(512, 352), pose_canvas=(550, 375), dino_size=512, clip_size=224,
                         stickwidth=4, radius=4, identity_pair_prob=0.05, low_res_prob=0.5, low_res_size=256,
                         keypoint_noise=1.0, flip_prob=0.5), _fpdm),

@@ -15,7 +15,7 @@ METHOD_MODULES = {
     "pcdm_prior": "pgpis_jax.methods.pcdm.prior",
     "pcdm_inpaint": "pgpis_jax.methods.pcdm.inpaint",
     "pcdm_refine": "pgpis_jax.methods.pcdm.refine",
-    "cfld": None,
+    "cfld": "pgpis_jax.methods.cfld.stage",
     "reposedm": None,
     "fpdm_fusion": None,
     "fpdm": None,

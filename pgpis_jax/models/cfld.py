@@ -26,14 +26,14 @@ at step 0); the null prompt N(0, 1). The Swin backbone starts from pretrained we
 from __future__ import annotations
 
 import math
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from pgpis_jax.models.encoders.swin import CFLD_SWIN_B_CONFIG, SwinModel
 from pgpis_jax.nn.attention import Attention
-from pgpis_jax.nn.initializers import torch_conv
+from pgpis_jax.nn.initializers import torch_conv, torch_dense
 from pgpis_jax.nn.resnet import ResnetBlock2D
 from pgpis_jax.nn.transformer import BasicTransformerBlock, FeedForward, LayerNorm
 
@@ -121,6 +121,25 @@ class PerceptionRefinedDecoder(nn.Module):
             h = block_class(self.heads, self.width // self.heads, self.attention_implementation, dtype=self.dtype,
                             param_dtype=self.param_dtype, name=f"blocks_{r}")(h, pos[None], context)
         return h
+
+
+class LinearPromptDecoder(nn.Module):
+    """The prompt of ablation B5 (the original's Decoder with DEPTH -2, no PRD): the last Swin stage's tokens
+    [B, L, C] through `decoder_fc` (Linear C -> width, no bias) -> [B, L, width]. num_queries must equal L (the
+    null prompt has that many tokens)."""
+
+    num_queries: int = 64
+    width: int = 768
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens):
+        if tokens.ndim != 3 or tokens.shape[1] != self.num_queries:
+            raise ValueError(f"LinearPromptDecoder input must be tokens [B, {self.num_queries}, C], got shape "
+                             f"{tokens.shape}")
+        return torch_dense(self.width, tokens.shape[-1], "decoder_fc", self.dtype, self.param_dtype,
+                           use_bias=False)(tokens.astype(self.dtype))
 
 
 class HybridGranularityAttention(nn.Module):
@@ -236,23 +255,25 @@ class PoseAdapter(nn.Module):
 
 
 class CFLDConditioner(nn.Module):
-    """The original's `build_model`: `backbone` (SwinModel with final_norm False), `appearance_encoder` (HGA),
-    `pose_encoder` (PoseAdapter), `decoder` (PRD) and the null prompt `learnable_vector` [1, Q, width]
-    (N(0, 1) at init). Build the full-size one with `cfld_conditioner()`.
+    """The original's `build_model`: `backbone` (SwinModel with final_norm False), `appearance_encoder` (HGA; None
+    in the ablations without it, B3 / B4), `pose_encoder` (PoseAdapter), `decoder` (PRD, or B5's
+    LinearPromptDecoder) and the null prompt `learnable_vector` [1, Q, width] (N(0, 1) at init). Build the
+    full-size one with `cfld_conditioner()`.
 
     __call__(image [B, H, W, 3] in [-1, 1], pose [B, H', W', 21], deterministic) -> {
         "prompt": the coarse prompt c [B, Q, width],
         "null_prompt": the learned null prompt broadcast to [B, Q, width],
         "pose_residuals": tuple of the adapter's features (down_block_additional_residuals),
-        "query_biases": tuple of HGA's biases for UNet blocks 3..11 (up_cross_attention_query_bias)}.
+        "query_biases": tuple of HGA's biases for UNet blocks 3..11 (up_cross_attention_query_bias), or None
+        without HGA}.
     `encode_appearance`, `encode_pose` and `null_prompt` give the parts (e.g. source appearance and target pose
     at sampling). deterministic=False enables the Swin's stochastic depth (rng stream "dropout").
     """
 
     backbone: SwinModel
-    appearance_encoder: HybridGranularityAttention
+    appearance_encoder: Optional[HybridGranularityAttention]
     pose_encoder: PoseAdapter
-    decoder: PerceptionRefinedDecoder
+    decoder: Union[PerceptionRefinedDecoder, LinearPromptDecoder]
 
     def setup(self):
         if self.backbone.final_norm:
@@ -263,9 +284,10 @@ class CFLDConditioner(nn.Module):
                                            self.decoder.param_dtype)
 
     def encode_appearance(self, image, deterministic: bool = True):
-        """image [B, H, W, 3] -> (prompt [B, Q, width], query biases in UNet order)."""
+        """image [B, H, W, 3] -> (prompt [B, Q, width], query biases in UNet order or None without HGA)."""
         stages = self.backbone(image, deterministic=deterministic)["stage_features"]
-        return self.decoder(stages[-1]), self.appearance_encoder(stages)
+        biases = None if self.appearance_encoder is None else self.appearance_encoder(stages)
+        return self.decoder(stages[-1]), biases
 
     def encode_pose(self, pose):
         """pose [B, H, W, 21] -> the adapter residuals of the UNet's down blocks."""

@@ -37,13 +37,14 @@ class Format:
 
     write(trained, directory): writes the files of a run.Trained into the (empty, existing) directory and returns
     {relative file or folder: what it holds} for the manifest.
-    read(path, abstract_params): {top-level network: parameters (NumPy)} of a file of this format, checked against
-    the stage's abstract parameter tree (jax.eval_shape); None where the format cannot be imported."""
+    read(path, abstract_params, method): {top-level network: parameters (NumPy)} of a file of this format, checked
+    against the stage's abstract parameter tree (jax.eval_shape); `method` is the stage built for the import (its
+    modules, for converters that need them); None where the format cannot be imported."""
 
     name: str
     description: str
     write: Callable[[Any, str], Dict[str, str]]
-    read: Optional[Callable[[str, Any], Dict[str, Any]]] = None
+    read: Optional[Callable[[str, Any, Any], Dict[str, Any]]] = None
 
 
 def formats_of(method_name: str) -> Dict[str, Format]:

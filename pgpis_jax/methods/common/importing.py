@@ -52,7 +52,7 @@ def import_original(config, workdir: str, source: str, format_name: str = "origi
     metrics_lib.quiet_library_logs()
     method = methods.get_method(config.method).build(config, needs_data=False)
     s = loop.setup(method, config, mesh_lib.make_mesh(config))
-    imported = fmt.read(source, s.abstract_params)
+    imported = fmt.read(source, s.abstract_params, method)
     params = loop.initial_params(s, method, config)
     params = jax.device_put(_replace_networks(jax.device_get(params), imported, s.abstract_params, source),
                             s.param_shardings)

@@ -3,10 +3,12 @@ a run records so that inference rebuilds its networks without the pretrained dir
 
 Each pretrained network is a *spec* (a ConfigDict):
 
-    weights          a hub id or local directory (diffusers / transformers layout); "" = no pretrained weights
+    weights          a hub id or local directory (diffusers / transformers layout); "" = no pretrained weights;
+                     for a network built by `checkpoint_file_network`, one checkpoint file (e.g. Microsoft's Swin
+                     .pth release) whose architecture is `config`
     subfolder        inside `weights` ("unet", "vae", "prior", ...)
     config           the network's config (diffusers / transformers config.json content) when `weights` is ""
-                     (the CPU demo's tiny random networks); else ignored
+                     (the CPU demo's tiny random networks) or a checkpoint file; else ignored
     overrides        config keys changed from the pretrained config (e.g. in_channels=9)
     keep_fresh       regexes of parameters that start from their fresh initialisation although weights are
                      given (they have no pretrained counterpart of that shape; see weights/partial.py)
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 import jax.numpy as jnp
 
@@ -37,6 +39,10 @@ from pgpis_jax.weights.published import PUBLISHED, published_config
 from pgpis_jax.weights.pytorch import state_dict_to_params
 
 
+# `weights` ending so names one checkpoint file (a network built by NetworkBuilder.checkpoint_file_network)
+CHECKPOINT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+
+
 @dataclasses.dataclass
 class Resolved:
     """One network: its module, the directory of its pretrained weights (None: random init, or rebuilt from a
@@ -46,7 +52,7 @@ class Resolved:
     module: Any
     directory: Optional[str]
     spec: Any
-    family: str              # "diffusers" or "transformers": the checkpoint layout of `directory`
+    family: str              # "diffusers", "transformers" or "file": the checkpoint layout of `directory`
     config: Optional[Dict[str, Any]] = None
 
 
@@ -93,11 +99,16 @@ def _network_config(spec, pretrained: Optional[Dict[str, Any]] = None) -> Dict[s
     return config
 
 
+def is_checkpoint_file(weights: str) -> bool:
+    """True when `weights` names a single checkpoint file (by its suffix) rather than a hub id or directory."""
+    return bool(weights) and weights.endswith(CHECKPOINT_FILE_SUFFIXES)
+
+
 class DeclaredNetworks(Mapping):
     """{config path: network config} of the networks a config declares, read without weights or a network
     connection: a local `weights` directory's config.json, else the published config of the hub id
-    (pgpis_jax/weights/published.py), else `config`; with the spec's overrides. Looked up lazily, by the keys the
-    method asks for; iterates over every spec under config.model."""
+    (pgpis_jax/weights/published.py), else `config` (no weights, or a checkpoint file); with the spec's overrides.
+    Looked up lazily, by the keys the method asks for; iterates over every spec under config.model."""
 
     def __init__(self, config):
         self.config = config
@@ -112,7 +123,7 @@ class DeclaredNetworks(Mapping):
 
     def __getitem__(self, key: str) -> Dict[str, Any]:
         spec = self._spec(key)
-        if not spec.weights:
+        if not spec.weights or is_checkpoint_file(spec.weights):
             return _network_config(spec)
         local = os.path.join(spec.weights, spec.subfolder or "")
         if os.path.isfile(os.path.join(local, CONFIG_NAME)):
@@ -187,6 +198,34 @@ class NetworkBuilder:
             config = _network_config(spec, read_config(directory) if directory else None)
         self.recorded[key] = config
         return Resolved(key, _module(family, config, key, module_options), directory, spec, family, config)
+
+    def checkpoint_file_network(self, spec, key: str, build: Callable[..., Any], **module_options) -> Resolved:
+        """A network whose architecture is spec.config (+ overrides) and whose pretrained weights, if any, are the
+        single checkpoint file spec.weights (e.g. Microsoft's Swin .pth release, which has no config.json); the
+        method reads the file itself in its warm start (Resolved.directory is the file, family "file").
+        build(config, **options) -> module, options = spec.options updated with module_options. A missing file is
+        added to `missing`."""
+        if self.saved is not None:
+            if key not in self.saved:
+                raise UserError(f"{key}: the run recorded no config for this network (networks.json lists "
+                                f"{', '.join(sorted(self.saved)) or 'none'})")
+            config, path = dict(self.saved[key]), None
+        else:
+            if not spec.config:
+                raise UserError(f"{key}: give its architecture as config (a checkpoint file has no config.json)")
+            if spec.weights and not is_checkpoint_file(spec.weights):
+                raise UserError(f"{key}.weights={spec.weights!r}: expected one checkpoint file "
+                                f"({', '.join(CHECKPOINT_FILE_SUFFIXES)}) or \"\" (random init)")
+            config, path = _network_config(spec), spec.weights or None
+            if path is not None and not os.path.isfile(path):
+                self.missing.add(f"{key}.weights={path!r}: no such checkpoint file")
+                path = None
+        self.recorded[key] = config
+        try:
+            module = build(config, **dict(spec.get("options", {}) or {}, **module_options))
+        except (ValueError, TypeError) as error:
+            raise UserError(f"{key}: {error}") from None
+        return Resolved(key, module, path, spec, "file", config)
 
     def directory_only(self, spec, key: str, family: str) -> Resolved:
         """A network whose module the method builds itself (e.g. PCDMs' prior): only its pretrained directory,

@@ -44,7 +44,7 @@ def _original_format(stage: str) -> Format:
         what = ", ".join(pcdm_checkpoint.STAGE_SUBTREES[stage]) or "the prior"
         return {pcdm_checkpoint.DEEPSPEED_MODEL_STATES: f"PCDMs {stage} DeepSpeed model states ({what}; float32)"}
 
-    def read(path: str, abstract_params) -> Dict[str, object]:
+    def read(path: str, abstract_params, method) -> Dict[str, object]:
         params = pcdm_checkpoint.load_pcdm_checkpoint(path, stage, _stage_params(abstract_params, stage))
         return params if pcdm_checkpoint.STAGE_SUBTREES[stage] else {"prior": params}
 
