@@ -42,8 +42,8 @@ def get_config(arg=None):
         scheduler=common.scheduler_config("DDPMScheduler", **SD21_DDPM), num_inference_steps=20, guidance_scale=2.0))
     config.data = fpdm_common.data_config("fpdm", arg)
     config.model.update(dict(
-        unet=fpdm_common.network(fpdm_common.SD21, "unet", overrides=dict(
-            class_embed_type="mlp", projection_class_embeddings_input_dim=FUSION_DIM), keep_fresh=("class_embedding/.*",)),
+        unet=fpdm_common.network(fpdm_common.SD21, "unet", keep_fresh=("class_embedding/.*",), overrides=dict(
+            class_embed_type="mlp", projection_class_embeddings_input_dim=FUSION_DIM)),
         vae=ml_collections.ConfigDict(dict(kind="sd", **fpdm_common.network(fpdm_common.SD21, "vae"))),
         # transformers 4.40 resized DINOv2's 37x37 position table by scale factor (36.1 / 37) for 512 inputs
         src_image_encoder=fpdm_common.network(fpdm_common.DINOV2_LARGE,

@@ -2,7 +2,8 @@
 output folder, optional per-pair scores) and the batches (with source_name, target_name and mask); this module
 writes the images, resumes, shards over processes and gathers the totals.
 
-    <output_dir>/<folder>/<source stem>_to_<target stem>.png    one file per pair and folder (S x S, uint8)
+    <output_dir>/<folder>/<source stem>_to_<target stem>.png    one file per pair and folder (uint8; a method may
+                                                                name a folder's files otherwise, `naming`)
     <output_dir>/scores.<process>.json                          per-pair scores (e.g. the prior's cosine), kept
                                                                 across resumed runs
     <output_dir>/results.json                                   totals over all processes (process 0 writes it)
@@ -96,11 +97,20 @@ def candidate_folders(folder: str, count: int) -> list:
 
 
 class SplitSampler:
-    """Writes `folders` (relative to output_dir) and `scores` for every pair of the batches it is given."""
+    """Writes `folders` (relative to output_dir) and `scores` for every pair of the batches it is given.
 
-    def __init__(self, output_dir: str, folders: Sequence[str], scores: Sequence[str] = ()):
+    naming: {folder: name(source_name, target_name) -> file stem} for folders named otherwise than `pair_stem`
+    (FPDM's `<source>_2_<target>`, a reference folder of targets); scores are kept under pair_stem."""
+
+    def __init__(self, output_dir: str, folders: Sequence[str], scores: Sequence[str] = (),
+                 naming: Mapping[str, Callable[[Any, Any], str]] = ()):
         self.output_dir, self.folders, self.scores = output_dir, tuple(folders), tuple(scores)
+        self.naming = dict(naming)
         self.scores_path = os.path.join(output_dir, f"scores.{jax.process_index()}.json")
+
+    def _names(self, folder: str, batch, real) -> list:
+        name = self.naming.get(folder, pair_stem)
+        return [name(s, t) for s, t, r in zip(batch["source_name"], batch["target_name"], real) if r]
 
     def _recorded_scores(self) -> Dict[str, Dict[str, float]]:
         if not os.path.exists(self.scores_path):
@@ -109,9 +119,10 @@ class SplitSampler:
             recorded = json.load(f)
         return {name: recorded.get(name, {}) for name in self.scores}
 
-    def _finished(self, names, scores) -> bool:
+    def _finished(self, batch, real, scores) -> bool:
+        names = self._names("", batch, real)
         return all(os.path.exists(os.path.join(self.output_dir, folder, f"{name}.png"))
-                   for folder in self.folders for name in names) and \
+                   for folder in self.folders for name in self._names(folder, batch, real)) and \
             all(name in scores[score] for score in self.scores for name in names)
 
     def run(self, batches: Iterable[Mapping[str, Any]], generate: Callable[[Mapping[str, Any], Any], Generated],
@@ -124,14 +135,15 @@ class SplitSampler:
         written = pairs = 0
         for index, batch in enumerate(batches):
             real = np.asarray(batch["mask"])
-            names = [pair_stem(s, t) for s, t, r in zip(batch["source_name"], batch["target_name"], real) if r]
+            names = self._names("", batch, real)
             pairs += len(names)
-            if self._finished(names, scores):
+            if self._finished(batch, real, scores):
                 continue
             out = generate(batch, jax.random.fold_in(rng, index))
             for folder in self.folders:
                 images = np.asarray(out.images[folder])[real]
-                written += save_images(os.path.join(self.output_dir, folder), names, images)
+                written += save_images(os.path.join(self.output_dir, folder), self._names(folder, batch, real),
+                                       images)
             if self.scores:
                 for score in self.scores:
                     scores[score].update((n, float(v)) for n, v in zip(names, np.asarray(out.scores[score])[real]))
