@@ -6,8 +6,9 @@ TORCH_VERSION ?= 2.13.0
 INSTALLED := $(VENV)/.installed
 TEST_WORKERS ?= 2
 DEMO_WORKDIR ?= runs/pcdm_demo
+FPDM_DEMO_WORKDIR ?= runs/fpdm_demo
 
-.PHONY: install demo toy-demo test clean
+.PHONY: install demo demo-fpdm toy-demo test clean
 
 install: $(INSTALLED)
 
@@ -23,6 +24,10 @@ $(INSTALLED): pyproject.toml
 # PCDMs end to end on synthetic people (three tiny stages, then the test pairs): demo_out/grid.png, metrics.json.
 demo: $(INSTALLED)
 	$(PY) demo.py --config=configs/pcdm_inpaint.py:demo --workdir=$(DEMO_WORKDIR) --output_dir=demo_out
+
+# FPDM end to end on synthetic people (two tiny stages, then the test pairs): demo_out/fpdm/grid.png, metrics.json.
+demo-fpdm: $(INSTALLED)
+	$(PY) demo.py --config=configs/fpdm_diffusion.py:demo --workdir=$(FPDM_DEMO_WORKDIR) --output_dir=demo_out/fpdm
 
 # Every sampler of the diffusion core on a 2-D Gaussian mixture with its exact denoiser (seconds).
 toy-demo: $(INSTALLED)

@@ -29,8 +29,9 @@ FOLDER_FLAGS = (
                         "pidm (pgpis_jax/metrics/protocols.py)."),
     flags.DEFINE_string("eval_size", None, "Folder mode: HEIGHTxWIDTH replacing a paper protocol's evaluation "
                         "size, e.g. 512x352."),
-    flags.DEFINE_string("match", None, "Folder mode: pairing rule replacing the protocol's: 'name' or "
-                        "'target_after_to' (<src>_to_<tgt>.png -> <tgt>.*)."),
+    flags.DEFINE_string("match", None, "Folder mode: pairing rule replacing the protocol's: 'name', "
+                        "'target_after_to' (<src>_to_<tgt>.png -> <tgt>.*) or 'fpdm' (FPDM's <src>.jpg_2_<tgt>.jpg.png "
+                        "names against a reference tree)."),
     flags.DEFINE_string("weights_dir", None, "Folder mode: folder holding the metric networks' weight files "
                         "(default: $PGPIS_METRIC_WEIGHTS, then torch's hub cache)."),
     flags.DEFINE_string("stats_cache", None, "Folder mode: folder caching the FID statistics of the real set "

@@ -59,15 +59,17 @@ likewise with ImageNet statistics; [-1, 1] = x/127.5 - 1; [0, 1] = x/255.
 | | `target_pose` | [B, 512, 352, 3] | [0, 1], "pidm" skeleton drawn on 550 x 375 (`pose_canvas`), resized |
 | | `source_dino` | [B, 512, 512, 3] | ImageNet-norm source (training: from 256 x 256 with p = 0.5) |
 | | `source_clip`, `target_pose_clip` | [B, 224, 224, 3] | CLIP-norm source and target pose image |
+| `fpdm_fusion` | `source_clip`, `target_clip` | [B, 224, 224, 3] | CLIP-norm, short side to 224, centre 224 x 224 |
+| | `target_pose_clip` | [B, 224, 224, 3] | CLIP-norm "pidm" skeleton drawn on 1101 x 750 (`pose_canvas`), squashed |
 | `reposedm` | `source_image`, `target_image` | [B, S, S, 3] | [-1, 1] (S = 256) |
 | | `source_pose`, `target_pose` | [B, S, S, 20] | [0, 1], `poses.pidm_pose_map` |
 
 Training augmentation, as each reference does it: `cfld` flips only the condition image; `fpdm` makes 5 %
 identity pairs, draws the source at 256 with p = 0.5, adds N(0, 1) pixel noise to the target keypoints in the
 550 x 375 frame and flips source, target and target keypoints together with p = 0.5 (x -> 375 - x, left and
-right joints swapped); `reposedm` up-scales each image by 1 + U(0, 0.05) and crops back at a random offset,
-then flips images and pose maps together with p = 0.5 (pose colours not swapped, as PIDM); `pairs` flips
-together with p = `flip_prob` (default 0); the PCDMs stages do not augment.
+right joints swapped), `fpdm_fusion` not at all; `reposedm` up-scales each image by 1 + U(0, 0.05) and crops back
+at a random offset, then flips images and pose maps together with p = 0.5 (pose colours not swapped, as PIDM);
+`pairs` flips together with p = `flip_prob` (default 0); the PCDMs stages do not augment.
 """
 
 from __future__ import annotations
@@ -85,7 +87,8 @@ import tensorflow_datasets as tfds
 
 from pgpis_jax import poses
 from pgpis_jax.errors import UserError
-from pgpis_jax.preprocessing import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from pgpis_jax.preprocessing import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,
+                                     shortest_edge_size)
 
 try:   # the pipeline runs on the host CPU; keep TensorFlow off any accelerator JAX uses
     tf.config.set_visible_devices([], "GPU")
@@ -322,6 +325,28 @@ def _fpdm(o, stored, train):
     return preprocess
 
 
+def _fpdm_fusion(o, stored, train):
+    """FPDM stage 1 (FusionDataset): CLIPImageProcessor with its centre crop on the photos; the target skeleton
+    rendered as the original's pose_img/ files (at the photo's own size, 4 px) and squashed to the CLIP size."""
+    clip, canvas = int(o["clip_size"]), _size(o["pose_canvas"])
+    resized = shortest_edge_size(*stored, clip)
+    top, left = (resized[0] - clip) // 2, (resized[1] - clip) // 2
+
+    def pose_image(kp):
+        kp = poses.resize_keypoints(kp, stored, canvas)
+        return poses.draw_skeleton(kp, canvas, "pidm", stickwidth=o["stickwidth"], radius=o["radius"])
+
+    def center_cropped(image):
+        image = resize(image, resized)[top:top + clip, left:left + clip]
+        return normalize(image, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+
+    def preprocess(ex, seed):
+        pose = _numpy(pose_image, [ex["target_keypoints"]], (*canvas, 3), tf.uint8)
+        return {"source_clip": center_cropped(ex["source_image"]), "target_clip": center_cropped(ex["target_image"]),
+                "target_pose_clip": _clip(pose, clip)}
+    return preprocess
+
+
 def _reposedm(o, stored, train):
     s = _size(o["image_size"])
 
@@ -364,6 +389,7 @@ LAYOUTS = {layout.name: layout for layout in (
     Layout("fpdm", dict(image_size=(512, 352), pose_canvas=(550, 375), dino_size=512, clip_size=224,
                         stickwidth=4, radius=4, identity_pair_prob=0.05, low_res_prob=0.5, low_res_size=256,
                         keypoint_noise=1.0, flip_prob=0.5), _fpdm),
+    Layout("fpdm_fusion", dict(clip_size=224, pose_canvas=(1101, 750), stickwidth=4, radius=4), _fpdm_fusion),
     Layout("reposedm", dict(image_size=256, stickwidth=4, radius=4, scale_jitter=0.05, flip_prob=0.5),
            _reposedm),
 )}

@@ -234,6 +234,37 @@ def test_pcdms_pairs_by_target_name_and_resizes_with_cv2_cubic(tmp_path):
     assert results["metrics"]["psnr"] == pytest.approx(np.mean(expected_psnr), abs=1e-4)
 
 
+def test_fpdm_pairs_the_originals_names_with_an_in_shop_tree(tmp_path):
+    """C2.eval.caculate_metrics.py's pairing: generated `<src>.jpg_2_<tgt>.jpg.png` (the original's flat names and
+    ours, made from DPTN's flat record names) against the In-shop `img/` tree searched recursively; both sides
+    resized with PIL bicubic, PSNR with R = 1 on [0, 1] (scikit-image)."""
+    rng = np.random.default_rng(8)
+    cases = [("MEN/Tees_Tanks/id_00007301/04_1_front.jpg",
+              "MENTees_Tanksid_0000730104_7_additional.jpg_2_MENTees_Tanksid_0000730104_1_front.jpg.png"),
+             ("WOMEN/Dresses/id_00007132/04_3_back.jpg",
+              "fashionWOMENDressesid0000713204_4full.jpg_2_fashionWOMENDressesid0000713204_3back.jpg.png")]
+    expected = []
+    for path, generated_name in cases:
+        target = _smooth_image(rng, 64, 44)
+        (tmp_path / "img" / os.path.dirname(path)).mkdir(parents=True)
+        Image.fromarray(target).save(tmp_path / "img" / path, quality=100)
+        generated = _noisy(rng, target, 30)
+        _save(tmp_path / "gen", generated_name, generated)
+        stored = np.asarray(Image.open(tmp_path / "img" / path).convert("RGB"))
+        gt, pred = (np.asarray(Image.fromarray(x).resize((22, 32), Image.BICUBIC)).astype(np.float64) / 255
+                    for x in (stored, generated))
+        expected.append(peak_signal_noise_ratio(gt, pred, data_range=1))
+    assert images.fpdm_key(cases[0][0]) == images.fpdm_key(cases[0][1]) == "MENTeesTanksid00007301041front"
+    assert images.fpdm_key("fashionWOMENDressesid0000713204_3back.png") == images.fpdm_key(cases[1][0])
+    results = evaluation.score_folders(str(tmp_path / "gen"), str(tmp_path / "img"), "psnr", "fpdm",
+                                       eval_size=(32, 22))
+    assert results["counts"]["pairs"] == 2
+    assert results["metrics"]["psnr"] == pytest.approx(np.mean(expected), abs=1e-5)
+    _save(tmp_path / "img", "fashionMENTees_Tanksid0000730104_1front.png", _smooth_image(rng, 64, 44))
+    with pytest.raises(UserError, match="two images named MENTeesTanksid00007301041front"):
+        evaluation.score_folders(str(tmp_path / "gen"), str(tmp_path / "img"), "psnr", "fpdm")
+
+
 def test_oracle_keeps_the_candidate_closest_to_the_reference(tmp_path):
     rng = np.random.default_rng(6)
     best = [2, 0, 3]

@@ -183,6 +183,7 @@ SMALL = {
     "pcdm_refine": dict(image_size=32, clip_size=24),
     "cfld": dict(image_size=32, condition_size=16, pose_size=24),
     "fpdm": dict(image_size=(48, 32), pose_canvas=(55, 37), dino_size=32, clip_size=24, low_res_size=16),
+    "fpdm_fusion": dict(clip_size=24, pose_canvas=(110, 75)),
     "reposedm": dict(image_size=32),
 }
 SHAPES = {
@@ -197,6 +198,7 @@ SHAPES = {
              "source_pose": (24, 24, 21), "target_pose": (24, 24, 21)},
     "fpdm": {"target_image": (48, 32, 3), "target_pose": (48, 32, 3), "source_dino": (32, 32, 3),
              "source_clip": (24, 24, 3), "target_pose_clip": (24, 24, 3)},
+    "fpdm_fusion": {"source_clip": (24, 24, 3), "target_clip": (24, 24, 3), "target_pose_clip": (24, 24, 3)},
     "reposedm": {"source_image": (32, 32, 3), "target_image": (32, 32, 3), "source_pose": (32, 32, 20),
                  "target_pose": (32, 32, 20)},
 }
@@ -249,6 +251,26 @@ def test_each_layout_batch_matches_its_documentation(builder, coarse_dir, layout
                                                                                    batch[key].max())
     assert batch["mask"].all()
     assert f"| `{layout}`" in input_pipeline.__doc__
+
+
+def test_fpdm_fusion_crops_the_photos_as_clip_image_processor(builder):
+    """Stage 1's photos: the short side to the CLIP size, then the centre square (transformers' CLIPImageProcessor,
+    pgpis_jax.preprocessing.clip_preprocess, which differs from TF's bicubic by a few grey levels), not squashed."""
+    from PIL import Image
+
+    from pgpis_jax.preprocessing import clip_preprocess
+
+    options = dict(split="test", train=False, batch_size=4)
+    batch = next(_pipeline(builder, layout="fpdm_fusion", options=SMALL["fpdm_fusion"], **options))
+    stored = next(_pipeline(builder, layout="pairs", **options))
+    for key in ("source", "target"):
+        photos = np.round((stored[f"{key}_image"] + 1) * 127.5).astype(np.uint8)
+        expected = np.stack([clip_preprocess(photo, size=24, crop=24) for photo in photos])
+        error = np.abs(batch[f"{key}_clip"] - expected)
+        assert error.mean() < 0.02 and error.max() < 0.3, (key, error.mean(), error.max())
+        squashed = np.stack([clip_preprocess(Image.fromarray(photo).resize((24, 24), Image.BICUBIC), size=None,
+                                             crop=None) for photo in photos])
+        assert np.abs(batch[f"{key}_clip"] - squashed).mean() > 5 * error.mean()
 
 
 def test_eval_pads_the_last_batch(builder):

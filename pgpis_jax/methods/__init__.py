@@ -17,8 +17,8 @@ METHOD_MODULES = {
     "pcdm_refine": "pgpis_jax.methods.pcdm.refine",
     "cfld": "pgpis_jax.methods.cfld.stage",
     "reposedm": None,
-    "fpdm_fusion": None,
-    "fpdm": None,
+    "fpdm_fusion": "pgpis_jax.methods.fpdm.fusion",
+    "fpdm": "pgpis_jax.methods.fpdm.diffusion",
 }
 
 # Methods that exist for the trainer's tests and as a CPU demo of a training run; they are not among the

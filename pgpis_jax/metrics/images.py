@@ -33,9 +33,13 @@ from pgpis_jax.errors import UserError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 KERNELS = ("none", "cv2_cubic", "cv2_linear", "bicubic_aa", "pil_bicubic")
 QUANTIZERS = ("none", "floor", "round")
-# How a generated file name finds its reference: "name" (same stem), or "target_after_to" (PCDMs / PIDM:
-# `<src>_to_<tgt>.png` -> reference `<tgt>.*`).
-MATCH_RULES = ("name", "target_after_to")
+# How a generated file name finds its reference: "name" (same stem), "target_after_to" (PCDMs / PIDM:
+# `<src>_to_<tgt>.png` -> reference `<tgt>.*`), or "fpdm" (C2.eval.caculate_metrics.py: `fpdm_key` of both sides,
+# the references searched recursively, e.g. the In-shop `img/` tree).
+MATCH_RULES = ("name", "target_after_to", "fpdm")
+# FPDM's generated names `<source>.jpg_2_<target>.jpg.png`: the target part follows the first extension + "_2_".
+_FPDM_PAIR = re.compile(r"\.(?:jpe?g|png)_2_", re.IGNORECASE)
+_IMAGE_SUFFIXES = re.compile(r"(?:\.(?:png|jpe?g|bmp|webp))+$", re.IGNORECASE)
 # Sub-folders holding several candidates per pair (best-of-N selection): sample_0, sample_1, ...
 CANDIDATE_FOLDER = re.compile(r"sample_(\d+)")
 # Longest list of file names one error message spells out; the rest are counted.
@@ -139,14 +143,36 @@ def candidate_folders(generated_dir: str) -> List[str]:
     return [os.path.join(generated_dir, e) for _, e in numbered]
 
 
+def fpdm_key(name: str) -> str:
+    """FPDM's normalised image name, for a generated file or a reference path relative to the reference folder:
+    the part after `<source>.jpg_2_` (generated names), "_vis" dropped, image extensions dropped, "/" and "_"
+    removed (so the original's `id_` -> `id` is implied), and a leading "fashion" (the flat DeepFashion names of
+    our records) dropped. `MENTees_Tanksid_0000730104_7_additional.jpg_2_MENTees_Tanksid_0000730104_1_front.jpg.png`,
+    `MEN/Tees_Tanks/id_00007301/04_1_front.jpg` and `fashionMENTees_Tanksid0000730104_1front.png` all give
+    `MENTeesTanksid00007301041front`."""
+    name = _FPDM_PAIR.split(name.replace("\\", "/"), maxsplit=1)[-1].replace("_vis", "")
+    name = _IMAGE_SUFFIXES.sub("", name).replace("/", "").replace("_", "")
+    return name[len("fashion"):] if name.startswith("fashion") else name
+
+
 def reference_key(generated_name: str, rule: str) -> Optional[str]:
-    """The reference stem a generated file name (relative path) points to under `rule`, or None."""
+    """The reference key a generated file name (relative path) points to under `rule`, or None."""
     stem = os.path.splitext(os.path.basename(generated_name))[0]
     if rule == "name":
         return stem
     if rule == "target_after_to":
         return stem.rsplit("_to_", 1)[1] if "_to_" in stem else None
+    if rule == "fpdm":
+        return fpdm_key(os.path.basename(generated_name))
     raise ValueError(f"match rule {rule!r}: expected one of {MATCH_RULES}")
+
+
+def _reference_keys(reference_dir: str, rule: str) -> List[Tuple[str, str]]:
+    """(key, path) of every reference image under `rule` (recursive for "fpdm")."""
+    if rule == "fpdm":
+        return [(fpdm_key(os.path.relpath(path, reference_dir)), path)
+                for path in list_images(reference_dir, recursive=True)]
+    return [(os.path.splitext(os.path.basename(path))[0], path) for path in list_images(reference_dir)]
 
 
 def _check_mode(path: str, image: Image.Image) -> None:
@@ -190,12 +216,11 @@ def match_pairs(generated_folders: Sequence[str], reference_dir: str,
     if rule not in MATCH_RULES:
         raise UserError(f"unknown match rule {rule!r}; expected one of {', '.join(MATCH_RULES)}")
     references, problems = {}, []
-    for path in list_images(reference_dir):
-        stem = os.path.splitext(os.path.basename(path))[0]
-        if stem in references:
-            problems.append(f"{reference_dir} holds two images named {stem} ({os.path.basename(references[stem])}, "
-                            f"{os.path.basename(path)})")
-        references[stem] = path
+    for key, path in _reference_keys(reference_dir, rule):
+        if key in references:
+            first, second = (os.path.relpath(p, reference_dir) for p in (references[key], path))
+            problems.append(f"{reference_dir} holds two images named {key} ({first}, {second})")
+        references[key] = path
     names_per_folder = [[os.path.relpath(p, folder) for p in list_images(folder)] for folder in generated_folders]
     names = names_per_folder[0]
     for folder, other in zip(generated_folders[1:], names_per_folder[1:]):
@@ -206,7 +231,8 @@ def match_pairs(generated_folders: Sequence[str], reference_dir: str,
     unmatched = [name for name in names if reference_key(name, rule) not in references]
     if unmatched:
         how = {"name": "reference image with the same name",
-               "target_after_to": "reference image named after the part following '_to_'"}[rule]
+               "target_after_to": "reference image named after the part following '_to_'",
+               "fpdm": "reference image of the same FPDM-normalised name (metrics/images.py fpdm_key)"}[rule]
         problems.append(f"{len(unmatched)} generated images in {generated_folders[0]} have no {how} in "
                         f"{reference_dir}: {listing(unmatched)}")
     pairs = [Pair(name, tuple(os.path.join(folder, name) for folder in generated_folders),

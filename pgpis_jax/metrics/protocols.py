@@ -8,7 +8,7 @@ Sizes are height x width; "gen" = generated images, "ref" = reference (ground tr
 | eval size              | the files' own             | 256x176 (or 512x352)        | 256x176 (or 512x352)                  | 512x352 (or 256x176)         | FID/LPIPS 256x176; SSIM/PSNR the files' own (256x256) |
 | gen -> eval size       | none                       | cv2 cubic a=-0.75, float    | torch AA bicubic, clip, floor to uint8 | PIL bicubic (rounded uint8) | cv2 bilinear, float (FID/LPIPS)           |
 | ref -> eval size       | none                       | cv2 cubic a=-0.75, float    | PIL bicubic (rounded uint8)           | PIL bicubic                  | cv2 bilinear (FID/LPIPS)                  |
-| pairing                | same name                  | `<src>_to_<tgt>` -> `<tgt>` | same name                             | same name                    | `<src>_to_<tgt>` -> `<tgt>`               |
+| pairing                | same name                  | `<src>_to_<tgt>` -> `<tgt>` | same name                             | FPDM names (`fpdm_key`)      | `<src>_to_<tgt>` -> `<tgt>`               |
 | FID network / input    | pt_inception / 2x-1        | torchvision / legacy quirk  | torchvision / legacy quirk            | torchvision / legacy quirk   | torchvision / legacy quirk                |
 | FID real set           | --real_dir, else the ref folder | --real_dir (all train)  | --real_dir (all train)                | the matched test targets     | --real_dir (all train)                    |
 | FID whole batches of   | - (all)                    | 128                         | - (all)                               | - (all)                      | 64                                        |
@@ -19,6 +19,8 @@ Sizes are height x width; "gen" = generated images, "ref" = reference (ground tr
 | PSNR                   | R=255 on uint8             | R=1 on [0,1]                | R=1                                   | R=1                          | R=1                                       |
 | best-of-N selection    | -                          | oracle: best SSIM vs ref of 4 | -                                   | -                            | -                                         |
 
+"FPDM names": `<source>.jpg_2_<target>.jpg.png` paired with the reference image whose path below the reference folder
+(searched recursively, e.g. the In-shop `img/` tree) normalises to the same key (pgpis_jax.metrics.images.fpdm_key).
 "legacy quirk": torchvision's transform_input formula applied to [0, 1] input (pgpis_jax.metrics.inception
 "legacy_pidm"). "whole batches of B": the script uses only the first floor(N / B) * B images (in sorted
 order here; the scripts used unsorted glob order). Oracle selection (PCDMs stage 2): of the candidates in
@@ -164,7 +166,7 @@ FPDM = Protocol(
     network_reference=Preparation("pil_bicubic", _DF512, "round"),
     pixel_generated=Preparation("pil_bicubic", _DF512, "round"),
     pixel_reference=Preparation("pil_bicubic", _DF512, "round"),
-    match="name",
+    match="fpdm",
     fid_network="torchvision", fid_input_transform="legacy_pidm", fid_real_set="test_targets",
     fid_whole_batches_of=0,
     lpips_net="alex", lpips_input="minus_one_one", lpips_whole_batches_of=10,

@@ -31,11 +31,26 @@ PUBLISHED: Dict[Tuple[str, str], Dict[str, Any]] = {
                                                             cross_attention_dim=1024, sample_size=64,
                                                             use_linear_projection=True),
     ("stabilityai/stable-diffusion-2-1-base", "vae"): dict(_SD_VAE, sample_size=768),
+    # SD 2.1 768-v (FPDM stage 2): the base model's blocks at sample size 96, with fp32-upcast attention.
+    ("stabilityai/stable-diffusion-2-1", "unet"): dict(_SD_UNET, attention_head_dim=[5, 10, 20, 20],
+                                                       cross_attention_dim=1024, sample_size=96,
+                                                       use_linear_projection=True, upcast_attention=True),
+    ("stabilityai/stable-diffusion-2-1", "vae"): dict(_SD_VAE, sample_size=768),
     # OpenCLIP ViT-H/14's vision tower with its 1024-d projection, as IP-Adapter distributes it.
     ("h94/IP-Adapter", "models/image_encoder"): dict(
         architectures=["CLIPVisionModelWithProjection"], model_type="clip_vision_model", hidden_size=1280,
         intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, patch_size=14, image_size=224,
         projection_dim=1024, hidden_act="gelu", layer_norm_eps=1e-5, num_channels=3),
+    # OpenAI CLIP ViT-L/14 (a full CLIPConfig; its vision tower with the 768-d projection is what is built).
+    ("openai/clip-vit-large-patch14", ""): dict(
+        architectures=["CLIPModel"], model_type="clip", projection_dim=768,
+        vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                           patch_size=14, image_size=224, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                           num_channels=3)),
+    ("facebook/dinov2-large", ""): dict(
+        architectures=["Dinov2Model"], model_type="dinov2", hidden_size=1024, num_hidden_layers=24,
+        num_attention_heads=16, mlp_ratio=4, use_swiglu_ffn=False, image_size=518, patch_size=14, num_channels=3,
+        layer_norm_eps=1e-6, layerscale_value=1.0, qkv_bias=True),
     ("facebook/dinov2-giant", ""): dict(
         architectures=["Dinov2Model"], model_type="dinov2", hidden_size=1536, num_hidden_layers=40,
         num_attention_heads=24, mlp_ratio=4, use_swiglu_ffn=True, image_size=518, patch_size=14, num_channels=3,

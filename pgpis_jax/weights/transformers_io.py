@@ -85,12 +85,15 @@ SAVABLE_LIST_NAMES = {"CLIPVisionModelWithProjection": ("layers",), "CLIPVisionM
 
 
 def save_transformers(config: Mapping[str, Any], params, out_dir: str) -> str:
-    """Writes config.json (`config`, a CLIP vision or DINOv2 config.json dict) and model.safetensors (float32, the
-    checkpoint layout transformers publishes) to out_dir, which must not exist; returns out_dir."""
+    """Writes config.json (`config`, a CLIP vision or DINOv2 config.json dict; a full CLIPConfig is written as the
+    CLIPVisionModelWithProjection our module is) and model.safetensors (float32, the checkpoint layout transformers
+    publishes) to out_dir, which must not exist; returns out_dir."""
     import numpy as np
     from safetensors.numpy import save_file
 
     name = _architecture(config)
+    if name == "CLIPModel":   # our module holds its vision tower and projection: written as that model
+        config, name = CLIPVisionModel.from_config(config).to_config(), "CLIPVisionModelWithProjection"
     if name not in SAVABLE_LIST_NAMES:
         raise ValueError(f"saving architecture {name!r} is not supported; expected one of "
                          f"{', '.join(SAVABLE_LIST_NAMES)}")

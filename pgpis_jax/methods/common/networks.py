@@ -227,6 +227,13 @@ class NetworkBuilder:
             raise UserError(f"{key}: {error}") from None
         return Resolved(key, module, path, spec, "file", config)
 
+    def adopt(self, key: str, config: Mapping[str, Any], family: str, **module_options) -> Resolved:
+        """A network whose config another run recorded (FPDM's stage-1 CLIP, whose weights come from that run):
+        built from `config` and recorded under `key`, without a pretrained directory."""
+        config = dict(config)
+        self.recorded[key] = config
+        return Resolved(key, _module(family, config, key, module_options), None, None, family, config)
+
     def directory_only(self, spec, key: str, family: str) -> Resolved:
         """A network whose module the method builds itself (e.g. PCDMs' prior): only its pretrained directory,
         None when rebuilt from a run."""

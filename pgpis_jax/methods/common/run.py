@@ -56,6 +56,12 @@ def saved_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(_read_json(path, f"{workdir} is not a trained run directory"))
 
 
+def recorded_networks(workdir: str) -> dict:
+    """{config path: network config} a run recorded in networks.json; UserError if it has none."""
+    return _read_json(os.path.join(workdir, NETWORKS_FILE),
+                      "the run recorded no network configs (trained by an older version: train it again)")
+
+
 def inference_config(workdir: str, config: Optional[ml_collections.ConfigDict] = None) -> ml_collections.ConfigDict:
     """The run's saved config, or `config` when it differs from the saved one in inference settings only (else a
     UserError naming the keys)."""
@@ -82,9 +88,7 @@ def load_trained(workdir: str, methods: Sequence[str], config=None, which: str =
     config = inference_config(workdir, config)
     if config.method not in methods:
         raise UserError(f"{workdir} holds a {config.method!r} run; expected {' or '.join(map(repr, methods))}")
-    networks = _read_json(os.path.join(workdir, NETWORKS_FILE),
-                          "the run recorded no network configs (trained by an older version: train it again)")
-    method = registry.get_method(config.method).build(config, saved_networks=networks)
+    method = registry.get_method(config.method).build(config, saved_networks=recorded_networks(workdir))
     params, step = inference.load_params(method, config, workdir, which=which, step=step)
     used = "ema" if which == "ema" and ema.enabled(config) else "raw"
     return Trained(workdir, config, method, params, step, used)

@@ -2,7 +2,8 @@
 output folder, optional per-pair scores) and the batches (with source_name, target_name and mask); this module
 writes the images, resumes, shards over processes and gathers the totals.
 
-    <output_dir>/<folder>/<source stem>_to_<target stem>.png    one file per pair and folder (S x S, uint8)
+    <output_dir>/<folder>/<source stem>_to_<target stem>.png    one file per pair and folder (uint8; a method may
+                                                                name a folder's files otherwise, `naming`)
     <output_dir>/scores.<process>.json                          per-pair scores (e.g. the prior's cosine), kept
                                                                 across resumed runs
     <output_dir>/sample_config.json                             the settings the images were sampled with
@@ -137,13 +138,22 @@ def candidate_folders(folder: str, count: int) -> list:
 class SplitSampler:
     """Writes `folders` (relative to output_dir) and `scores` for every pair of the batches it is given, images of
     `image_hw` (height, width; None: any size), recording `settings` (JSON-able, e.g. the config and options the
-    images depend on) in sample_config.json."""
+    images depend on) in sample_config.json.
+
+    naming: {folder: name(source_name, target_name) -> file stem} for folders named otherwise than `pair_stem`
+    (FPDM's `<source>_2_<target>`, a reference folder of targets); scores are kept under pair_stem."""
 
     def __init__(self, output_dir: str, folders: Sequence[str], scores: Sequence[str] = (),
-                 image_hw: Optional[Tuple[int, int]] = None, settings: Optional[Mapping[str, Any]] = None):
+                 image_hw: Optional[Tuple[int, int]] = None, settings: Optional[Mapping[str, Any]] = None,
+                 naming: Mapping[str, Callable[[Any, Any], str]] = ()):
         self.output_dir, self.folders, self.scores = output_dir, tuple(folders), tuple(scores)
         self.image_hw, self.settings = image_hw, dict(settings or {})
+        self.naming = dict(naming)
         self.scores_path = os.path.join(output_dir, f"scores.{jax.process_index()}.json")
+
+    def _names(self, folder: str, batch, real) -> list:
+        name = self.naming.get(folder, pair_stem)
+        return [name(s, t) for s, t, r in zip(batch["source_name"], batch["target_name"], real) if r]
 
     def _recorded_scores(self) -> Dict[str, Dict[str, float]]:
         if not os.path.exists(self.scores_path):
@@ -155,11 +165,14 @@ class SplitSampler:
     def _intact(self, path: str) -> bool:
         return intact_image(path, self.image_hw)
 
-    def _finished(self, names, scores) -> Tuple[bool, int]:
-        """(every image of `names` intact and every score recorded, the count of images there but broken)."""
-        paths = [os.path.join(self.output_dir, folder, f"{name}.png") for folder in self.folders for name in names]
+    def _finished(self, batch, real, scores) -> Tuple[bool, int]:
+        """(every image of the batch's real pairs intact and every score recorded, the count of images there but
+        broken)."""
+        paths = [os.path.join(self.output_dir, folder, f"{name}.png") for folder in self.folders
+                 for name in self._names(folder, batch, real)]
         broken = sum(1 for path in paths if os.path.exists(path) and not self._intact(path))
         images = not broken and all(os.path.exists(path) for path in paths)
+        names = self._names("", batch, real)
         return images and all(name in scores[score] for score in self.scores for name in names), broken
 
     def run(self, batches: Iterable[Mapping[str, Any]], generate: Callable[[Mapping[str, Any], Any], Generated],
@@ -175,16 +188,17 @@ class SplitSampler:
         written = pairs = replaced = 0
         for index, batch in enumerate(batches):
             real = np.asarray(batch["mask"])
-            names = [pair_stem(s, t) for s, t, r in zip(batch["source_name"], batch["target_name"], real) if r]
+            names = self._names("", batch, real)
             pairs += len(names)
-            finished, broken = self._finished(names, scores)
+            finished, broken = self._finished(batch, real, scores)
             if finished:
                 continue
             replaced += broken
             out = generate(batch, jax.random.fold_in(rng, index))
             for folder in self.folders:
                 images = np.asarray(out.images[folder])[real]
-                written += save_images(os.path.join(self.output_dir, folder), names, images, keep=self._intact)
+                written += save_images(os.path.join(self.output_dir, folder), self._names(folder, batch, real),
+                                       images, keep=self._intact)
             if self.scores:
                 for score in self.scores:
                     scores[score].update((n, float(v)) for n, v in zip(names, np.asarray(out.scores[score])[real]))

@@ -23,24 +23,12 @@ import ml_collections
 import numpy as np
 
 from pgpis_jax import input_pipeline
+from pgpis_jax.methods.common.demo import build_data, save_grid, score, train_stage, uint8
 from pgpis_jax.methods.common.hosts import with_batch_size
 from pgpis_jax.methods.common.run import load_trained
-from pgpis_jax.methods.common.split_sampler import to_uint8
 from pgpis_jax.methods.pcdm import pipeline
 
 GRID_ROWS = 8
-
-
-def build_data(data_dir: str) -> None:
-    """synthetic_people/64x64_demo (320 train / 48 test identities) in data_dir, unless already prepared."""
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "data"))
-    from synthetic_people import synthetic_people_dataset_builder as module
-
-    builder = module.Builder(config="64x64_demo", data_dir=data_dir)
-    if not builder.is_prepared():
-        builder.download_and_prepare()
 
 
 def stage_config(name: str, data_dir: str, **data_options) -> ml_collections.ConfigDict:
@@ -50,25 +38,6 @@ def stage_config(name: str, data_dir: str, **data_options) -> ml_collections.Con
     config.data.data_dir = data_dir
     config.data.pipeline = dict(config.data.pipeline, **data_options)
     return config
-
-
-def train_stage(config, workdir: str) -> None:
-    from pgpis_jax import methods, trainer
-
-    started = time.time()
-    trainer.train(methods.get_method(config.method).build(config), config, workdir)
-    print(f"[demo] {config.method}: trained in {time.time() - started:.0f} s -> {workdir}", flush=True)
-
-
-def _uint8(images) -> np.ndarray:
-    return to_uint8(np.asarray(images))
-
-
-def score(predictions, targets) -> dict:
-    from pgpis_jax.metrics.ssim import psnr, ssim
-
-    return {"ssim": float(np.mean(ssim(predictions, targets, data_range=255))),
-            "psnr": float(np.mean(psnr(predictions, targets, data_range=255)))}
 
 
 def run(workdir: str, out_dir: str) -> dict:
@@ -97,11 +66,11 @@ def run(workdir: str, out_dir: str) -> dict:
         out, cosine = pipe.generate(batch, prior_inputs, jax.random.fold_in(jax.random.key(0), index))
         real = batch["mask"]
         half = batch["image"].shape[2] // 2
-        results["source"].append(_uint8(batch["image"][real, :, :half]))
-        results["target"].append(_uint8(batch["image"][real, :, half:]))
-        results["pose"].append(_uint8(batch["pose"][real, :, half:]))
-        results["stage2"].append(_uint8(out["stage2"])[real])
-        results["stage3"].append(_uint8(out["stage3"])[real])
+        results["source"].append(uint8(batch["image"][real, :, :half]))
+        results["target"].append(uint8(batch["image"][real, :, half:]))
+        results["pose"].append(uint8(batch["pose"][real, :, half:]))
+        results["stage2"].append(uint8(out["stage2"])[real])
+        results["stage3"].append(uint8(out["stage3"])[real])
         results["cosine"].append(np.asarray(cosine)[real])
     arrays = {k: np.concatenate(v) for k, v in results.items()}
     scores = {name: score(arrays[key], arrays["target"])
@@ -110,13 +79,8 @@ def run(workdir: str, out_dir: str) -> dict:
                "prior_cosine_similarity": float(np.mean(arrays["cosine"])), "test_pairs": int(len(arrays["target"])),
                "seconds": round(time.time() - started)}
     os.makedirs(out_dir, exist_ok=True)
-    rows = [np.concatenate([arrays[k][i] for k in ("source", "pose", "target", "stage2", "stage3")], axis=1)
-            for i in range(min(GRID_ROWS, len(arrays["target"])))]
-    from PIL import Image
-
-    grid = Image.fromarray(np.concatenate(rows, axis=0))
-    grid = grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST)
-    grid.save(os.path.join(out_dir, "grid.png"))
+    save_grid([arrays[k] for k in ("source", "pose", "target", "stage2", "stage3")], GRID_ROWS,
+              os.path.join(out_dir, "grid.png"))
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     print(json.dumps(metrics, indent=2), flush=True)
