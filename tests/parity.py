@@ -1,5 +1,5 @@
-"""What the PyTorch-parity tests share: torch's NCHW outputs in our NHWC layout, and the closeness check
-that prints the error it asserts on."""
+"""What the PyTorch-parity tests share: torch's NCHW outputs in our NHWC layout, NumPy/JAX inputs in torch's
+layout, and the closeness check that prints the error it asserts on."""
 
 import numpy as np
 import torch
@@ -10,6 +10,11 @@ TOLERANCE = 1e-4
 def nhwc(tensor: torch.Tensor) -> np.ndarray:
     """A torch [B, C, H, W] tensor as a NumPy [B, H, W, C] array."""
     return tensor.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def nchw(array) -> torch.Tensor:
+    """A NumPy or JAX [B, H, W, C] array as a torch [B, C, H, W] tensor."""
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(array).transpose(0, 3, 1, 2)))
 
 
 def check_close(actual, expected, label: str, tolerance: float = TOLERANCE) -> None:

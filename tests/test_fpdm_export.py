@@ -23,6 +23,7 @@ from pgpis_jax.methods.common import exporting, importing
 from pgpis_jax.methods.common.run import load_trained
 from pgpis_jax.methods.fpdm import sampling
 from pgpis_jax.methods.fpdm.formats import LIGHTNING_CHECKPOINT
+from tests.parity import nchw
 from tests.test_fpdm_methods import _write_keypoints, tiny_configs
 from tests.test_fpdm_models import (_DINOV2_4X_NAMES, TorchCombiner, TorchFusionMLP, TorchSourceProjector,
                                     _lightning_checkpoint, perturb, torch_fpdm_unet)
@@ -167,10 +168,6 @@ def _inputs(config, batch=2, seed=0):
             "target_pose_clip": rng.normal(size=(batch, clip, clip, 3)).astype(np.float32)}
 
 
-def _nchw(x):
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
-
-
 def _check(ours, theirs, label):
     error = float(np.abs(np.asarray(ours) - np.asarray(theirs)).max())
     print(f"{label}: max abs error {error:.2e} (scale {np.abs(np.asarray(theirs)).max():.2f})")
@@ -208,12 +205,12 @@ def test_diffusers_exports_reloaded_in_pytorch_equal_ours(released, tmp_path):
     latents = np.random.default_rng(1).normal(size=(2, 8, 8, stage.codec.channels)).astype(np.float32)
     timesteps = np.array([951, 1])
     with torch.no_grad():
-        fusion = combiner(clip(_nchw(batch["source_clip"])).image_embeds,
-                          clip(_nchw(batch["target_pose_clip"])).image_embeds)
-        context = projector(dino(_nchw(batch["source_dino"])).last_hidden_state)
-        features = pose(_nchw(batch["target_pose"]))
+        fusion = combiner(clip(nchw(batch["source_clip"])).image_embeds,
+                          clip(nchw(batch["target_pose_clip"])).image_embeds)
+        context = projector(dino(nchw(batch["source_dino"])).last_hidden_state)
+        features = pose(nchw(batch["target_pose"]))
         handle = unet.conv_in.register_forward_hook(lambda module, args, out: out + features)
-        expected = unet(_nchw(latents), torch.from_numpy(timesteps), encoder_hidden_states=context,
+        expected = unet(nchw(latents), torch.from_numpy(timesteps), encoder_hidden_states=context,
                         class_labels=fusion).sample.numpy().transpose(0, 2, 3, 1)
         handle.remove()
     ours = stage.conditions(params, batch)
@@ -232,8 +229,8 @@ def test_diffusers_exports_reloaded_in_pytorch_equal_ours(released, tmp_path):
                              config1.model.combiner.hidden_dim).eval()
     combiner.load_state_dict(load_file(os.path.join(output, "combiner.safetensors")), strict=True)
     with torch.no_grad():
-        expected = combiner(clip(_nchw(batch["source_clip"])).image_embeds,
-                            clip(_nchw(batch["target_pose_clip"])).image_embeds).numpy()
+        expected = combiner(clip(nchw(batch["source_clip"])).image_embeds,
+                            clip(nchw(batch["target_pose_clip"])).image_embeds).numpy()
     from pgpis_jax.methods.fpdm.fusion import fusion_vector
 
     _, _, fused = fusion_vector(stage1.method.clip.module, stage1.method.combiner, stage1.params,

@@ -12,7 +12,8 @@ import torch
 from pgpis_jax.errors import UserError
 from pgpis_jax.weights.pcdm_checkpoint import (DEEPSPEED_MODEL_STATES, load_pcdm_checkpoint,
                                                resolve_checkpoint_file, save_pcdm_checkpoint)
-from tests.test_pcdm_models import (TINY_PRIOR, TINY_PROJECTOR, TorchPrior, _jit, _nchw, _nhwc, tiny_modules,
+from tests.parity import nchw, nhwc
+from tests.test_pcdm_models import (TINY_PRIOR, TINY_PROJECTOR, TorchPrior, _jit, tiny_modules,
                                     tiny_torch_prior, tiny_torch_stage)
 
 
@@ -198,7 +199,7 @@ def test_exported_stage_2_loads_strictly_into_torch_and_computes_the_same(tmp_pa
     pose = np.random.default_rng(0).uniform(-1, 1, (2, 24, 16, 3)).astype(np.float32)
     tokens = np.random.default_rng(1).normal(size=(2, 5, TINY_PROJECTOR["in_features"])).astype(np.float32)
     with torch.no_grad():
-        torch_pose = _nhwc(reference.pose_proj(_nchw(pose)))
+        torch_pose = nhwc(reference.pose_proj(nchw(pose)))
         torch_tokens = reference.image_proj_model_p(torch.from_numpy(tokens)).numpy()
     np.testing.assert_allclose(_jit(modules["pose_proj"])({"params": params["pose_proj"]}, pose), torch_pose,
                                atol=1e-5)

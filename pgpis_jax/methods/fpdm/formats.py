@@ -79,7 +79,7 @@ def _write_fusion_original(trained, directory: str) -> Dict[str, str]:
                                   "same CLIP, combiner; float32)"}
 
 
-def _read_fusion_original(path: str, abstract_params) -> Dict[str, object]:
+def _read_fusion_original(path: str, abstract_params, method) -> Dict[str, object]:
     return fpdm_checkpoint.load_fusion_checkpoint(path, _fusion_subtrees(abstract_params))
 
 
@@ -138,7 +138,7 @@ def _write_diffusion_original(trained, directory: str) -> Dict[str, str]:
     return {LIGHTNING_CHECKPOINT: f"FPDM stage-2 Lightning checkpoint ({held}; float32)"}
 
 
-def _read_diffusion_original(path: str, abstract_params) -> Dict[str, object]:
+def _read_diffusion_original(path: str, abstract_params, method) -> Dict[str, object]:
     return fpdm_checkpoint.load_diffusion_checkpoint(path, abstract_params)
 
 
