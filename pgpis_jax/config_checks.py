@@ -126,7 +126,7 @@ def _component_problems(config) -> List[str]:
 
 def _batch_problems(config) -> List[str]:
     """batch_size over the processes, the batch-axis devices and the accumulation steps (the mesh is built from
-    config.mesh over this machine's devices, after jax.distributed is initialised where the config asks)."""
+    config.mesh over this machine's devices; `problems` has initialised jax.distributed where the config asks)."""
     if lookup(config, "mesh") is MISSING or lookup(config, "batch_size") is MISSING:
         return []
     batch = config.batch_size
@@ -137,8 +137,6 @@ def _batch_problems(config) -> List[str]:
     from pgpis_jax.trainer import mesh as mesh_lib
     from pgpis_jax.trainer import step
 
-    if lookup(config, "distributed") is not MISSING:
-        mesh_lib.maybe_initialize_distributed(config)
     processes = jax.process_count()
     if batch % processes:
         return [f"config.batch_size={batch}: expected a multiple of the {processes} processes"]
@@ -153,7 +151,12 @@ def _batch_problems(config) -> List[str]:
 
 
 def problems(config) -> List[str]:
-    """Every problem of `config` found by the checks in the module docstring."""
+    """Every problem of `config` found by the checks in the module docstring. Initialises jax.distributed first
+    where the config asks, since some checks start the JAX backend (which must come after it)."""
+    if lookup(config, "distributed") is not MISSING:
+        from pgpis_jax.trainer import mesh as mesh_lib
+
+        mesh_lib.maybe_initialize_distributed(config)
     return _range_problems(config) + _enum_problems(config) + _component_problems(config) + _batch_problems(config)
 
 

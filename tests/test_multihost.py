@@ -18,12 +18,6 @@ from tests.trainer_utils import committed_steps, logged_steps, max_abs_diff
 
 TOY = "--config=configs/toy_denoiser.py:demo"
 
-# Before the reliability changes (issue 20) were merged, every test here but the PCDMs one passed; after the merge the
-# two-process toy run of the fsdp test wrote nothing (not yet investigated), so the module is opt-in until it is.
-pytestmark = pytest.mark.skipif(not os.environ.get("PGPIS_TEST_MULTIHOST"), reason=(
-    "set PGPIS_TEST_MULTIHOST=1: two-process runs broke when the reliability changes were merged (to investigate)"))
-
-
 def _losses(workdir):
     return {step: record["train/loss"] for step, record in logged_steps(str(workdir)).items()}
 
