@@ -30,6 +30,7 @@ from pgpis_jax.errors import UserError
 from pgpis_jax.methods.common import single_image
 from pgpis_jax.methods.common.hosts import with_batch_size
 from pgpis_jax.methods.common.run import Trained, load_trained
+from pgpis_jax.methods.common.sample_modes import is_split_mode
 from pgpis_jax.methods.common.split_sampler import SplitSampler, Generated, save_png_atomic
 from pgpis_jax.preprocessing import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,
                                      normalize_pixels)
@@ -133,20 +134,10 @@ def sample_command(workdir: str, config=None, split: Optional[str] = None, outpu
     """sample.py for FPDM: split mode (--split, --output_dir) or single mode (--source_image, --target_pose,
     --output). `config`: the stage-2 config with inference overrides (None: the run's own). Every flag is checked
     before anything is loaded or written."""
-    single = (source_image, target_pose, output)
-    if split is None and not any(single):
-        raise UserError("give --split and --output_dir (every pair of a split) or --source_image, --target_pose and "
-                        "--output (one image)")
-    if split is not None and any(single):
-        raise UserError("--split cannot be combined with --source_image / --target_pose / --output")
-    if split is not None and not output_dir:
-        raise UserError("--split needs --output_dir")
-    if split is None and not all(single):
-        raise UserError("single mode needs --source_image, --target_pose and --output")
-    if split is None and os.path.exists(output):
-        raise UserError(f"--output={output} exists; choose a new file (outputs are never overwritten)")
+    split_mode = is_split_mode(split, output_dir, dict(source_image=source_image, target_pose=target_pose,
+                                                       output=output))
     sampler = FPDMSampler(load_trained(workdir, ("fpdm",), config))
-    if split is None:
+    if not split_mode:
         sampler.run_single(source_image, target_pose, output)
         print(f"wrote {output}", flush=True)
         return None

@@ -47,6 +47,7 @@ from pgpis_jax.errors import UserError
 from pgpis_jax.methods.common import single_image
 from pgpis_jax.methods.common.hosts import with_batch_size
 from pgpis_jax.methods.common.run import Trained, inference_config, load_trained, saved_config
+from pgpis_jax.methods.common.sample_modes import is_split_mode
 from pgpis_jax.methods.common.split_sampler import (Generated, SplitSampler, candidate_folders, check_settings,
                                                     oracle_best_of, save_png_atomic)
 from pgpis_jax.methods.common.stage import check_same_data
@@ -294,25 +295,15 @@ def sample_command(workdir: str, config=None, ablation: Optional[str] = None, pr
     pose keypoints outside the photo). `config`: the stage-2 config with inference overrides (None: the run's own).
     Every flag and input file is checked before anything is loaded or written. Returns split mode's results (also
     written by process 0 to output_dir/results.json)."""
-    single = (source_image, source_pose, target_pose, output)
-    if split is None and not any(single):
-        raise UserError("give --split and --output_dir (every pair of a split) or --source_image, --source_pose, "
-                        "--target_pose and --output (one image)")
-    if split is not None and any(single):
-        raise UserError("--split cannot be combined with --source_image / --source_pose / --target_pose / --output")
-    if split is None and best_of != 1:
+    split_mode = is_split_mode(split, output_dir, dict(source_image=source_image, source_pose=source_pose,
+                                                       target_pose=target_pose, output=output))
+    if not split_mode and best_of != 1:
         raise UserError("--best_of selects by SSIM against the ground truth, which only split mode has")
-    if split is not None and not output_dir:
-        raise UserError("--split needs --output_dir")
-    if split is None and not all(single):
-        raise UserError("single mode needs --source_image, --source_pose, --target_pose and --output")
-    if split is None and os.path.exists(output):
-        raise UserError(f"--output={output} exists; choose a new file (outputs are never overwritten)")
     if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch_size={batch_size}: expected a positive number of pairs")
     ablation = ablation or _default_ablation(prior_workdir, refine_workdir)
     check_stages(ablation, bool(prior_workdir), bool(refine_workdir))
-    if split is None:
+    if not split_mode:
         config_checks.check_writable_directory(os.path.dirname(os.path.abspath(output)), "--output's folder")
         inputs = single_image.read_inputs(source_image, source_pose, target_pose, joints_outside_image)
         if "prior" in _NEEDS[ablation] and (inputs.source.keypoints is None or inputs.target.keypoints is None):
