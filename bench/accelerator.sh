@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The accelerator checks in one command, for the first time a GPU or TPU is at hand (issue 19, item 6):
+#   1. the device (nvidia-smi where there is one, jax.devices());
+#   2. the parity tests of the fused attention kernels against XLA's einsum (cuDNN flash on GPUs, splash on TPUs);
+#   3. bench/unet_train_step.py --preset=pcdm: our UNet training step and forward pass against diffusers' PyTorch
+#      UNet at PCDMs stage-2 shapes in bf16, in the same run on the same device;
+#   4. bench/attention_memory.py in bf16 at the 512x352 stage-2 canvas: compiled temp memory per kernel.
+# Every step's output goes to <out>/accelerator.log; the script then appends a dated section with it to
+# bench/RESULTS.md and copies that file to <out>. <out> is $OUT where set (the device tool), else
+# bench/accelerator_out. Each step has its own time limit, so the whole run stays under 10 minutes.
+#
+#   bash bench/accelerator.sh                                 # on a machine with jax[cuda] or jax[tpu], torch, diffusers
+#   UNET_PRESET=small ATTENTION_TOKENS=1024 bash bench/accelerator.sh  # a dry run of the script on a CPU
+#
+# Packages missing there (diffusers, importlib_metadata on this workplace's GPU machine) are installed from .whl/
+# when that folder holds wheels: bench/accelerator_wheels.sh downloads them on a machine with network.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-bench/accelerator_out}
+mkdir -p "$out"
+log=$out/accelerator.log
+: >"$log"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/accelerator_site \
+    .whl/*.whl || { echo "bench/accelerator.sh: installing the wheels in .whl/ failed" >&2; exit 1; }
+  export PYTHONPATH=/tmp/accelerator_site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+backend=$($python -c "import jax; print(jax.default_backend())") || { echo "bench/accelerator.sh: jax does not import" >&2; exit 1; }
+export JAX_PLATFORMS=$backend   # tests/conftest.py would pick the CPU otherwise
+failed=0
+
+step() {   # step <title> <seconds> <command...>: runs it with a time limit, its output into the log
+  local title=$1 limit=$2
+  shift 2
+  echo "### $title" | tee -a "$log"
+  echo '```' >>"$log"
+  timeout "$limit" "$@" 2>&1 | tee -a "$log"
+  local status=${PIPESTATUS[0]}
+  echo '```' >>"$log"
+  [ "$status" -eq 0 ] || { echo "(exit status $status)" | tee -a "$log"; failed=1; }
+}
+
+step "device" 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; \
+  $python -c 'import jax; print(jax.__version__, jax.devices())'"
+step "fused attention parity (tests)" 240 $python -m pytest -q -p no:cacheprovider -rs \
+  tests/test_attention_kernels.py tests/test_nn_blocks.py tests/test_swin.py -k "cudnn or splash or auto"
+step "UNet training step vs PyTorch, preset ${UNET_PRESET:-pcdm} (pcdm: PCDMs stage-2 shapes, bf16)" 300 \
+  $python bench/unet_train_step.py --preset="${UNET_PRESET:-pcdm}"
+step "attention memory per kernel, ${ATTENTION_TOKENS:-5632} tokens (5632: the 512x352 stage-2 canvas), bf16" 120 \
+  $python bench/attention_memory.py --dtype=bfloat16 --tokens="${ATTENTION_TOKENS:-5632}"
+
+{
+  echo
+  echo "## bench/accelerator.sh, $(date -u +%Y-%m-%d) ($backend)"
+  echo
+  cat "$log"
+} >>bench/RESULTS.md
+cp bench/RESULTS.md "$out/RESULTS.md"
+echo "appended to bench/RESULTS.md (a copy in $out/RESULTS.md); log: $log"
+exit $failed
