@@ -246,3 +246,19 @@ def test_checkpoint_bytes_match_the_saved_files(run):
     for item, raw in list(per_step.items()) + [("frozen_params", frozen)]:
         on_disk = _du(workdir / item) if item == "frozen_params" else _du(workdir / "checkpoints" / "10" / item)
         assert 0.95 * raw <= on_disk <= raw + 48 * 1024, (item, raw, on_disk)
+
+
+def test_readers_of_a_multi_host_run_are_launched_by_their_own_flags(tmp_path):
+    """A run trained by 2 processes saved their coordinator; sample.py / eval.py (run_config) and load_trained
+    (inference_config) read it as one process instead of waiting for that coordinator."""
+    from pgpis_jax import run_config
+    from pgpis_jax.methods.common import run as run_lib
+
+    saved = _config()
+    saved.distributed.update(initialize=True, coordinator_address="127.0.0.1:1", num_processes=2, process_id=1)
+    (tmp_path / "config.json").write_text(saved.to_json())
+    single = {"initialize": False, "coordinator_address": "", "num_processes": 0, "process_id": -1}
+    for config in (run_config.get_config(str(tmp_path)), run_lib.inference_config(str(tmp_path))):
+        assert config.distributed.to_dict() == single
+        rest = {k: v for k, v in config.to_dict().items() if k != "distributed"}
+        assert rest == {k: v for k, v in json.loads(saved.to_json()).items() if k != "distributed"}

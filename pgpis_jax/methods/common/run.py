@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence
 
 import ml_collections
 
+from pgpis_jax import run_config
 from pgpis_jax.errors import UserError
 from pgpis_jax.methods.common.stage import NETWORKS_FILE
 from pgpis_jax.trainer.checkpoints import INFERENCE_KEYS, differing_keys, key_in
@@ -63,11 +64,11 @@ def recorded_networks(workdir: str) -> dict:
 
 
 def inference_config(workdir: str, config: Optional[ml_collections.ConfigDict] = None) -> ml_collections.ConfigDict:
-    """The run's saved config, or `config` when it differs from the saved one in inference settings only (else a
-    UserError naming the keys)."""
+    """The run's saved config (launched as one process: run_config.without_launch_settings), or `config` when it
+    differs from the saved one in inference settings only (else a UserError naming the keys)."""
     saved = saved_config(workdir)
     if config is None:
-        return saved
+        return run_config.without_launch_settings(saved)
     given = json.loads(config.to_json_best_effort())
     fixed = [k for k in differing_keys(saved.to_dict(), given) if not key_in(k, INFERENCE_KEYS)]
     if fixed:
