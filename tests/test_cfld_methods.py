@@ -2,7 +2,7 @@
 Table 1, and a tiny run trained two steps in process: only the up-block attn2.to_k / to_v train inside the UNet,
 the training batch is the self-reconstruction batch with cubic timesteps and the learned null prompt as condition
 dropout (checked against closed forms on a recorded UNet call), cumulative guidance against separately computed
-branches, and sample.py on the run directory."""
+branches, sample.py on the run directory and the appearance editing modes."""
 
 import json
 import os
@@ -43,7 +43,9 @@ def test_parameter_report_gives_table_1_exactly():
 
 def tiny_config(data_dir=""):
     """configs/cfld.py:demo shrunk for 2-step runs: a two-level 32-channel UNet (one cross-attention up block of
-    two transformers, one adapter residual), a two-stage Swin, one-block PRD and HGA, 2 sampling steps."""
+    two transformers, one adapter residual), a two-stage Swin, one-block PRD and HGA, 2 sampling steps; CFLD's
+    epsilon prediction, DDPM sampling with Eq. 7 guidance and trained parameters (the demo trains its whole random
+    UNet and samples unguided)."""
     from configs import cfld
 
     config = cfld.get_config("demo")
@@ -59,6 +61,11 @@ def tiny_config(data_dir=""):
     m.appearance_encoder = cfld.hga((16, 16), (16, 16), (1, 1), (32, 32), depth=1, block_indices=(1, 0))
     m.pose_encoder.update(in_channels=32, channels=(32,))
     m.decoder.update(depth=1)
+    full_size = cfld.get_config()
+    config.diffusion.train_scheduler = full_size.diffusion.train_scheduler
+    config.sampling.scheduler = full_size.sampling.scheduler
+    config.sampling.guidance = full_size.sampling.guidance
+    config.param_groups.trainable = cfld.trainable(config, "")
     return config
 
 
@@ -235,3 +242,71 @@ def test_sample_py_on_the_run_directory(run, tmp_path):
     images = np.stack([np.asarray(Image.open(out / "cfld" / name)) for name in names[:8]])
     assert images.shape == (8, 64, 64, 3) and images.std() > 0
     assert listing(run) == before
+
+
+def _write_keypoints(path, shift):
+    """An 18-line `x y` keypoint file of a standing figure in a 64 x 64 image, moved right by `shift` pixels."""
+    points = np.array([[32, 10], [32, 18], [24, 18], [22, 28], [20, 36], [40, 18], [42, 28], [44, 36], [27, 38],
+                       [27, 48], [27, 58], [37, 38], [37, 48], [37, 58], [30, 8], [34, 8], [28, 9], [36, 9]], float)
+    np.savetxt(path, points + [shift, 0])
+
+
+def test_appearance_editing_interpolation_ends_and_masked_style_transfer(run, tmp_path):
+    """Style interpolation: weight 0 is plain sampling of source A, weight 1 of source B, 0.5 neither. Masked style
+    transfer: an all-white mask is plain sampling in the reference's pose; where the mask is black every step
+    denoises to the reference latent, so those 8x8 blocks decode to the reference's own code (the DCT code decodes
+    block by block), the white half does not. sample.py's editing mode writes one image per weight side by side."""
+    from PIL import Image
+
+    from pgpis_jax.methods.cfld import pipeline
+
+    trained = pipeline.load_trained(run, ("cfld",))
+    pipe = pipeline.CFLDPipeline(trained)
+    params, codec = trained.params, trained.method.codec
+    rng = np.random.default_rng(4)
+    for name in ("a", "b", "ref"):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), np.uint8)).save(tmp_path / f"{name}.png")
+    _write_keypoints(tmp_path / "pose.txt", 4)
+    a = pipe.single_inputs(str(tmp_path / "a.png"), str(tmp_path / "pose.txt"))
+    b = pipe.single_inputs(str(tmp_path / "b.png"), str(tmp_path / "pose.txt"))
+    plain = {name: np.asarray(pipe._generate(params, x["condition_image"], x["target_pose"], pipe.rng))
+             for name, x in (("a", a), ("b", b))}
+    assert np.abs(plain["a"] - plain["b"]).max() > 1e-2
+    mixed = {w: np.asarray(pipe.interpolated(params, a["condition_image"], b["condition_image"], np.float32(w),
+                                             a["target_pose"], pipe.rng)) for w in (0.0, 0.5, 1.0)}
+    np.testing.assert_allclose(mixed[0.0], plain["a"], atol=1e-5)
+    np.testing.assert_allclose(mixed[1.0], plain["b"], atol=1e-5)
+    assert min(np.abs(mixed[0.5] - plain[k]).max() for k in "ab") > 1e-3
+
+    reference = pipeline._resized(np.asarray(Image.open(tmp_path / "ref.png")), (64, 64))
+    own_code = np.clip(np.asarray(codec.decode(None, codec.latent(codec.moments(None, reference)[0], None, None))),
+                       -1, 1)
+    half = np.zeros((1, 8, 8, 1), np.float32)
+    half[:, :, 4:] = 1.0
+    outputs = {name: np.asarray(pipe.transferred(params, a["condition_image"], a["target_pose"], reference, mask,
+                                                 pipe.rng))
+               for name, mask in (("white", np.ones_like(half)), ("half", half))}
+    np.testing.assert_allclose(outputs["white"], plain["a"], atol=1e-5)
+    np.testing.assert_allclose(outputs["half"][:, :, :32], own_code[:, :, :32], atol=1e-4)
+    assert np.abs(outputs["half"][:, :, 32:] - own_code[:, :, 32:]).max() > 0.1
+
+    before = listing(run)
+    pipeline.sample_command(run, source_image=str(tmp_path / "a.png"), target_pose=str(tmp_path / "pose.txt"),
+                            output=str(tmp_path / "strip.png"), style_image=str(tmp_path / "b.png"),
+                            interpolation="0,0.5,1")
+    strip = np.asarray(Image.open(tmp_path / "strip.png"))
+    assert strip.shape == (64, 3 * 64, 3)
+    levels = np.asarray(pipeline.to_output(plain["a"], (64, 64))[0] * 127.5 + 127.5).round()
+    difference = np.abs(strip[:, :64].astype(np.float64) - levels)   # truncation may flip a level at 1e-5
+    assert difference.max() <= 1 and difference.mean() < 0.01
+    Image.fromarray((np.broadcast_to(half[0, :, :, :1], (8, 8, 3)) * 255).astype(np.uint8)).resize(
+        (64, 64), Image.NEAREST).save(tmp_path / "mask.png")
+    np.testing.assert_array_equal(pipeline._mask_weights(str(tmp_path / "mask.png"), (8, 8)), half)
+    with pytest.raises(pipeline.UserError, match="masked style transfer needs --reference_image and --mask"):
+        pipeline.sample_command(run, source_image=str(tmp_path / "a.png"), target_pose=str(tmp_path / "pose.txt"),
+                                output=str(tmp_path / "t.png"), mask=str(tmp_path / "mask.png"))
+    with pytest.raises(pipeline.UserError, match="--interpolation=0,x"):
+        pipeline.sample_command(run, source_image=str(tmp_path / "a.png"), target_pose=str(tmp_path / "pose.txt"),
+                                output=str(tmp_path / "t.png"), style_image=str(tmp_path / "b.png"),
+                                interpolation="0,x")
+    assert not (tmp_path / "t.png").exists() and listing(run) == before
