@@ -7,8 +7,9 @@ INSTALLED := $(VENV)/.installed
 TEST_WORKERS ?= 2
 DEMO_WORKDIR ?= runs/pcdm_demo
 FPDM_DEMO_WORKDIR ?= runs/fpdm_demo
+CFLD_DEMO_WORKDIR ?= runs/cfld_demo
 
-.PHONY: install demo demo-fpdm toy-demo test clean
+.PHONY: install demo demo-fpdm demo-cfld toy-demo test clean
 
 install: $(INSTALLED)
 
@@ -28,6 +29,10 @@ demo: $(INSTALLED)
 # FPDM end to end on synthetic people (two tiny stages, then the test pairs): demo_out/fpdm/grid.png, metrics.json.
 demo-fpdm: $(INSTALLED)
 	$(PY) demo.py --config=configs/fpdm_diffusion.py:demo --workdir=$(FPDM_DEMO_WORKDIR) --output_dir=demo_out/fpdm
+
+# CFLD end to end on synthetic people (one tiny stage, then the test pairs): demo_out/cfld/grid.png, metrics.json.
+demo-cfld: $(INSTALLED)
+	$(PY) demo.py --config=configs/cfld.py:demo --workdir=$(CFLD_DEMO_WORKDIR) --output_dir=demo_out/cfld
 
 # Every sampler of the diffusion core on a 2-D Gaussian mixture with its exact denoiser (seconds).
 toy-demo: $(INSTALLED)

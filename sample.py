@@ -9,6 +9,12 @@ PCDMs (--workdir is the stage-2 run; see pgpis_jax/methods/pcdm/pipeline.py for 
     python sample.py --workdir=runs/pcdm_inpaint --prior_workdir=... --refine_workdir=... \
         --source_image=a.png --source_pose=a.txt --target_pose=b.txt --output=b_pred.png
 
+CFLD (pgpis_jax/methods/cfld/pipeline.py; also the appearance editing modes --style_image / --interpolation and
+--reference_image / --mask):
+
+    python sample.py --workdir=runs/cfld --split=test --output_dir=out/test
+    python sample.py --workdir=runs/cfld --source_image=a.png --target_pose=b.txt --output=b_pred.png
+
 The toy denoiser: python sample.py --workdir=runs/toy --output_dir=out/toy (a grid of samples).
 """
 
@@ -33,6 +39,13 @@ _FLAGS = {
     "source_pose": flags.DEFINE_string("source_pose", None, "Single mode: 18-line 'x y' keypoints or a pose image."),
     "target_pose": flags.DEFINE_string("target_pose", None, "Single mode: 18-line 'x y' keypoints or a pose image."),
     "output": flags.DEFINE_string("output", None, "Single mode: the output PNG."),
+    "style_image": flags.DEFINE_string("style_image", None, "CFLD style interpolation: the second appearance."),
+    "interpolation": flags.DEFINE_string("interpolation", None, "CFLD style interpolation: weights of the style "
+                                         "image, e.g. 0,0.5,1 (one image each, side by side)."),
+    "reference_image": flags.DEFINE_string("reference_image", None, "CFLD masked style transfer: the image kept "
+                                           "outside the mask (--target_pose: its keypoints)."),
+    "mask": flags.DEFINE_string("mask", None, "CFLD masked style transfer: white where the source's appearance is "
+                                "generated."),
     "joints_outside_image": flags.DEFINE_enum("joints_outside_image", "error", ["error", "clip", "drop"],
                                               "Single mode: a pose keypoint outside the source photo is an error, "
                                               "or is clipped to the nearest pixel inside, or dropped (missing); "

@@ -4,7 +4,9 @@
 
 Prints the parameters of every top-level network (all and trainable), the trainable and frozen totals and the bytes
 of one checkpoint step in the configured dtypes; with --json as {"networks": {name: count}, "trainable_networks":
-{...}, "trainable": n, "frozen": n, "checkpoint_bytes": {...}, "dtypes": {...}, "method": ..., "config": ...}.
+{...}, "trainable": n, "frozen": n, "checkpoint_bytes": {...}, "dtypes": {...}, "method": ..., "config": ...}, and for a
+method that names groups of networks as its paper counts them (PARAMETER_GROUPS, e.g. CFLD's PRD = decoder + null
+prompt) "groups": {label: {"parameters": n, "trainable": n}}.
 Pretrained networks named by hub id are built from their published configs (pgpis_jax/weights/published.py), or
 from the config.json of a local directory. Training logs the same table when it starts.
 """
@@ -28,7 +30,13 @@ def config_report(config) -> dict:
     """The parameter report (trainer/report.py) of the stage `config` trains, built without weights or data."""
     method = methods.get_method(config.method).build(config, saved_networks=DeclaredNetworks(config))
     s = loop.setup(method, config, mesh_lib.make_mesh(config))
-    return {"method": config.method, **report_lib.parameter_report(s)}
+    report = {"method": config.method, **report_lib.parameter_report(s)}
+    groups = getattr(method, "PARAMETER_GROUPS", {})
+    if groups:
+        report["groups"] = {label: {kind: sum(report[key].get(name, 0) for name in names)
+                                    for kind, key in (("parameters", "networks"), ("trainable", "trainable_networks"))}
+                            for label, names in groups.items()}
+    return report
 
 
 def main(config) -> None:
@@ -38,6 +46,8 @@ def main(config) -> None:
     else:
         print(f"{report['method']} ({flags.FLAGS[cli.CONFIG_FLAG].config_filename})")
         print(report_lib.format_report(report))
+        for label, counts in report.get("groups", {}).items():
+            print(f"{label}: {counts['parameters']:,} parameters, {counts['trainable']:,} trainable")
 
 
 if __name__ == "__main__":

@@ -273,10 +273,10 @@ class TorchBuildModel(torch.nn.Module):
     """The original's build_model container (the layout of pytorch_model.bin); forward as in its eval mode, without
     the null prompt: (c, pose residuals, {block key: query bias})."""
 
-    def __init__(self, swin, hga, pose, prd):
+    def __init__(self, swin, hga, pose, prd, block_indices=HGA_BLOCK_INDICES):
         super().__init__()
         self.backbone = TorchSwin(**swin)
-        self.appearance_encoder = TorchAppearanceEncoder(HGA_BLOCK_INDICES, **hga)
+        self.appearance_encoder = TorchAppearanceEncoder(block_indices, **hga)
         self.pose_encoder = TorchPoseEncoder(**pose)
         last = swin["image_size"] // swin["patch_size"] // 2 ** (len(swin["depths"]) - 1)
         self.decoder = TorchDecoder(**prd, kv_tokens=last * last,

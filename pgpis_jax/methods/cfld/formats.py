@@ -33,7 +33,7 @@ def _conditioner_state(trained) -> Dict[str, np.ndarray]:
 def _torch_save(state: Dict[str, np.ndarray], path: str) -> None:
     import torch
 
-    torch.save({key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in state.items()}, path)
+    torch.save({key: torch.from_numpy(np.array(value)) for key, value in state.items()}, path)
 
 
 def _write_original(trained, directory: str) -> Dict[str, str]:

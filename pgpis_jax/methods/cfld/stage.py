@@ -18,7 +18,9 @@ Training step (cfld batches, pgpis_jax/input_pipeline.py), per pair of source s 
 
 Sampling (`generate`): the condition image's prompt and biases, the target pose's residuals; cumulative guidance
 (Eq. 7) over three branches (null prompt, no pose, no biases | null prompt, pose, no biases | all) batched in one
-UNet call; then decoded. The 512 -> 256x176 resize and uint8 truncation are in pipeline.py.
+UNet call; then decoded. The 512 -> 256x176 resize and uint8 truncation are in pipeline.py. Appearance editing
+(Sec. 4.6, pipeline.py): `generate_from_appearance` takes interpolated prompts and biases; `keep` holds a reference
+latent outside a mask (masked style transfer).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pgpis_jax import input_pipeline
-from pgpis_jax.diffusion import guidance
+from pgpis_jax.diffusion import forward, guidance
 from pgpis_jax.errors import UserError
 from pgpis_jax.methods.cfld import formats, pipeline
 from pgpis_jax.methods.common import latents
@@ -57,6 +59,9 @@ class CFLD(Stage):
     FROZEN = ("vae",)
     INPUTS = ("source_image", "target_image", "condition_image", "source_pose", "target_pose")
     LAYOUTS = ("cfld",)
+    # The rows of the paper's Table 1 (the parameter report's "groups"): the PRD with its learned null prompt.
+    PARAMETER_GROUPS = {"Swin-B": ("backbone",), "HGA": ("appearance_encoder",),
+                        "PRD": ("decoder", "learnable_vector"), "pose adapter": ("pose_encoder",), "UNet": ("unet",)}
 
     def __init__(self, config, saved_networks=None, needs_data=True):
         if config.data.get("features_dir"):
@@ -171,26 +176,54 @@ class CFLD(Stage):
             return [full], None
         raise UserError(f"config.sampling.guidance={kind!r}; expected one of {', '.join(GUIDANCE)}")
 
-    def sample_latents(self, params, conditions, combine, rng, num_inference_steps: int):
-        """Latents x0 [B, h, w, C] sampled with guidance over `conditions` (see branches)."""
+    def sample_latents(self, params, conditions, combine, rng, num_inference_steps: int, keep=None):
+        """Latents x0 [B, h, w, C] sampled with guidance over `conditions` (see branches). keep = (reference
+        latents z0 [B, h, w, C], mask [B, h, w, 1] in [0, 1]): masked style transfer (Sec. 4.6), where outside the
+        mask every step's prediction is the one that denoises x_t to the reference, (1 - m) pred(z0_ref) + m pred."""
         noise_key, step_key = jax.random.split(rng)
         batch = conditions[0][0].shape[0]
         model_fn = guidance.guided(lambda x, t, c: self.denoise(params, x, t, c), conditions, combine)
+        if keep is not None:
+            model_fn = self._keep_reference(model_fn, *keep)
         shape = (batch, self.latent_size, self.latent_size, self.codec.channels)
         x_T = jax.random.normal(noise_key, shape, jnp.float32)
         return self.objective.sampler.sample(model_fn, x_T, step_key, num_inference_steps=num_inference_steps)
 
-    def generate(self, params, condition_image, target_pose, rng, sampling) -> jax.Array:
-        """Generated images [B, S, S, 3] in [-1, 1] (clipped; S = the training image size) of condition images
-        [B, C, C, 3] in [-1, 1] and target pose maps [B, P, P, 21] with the settings `sampling` (num_inference_steps,
-        guidance, pose_scale, appearance_scale)."""
-        prompt, biases = self.encode_appearance(params, condition_image)
+    def _keep_reference(self, model_fn, reference, mask):
+        """model_fn with its prediction outside `mask` replaced by the one of x0 = reference at (x_t, t): the noise
+        x_t holds relative to the reference, in the objective's prediction type."""
+        alphas_cumprod = self.objective.alphas_cumprod
+        prediction_type = self.objective.prediction_type
+
+        def keeping(x, t):
+            steps = jnp.broadcast_to(t, x.shape[:1])
+            abar = jnp.asarray(alphas_cumprod, jnp.float32)[steps].reshape(-1, 1, 1, 1)
+            noise = (x - jnp.sqrt(abar) * reference) / jnp.sqrt(1.0 - abar)
+            kept = forward.training_target(prediction_type, alphas_cumprod, reference, noise, steps)
+            return mask * model_fn(x, t) + (1.0 - mask) * kept
+
+        return keeping
+
+    def generate_from_appearance(self, params, prompt, biases, target_pose, rng, sampling, keep=None) -> jax.Array:
+        """Generated images [B, S, S, 3] in [-1, 1] (clipped; S = the training image size) of an appearance (prompt
+        [B, Q, width], HGA biases or None, as encode_appearance gives them) and target pose maps [B, P, P, 21] with
+        the settings `sampling` (num_inference_steps, guidance, pose_scale, appearance_scale); keep: see
+        sample_latents."""
         pose_residuals = self.encode_pose(params, target_pose)
-        conditions, combine = self.branches(prompt, pose_residuals, biases,
-                                            self.null_prompt(params, condition_image.shape[0]), sampling.guidance,
-                                            float(sampling.pose_scale), float(sampling.appearance_scale))
-        x0 = self.sample_latents(params, conditions, combine, rng, int(sampling.num_inference_steps))
+        conditions, combine = self.branches(prompt, pose_residuals, biases, self.null_prompt(params, prompt.shape[0]),
+                                            sampling.guidance, float(sampling.pose_scale),
+                                            float(sampling.appearance_scale))
+        x0 = self.sample_latents(params, conditions, combine, rng, int(sampling.num_inference_steps), keep)
         return jnp.clip(self.codec.decode(params.get("vae"), x0), -1.0, 1.0)
+
+    def generate(self, params, condition_image, target_pose, rng, sampling, keep=None) -> jax.Array:
+        """generate_from_appearance for condition images [B, C, C, 3] in [-1, 1]."""
+        prompt, biases = self.encode_appearance(params, condition_image)
+        return self.generate_from_appearance(params, prompt, biases, target_pose, rng, sampling, keep)
+
+    def reference_latents(self, params, image, rng) -> jax.Array:
+        """z0 of masked style transfer: posterior samples (times the scaling) of images [B, S, S, 3] in [-1, 1]."""
+        return latents.encode_latents(self.codec, params.get("vae"), image, jax.random.split(rng, image.shape[0]))
 
     def preview_batch(self, num: int) -> Optional[Dict[str, np.ndarray]]:
         batch = first_test_examples(self.config, num)
