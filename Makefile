@@ -7,8 +7,9 @@ INSTALLED := $(VENV)/.installed
 TEST_WORKERS ?= 2
 DEMO_WORKDIR ?= runs/pcdm_demo
 FPDM_DEMO_WORKDIR ?= runs/fpdm_demo
+REPOSEDM_DEMO_WORKDIR ?= runs/reposedm_demo
 
-.PHONY: install demo demo-fpdm toy-demo test clean
+.PHONY: install demo demo-fpdm demo-reposedm toy-demo test clean
 
 install: $(INSTALLED)
 
@@ -28,6 +29,10 @@ demo: $(INSTALLED)
 # FPDM end to end on synthetic people (two tiny stages, then the test pairs): demo_out/fpdm/grid.png, metrics.json.
 demo-fpdm: $(INSTALLED)
 	$(PY) demo.py --config=configs/fpdm_diffusion.py:demo --workdir=$(FPDM_DEMO_WORKDIR) --output_dir=demo_out/fpdm
+
+# RePoseDM and B1 (PIDM) on synthetic people: demo_out/reposedm/grid.png, metrics.json.
+demo-reposedm: $(INSTALLED)
+	$(PY) demo.py --config=configs/reposedm.py:demo --workdir=$(REPOSEDM_DEMO_WORKDIR) --output_dir=demo_out/reposedm
 
 # Every sampler of the diffusion core on a 2-D Gaussian mixture with its exact denoiser (seconds).
 toy-demo: $(INSTALLED)

@@ -5,6 +5,8 @@
                                                                                   # PCDMs end to end (CPU)
     python demo.py --config=configs/fpdm_diffusion.py:demo --output_dir=demo_out/fpdm
                                                                                   # FPDM end to end (CPU)
+    python demo.py --config=configs/reposedm.py:demo --output_dir=demo_out/reposedm
+                                                                                  # RePoseDM and B1 (CPU)
 
 The method demos train into --workdir (default runs/pcdm_demo, runs/fpdm_demo) and reuse finished stages there.
 """
@@ -19,6 +21,7 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", "demo_out", "Method demos: where
 METHOD_DEMOS = {
     "pcdm_inpaint": ("configs/pcdm_inpaint.py:demo", "runs/pcdm_demo", "pgpis_jax.methods.pcdm.demo"),
     "fpdm": ("configs/fpdm_diffusion.py:demo", "runs/fpdm_demo", "pgpis_jax.methods.fpdm.demo"),
+    "reposedm": ("configs/reposedm.py:demo", "runs/reposedm_demo", "pgpis_jax.methods.reposedm.demo"),
 }
 
 

@@ -44,6 +44,7 @@ from pgpis_jax.errors import UserError
 from pgpis_jax.methods.base import scheduler_from_config
 from pgpis_jax.methods.common.objective import DiffusionObjective
 from pgpis_jax.methods.common.stage import Stage, dropped, first_test_examples, per_example_keys, zero_where
+from pgpis_jax.methods.reposedm import formats, sampling
 from pgpis_jax.models.heatmaps import HEATMAP_STRIDE, build_estimator, gaussian_heatmaps, pose_distance
 from pgpis_jax.models.pidm import PIDMUNet, pack_unet_input
 from pgpis_jax.models.reposedm import RecurrentPoseAlignment, warp
@@ -350,3 +351,9 @@ class RePoseDM(Stage):
 
 def build(config, saved_networks=None, needs_data=True) -> RePoseDM:
     return RePoseDM(config, saved_networks, needs_data)
+
+
+# sample.py, eval.py and export.py (pgpis_jax/methods/reposedm/sampling.py, formats.py)
+FORMATS = formats.FORMATS
+sample = sampling.sample_command
+eval = sampling.evaluate_command  # noqa: A001 - the entry points call method.eval
