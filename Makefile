@@ -8,8 +8,9 @@ TEST_WORKERS ?= 2
 DEMO_WORKDIR ?= runs/pcdm_demo
 FPDM_DEMO_WORKDIR ?= runs/fpdm_demo
 CFLD_DEMO_WORKDIR ?= runs/cfld_demo
+REPOSEDM_DEMO_WORKDIR ?= runs/reposedm_demo
 
-.PHONY: install demo demo-fpdm demo-cfld toy-demo test clean
+.PHONY: install demo demo-fpdm demo-cfld demo-reposedm toy-demo test clean
 
 install: $(INSTALLED)
 
@@ -33,6 +34,10 @@ demo-fpdm: $(INSTALLED)
 # CFLD end to end on synthetic people (one tiny stage, then the test pairs): demo_out/cfld/grid.png, metrics.json.
 demo-cfld: $(INSTALLED)
 	$(PY) demo.py --config=configs/cfld.py:demo --workdir=$(CFLD_DEMO_WORKDIR) --output_dir=demo_out/cfld
+
+# RePoseDM and B1 (PIDM) on synthetic people: demo_out/reposedm/grid.png, metrics.json.
+demo-reposedm: $(INSTALLED)
+	$(PY) demo.py --config=configs/reposedm.py:demo --workdir=$(REPOSEDM_DEMO_WORKDIR) --output_dir=demo_out/reposedm
 
 # Every sampler of the diffusion core on a 2-D Gaussian mixture with its exact denoiser (seconds).
 toy-demo: $(INSTALLED)

@@ -6,9 +6,11 @@
     python demo.py --config=configs/fpdm_diffusion.py:demo --output_dir=demo_out/fpdm
                                                                                   # FPDM end to end (CPU)
     python demo.py --config=configs/cfld.py:demo --output_dir=demo_out/cfld        # CFLD end to end (CPU)
+    python demo.py --config=configs/reposedm.py:demo --output_dir=demo_out/reposedm
+                                                                                  # RePoseDM and B1 (CPU)
 
-The method demos train into --workdir (default runs/pcdm_demo, runs/fpdm_demo, runs/cfld_demo) and reuse finished
-stages there.
+The method demos train into --workdir (default runs/<method>_demo, e.g. runs/pcdm_demo) and reuse finished stages
+there.
 """
 
 from absl import flags
@@ -22,6 +24,7 @@ METHOD_DEMOS = {
     "pcdm_inpaint": ("configs/pcdm_inpaint.py:demo", "runs/pcdm_demo", "pgpis_jax.methods.pcdm.demo"),
     "fpdm": ("configs/fpdm_diffusion.py:demo", "runs/fpdm_demo", "pgpis_jax.methods.fpdm.demo"),
     "cfld": ("configs/cfld.py:demo", "runs/cfld_demo", "pgpis_jax.methods.cfld.demo"),
+    "reposedm": ("configs/reposedm.py:demo", "runs/reposedm_demo", "pgpis_jax.methods.reposedm.demo"),
 }
 
 

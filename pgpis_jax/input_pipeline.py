@@ -63,12 +63,14 @@ likewise with ImageNet statistics; [-1, 1] = x/127.5 - 1; [0, 1] = x/255.
 | | `target_pose_clip` | [B, 224, 224, 3] | CLIP-norm "pidm" skeleton drawn on 1101 x 750 (`pose_canvas`), squashed |
 | `reposedm` | `source_image`, `target_image` | [B, S, S, 3] | [-1, 1] (S = 256) |
 | | `source_pose`, `target_pose` | [B, S, S, 20] | [0, 1], `poses.pidm_pose_map` |
+| | `source_keypoints`, `target_keypoints` | [B, 18, 2] | option `keypoints`: (x, y) pixels of S x S after the augmentation |
 
 Training augmentation, as each reference does it: `cfld` flips only the condition image; `fpdm` makes 5 %
 identity pairs, draws the source at 256 with p = 0.5, adds N(0, 1) pixel noise to the target keypoints in the
 550 x 375 frame and flips source, target and target keypoints together with p = 0.5 (x -> 375 - x, left and
 right joints swapped), `fpdm_fusion` not at all; `reposedm` up-scales each image by 1 + U(0, 0.05) and crops back
-at a random offset, then flips images and pose maps together with p = 0.5 (pose colours not swapped, as PIDM);
+at a random offset, then flips images and pose maps together with p = 0.5 (pose colours not swapped, as PIDM; the
+optional keypoints follow with left and right joints swapped);
 `pairs` flips together with p = `flip_prob` (default 0); the PCDMs stages do not augment.
 """
 
@@ -350,10 +352,11 @@ def _fpdm_fusion(o, stored, train):
 def _reposedm(o, stored, train):
     s = _size(o["image_size"])
 
-    def pose_map(kp, scale_y, scale_x, top, left):
+    def keypoints_and_map(kp, scale_y, scale_x, top, left, flip):
         kp = poses.resize_keypoints(kp, stored, s)
         kp = poses.crop_keypoints(poses.affine_keypoints(kp, scale_x, scale_y), top, left)
-        return poses.pidm_pose_map(kp, s, stickwidth=o["stickwidth"], radius=o["radius"])
+        pose = poses.pidm_pose_map(kp, s, stickwidth=o["stickwidth"], radius=o["radius"])
+        return (_flip_keypoints_np(kp, s[1] - 1) if flip else kp).astype(np.float32), pose
 
     def preprocess(ex, seed):
         out = {}
@@ -370,10 +373,15 @@ def _reposedm(o, stored, train):
                 grown = tf.round(tf.clip_by_value(tf.image.resize(image, big, method="bicubic"), 0.0, 255.0))
                 image = tf.image.crop_to_bounding_box(grown, tf.cast(top, tf.int32), tf.cast(left, tf.int32), *s)
                 scale_y, scale_x = tf.cast(big[0], tf.float32) / s[0], tf.cast(big[1], tf.float32) / s[1]
-            pose = _numpy(pose_map, [ex[f"{role}_keypoints"], scale_y, scale_x, top, left], (*s, 20))
+            kp, pose = tf.numpy_function(keypoints_and_map, [ex[f"{role}_keypoints"], scale_y, scale_x, top, left,
+                                                             flip], (tf.float32, tf.float32), stateful=False)
+            kp.set_shape((poses.NUM_KEYPOINTS, 2))
+            pose.set_shape((*s, 20))
             image = to_signed(image)
             out[f"{role}_image"] = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
             out[f"{role}_pose"] = tf.cond(flip, lambda: tf.image.flip_left_right(pose), lambda: pose)
+            if o["keypoints"]:
+                out[f"{role}_keypoints"] = kp
         return out
     return preprocess
 
@@ -390,7 +398,7 @@ LAYOUTS = {layout.name: layout for layout in (
                         stickwidth=4, radius=4, identity_pair_prob=0.05, low_res_prob=0.5, low_res_size=256,
                         keypoint_noise=1.0, flip_prob=0.5), _fpdm),
     Layout("fpdm_fusion", dict(clip_size=224, pose_canvas=(1101, 750), stickwidth=4, radius=4), _fpdm_fusion),
-    Layout("reposedm", dict(image_size=256, stickwidth=4, radius=4, scale_jitter=0.05, flip_prob=0.5),
+    Layout("reposedm", dict(image_size=256, stickwidth=4, radius=4, scale_jitter=0.05, flip_prob=0.5, keypoints=False),
            _reposedm),
 )}
 

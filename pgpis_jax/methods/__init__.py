@@ -16,7 +16,7 @@ METHOD_MODULES = {
     "pcdm_inpaint": "pgpis_jax.methods.pcdm.inpaint",
     "pcdm_refine": "pgpis_jax.methods.pcdm.refine",
     "cfld": "pgpis_jax.methods.cfld.stage",
-    "reposedm": None,
+    "reposedm": "pgpis_jax.methods.reposedm.stage",
     "fpdm_fusion": "pgpis_jax.methods.fpdm.fusion",
     "fpdm": "pgpis_jax.methods.fpdm.diffusion",
 }

@@ -43,6 +43,7 @@ from typing import Optional, Sequence, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
+from pgpis_jax.models.reposedm import sine_position_encoding
 from pgpis_jax.nn.attention import IMPLEMENTATIONS, dot_product_attention
 from pgpis_jax.nn.embeddings import get_timestep_embedding
 from pgpis_jax.nn.initializers import torch_conv, torch_dense
@@ -138,9 +139,15 @@ class ResBlock(nn.Module):
 class CrossAttention(nn.Module):
     """PIDM's `AttentionBlock` (cross-attention only, one head). x [B, H, W, C] (queries, normalised);
     source [B, H', W', C] (keys and values, not normalised; PIDM's maps have the queries' shape) ->
-    x + proj_out2(attention) [B, H, W, C]."""
+    x + proj_out2(attention) [B, H, W, C].
+
+    position_encoding (RePoseDM option `xattn_pos_enc`, not PIDM's): a fixed 2-D sine encoding of the positions
+    (GMFlow's, pgpis_jax/models/reposedm.py) times a learned scalar `position_scale` (zero-initialised, so the block
+    starts as PIDM's) is added to the queries and the keys, letting attention prefer the source position under
+    the query (an aligned source then helps by where its features are, not only by what they are)."""
 
     attention_implementation: str = "xla"
+    position_encoding: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -154,6 +161,11 @@ class CrossAttention(nn.Module):
         query = torch_dense(channels, channels, "to_q", **kw)(pidm_group_norm(channels, name="norm", **kw)(x))
         key_value = torch_dense(2 * channels, channels, "to_kv", **kw)(source.astype(self.dtype))
         key, value = jnp.split(key_value.reshape(batch, -1, 1, 2 * channels), 2, axis=-1)
+        if self.position_encoding:
+            scale = self.param("position_scale", nn.initializers.zeros, (), self.param_dtype)
+            query = query + (scale * sine_position_encoding(height, width, channels)).astype(query.dtype)
+            key = key + (scale * sine_position_encoding(*source.shape[1:3], channels)).reshape(
+                1, -1, 1, channels).astype(key.dtype)
         h = dot_product_attention(query.reshape(batch, -1, 1, channels), key, value, self.attention_implementation)
         h = nn.Dense(channels, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
                      name="proj_out2", **kw)(h.reshape(x.shape))
@@ -228,7 +240,7 @@ class PIDMUNet(nn.Module):
     image 3 + pose map 20; out_channels 6 = epsilon 3 + variance interpolant 3). image_size only places the attention
     blocks (resolution image_size / 2^level in attention_resolutions), inputs of any size divisible by
     2^(levels - 1) run. One attention head, as PIDM's num_heads 1 (with more, its legacy QKV split would mix
-    query and key channels). Our own fields:
+    query and key channels). Our own fields: position_encoding (CrossAttention's, off = PIDM),
     attention_implementation ("xla" or "cudnn"), dtype (compute), param_dtype.
     """
 
@@ -241,6 +253,7 @@ class PIDMUNet(nn.Module):
     attention_resolutions: Tuple[int, ...] = (32, 16, 8)
     embed_channels: int = 512
     dropout: float = 0.1
+    position_encoding: bool = False
     attention_implementation: str = "xla"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -304,7 +317,7 @@ class PIDMUNet(nn.Module):
             if tuple(source.shape) != h.shape:
                 raise ValueError(f"source_features[{sources[name]}] (read by {name}) must have shape {h.shape}, got "
                                  f"{tuple(source.shape)}")
-            return CrossAttention(self.attention_implementation, name=name, **kw)(h, source)
+            return CrossAttention(self.attention_implementation, self.position_encoding, name=name, **kw)(h, source)
 
         batch = x.shape[0]
         timesteps = jnp.asarray(timesteps)
