@@ -157,14 +157,14 @@ def demo(config):
     PCDMs demo (docs/pcdms_demo.md), with x0 prediction, a DDIM sampler and no guidance, which give clean samples
     after minutes of training (800 steps, 10 DDIM steps: test SSIM 0.651 unguided, 0.620 with w_pose = w_app =
     1.5, 0.573 with 2; the source copied scores 0.581)."""
-    config.total_steps = 500
+    config.total_steps = 800
     config.batch_size = 16
     config.log_every_steps = 50
-    config.checkpoint_every_steps = 500
+    config.checkpoint_every_steps = 800
     config.logging.sample_every_steps = 0
     config.optimizer.learning_rate = 1e-3
     config.lr_schedule = common.lr_schedule_config(warmup_steps=50, warmup_start_factor=0.1,
-                                                   decay_boundaries=(400,), decay_factor=0.1)
+                                                   decay_boundaries=(600,), decay_factor=0.1)
     config.diffusion.train_scheduler.prediction_type = "sample"
     config.sampling.scheduler = common.scheduler_config("DDIMScheduler", **common.SD_SCHEDULE, steps_offset=1,
                                                         set_alpha_to_one=False, clip_sample=False,

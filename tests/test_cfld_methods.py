@@ -50,7 +50,8 @@ def tiny_config(data_dir=""):
 
     config = cfld.get_config("demo")
     config.data.data_dir = data_dir
-    config.total_steps = config.checkpoint_every_steps = 2
+    config.total_steps = 2
+    config.checkpoint_every_steps = 1
     config.batch_size = 8
     config.sampling.num_inference_steps = 2
     m = config.model
@@ -71,7 +72,7 @@ def tiny_config(data_dir=""):
 
 @pytest.fixture(scope="module")
 def run(demo_data, tmp_path_factory):
-    """The tiny CFLD run trained 2 steps in process."""
+    """The tiny CFLD run trained 2 steps in process (checkpoints of steps 1 and 2)."""
     from pgpis_jax import methods, trainer
 
     workdir = str(tmp_path_factory.mktemp("cfld_run") / "run")
@@ -80,31 +81,38 @@ def run(demo_data, tmp_path_factory):
     return workdir
 
 
+@pytest.fixture(scope="module")
+def pipe(run):
+    """The run opened for sampling (its jitted functions compile once for the tests that use them)."""
+    from pgpis_jax.methods.cfld import pipeline
+
+    return pipeline.CFLDPipeline(pipeline.load_trained(run, ("cfld",)))
+
+
 def _flat(tree):
     return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def test_only_up_block_cross_attention_keys_and_values_train_in_the_unet(run):
-    """The optimizer's trainable UNet leaves are the hand-listed attn2.to_k / to_v of the up block; after 2 steps
-    exactly those UNet leaves differ from the run's initial parameters, and every conditioner network (and the
-    null prompt) has changed."""
+    """The optimizer's trainable UNet leaves are the hand-listed attn2.to_k / to_v of the up block; from the
+    checkpoint of step 1 to that of step 2 exactly those UNet leaves change, and every conditioner network (and the
+    null prompt) changes and is trainable."""
     from pgpis_jax.methods.common.run import load_trained
     from pgpis_jax.trainer import loop
     from pgpis_jax.trainer import mesh as mesh_lib
 
-    trained = load_trained(run, ("cfld",), which="raw")
-    s = loop.setup(trained.method, trained.config, mesh_lib.make_mesh(trained.config))
-    initial = _flat(jax.device_get(loop.initial_params(s, trained.method, trained.config)))
-    final = _flat(trained.params)
-    assert initial.keys() == final.keys()
-    unet = {path[len("unet/"):] for path in final if path.startswith("unet/")}
+    first, second = (load_trained(run, ("cfld",), which="raw", step=step) for step in (1, 2))
+    s = loop.setup(second.method, second.config, mesh_lib.make_mesh(second.config))
+    before, after = _flat(first.params), _flat(second.params)
+    assert before.keys() == after.keys()
+    unet = {path[len("unet/"):] for path in after if path.startswith("unet/")}
     assert {path for path in unet if s.opt.is_trainable("unet/" + path)} == TINY_TRAINED_UNET
-    changed = {path for path in final if not np.array_equal(initial[path], final[path])}
+    changed = {path for path in after if not np.array_equal(before[path], after[path])}
     assert {path[len("unet/"):] for path in changed if path.startswith("unet/")} == TINY_TRAINED_UNET
     for network in ("backbone", "appearance_encoder", "pose_encoder", "decoder", "learnable_vector"):
         assert any(path.startswith(network) for path in changed), network
-        assert all(s.opt.is_trainable(path) for path in final if path.startswith(network)), network
+        assert all(s.opt.is_trainable(path) for path in after if path.startswith(network)), network
 
 
 def _scaled_linear_alphas_cumprod():
@@ -186,18 +194,16 @@ def test_training_batch_is_self_reconstruction_with_cubic_timesteps_and_the_lear
         assert (np.abs(bias).reshape(2 * pairs, -1).max(axis=1) > 0).all()  # trained HGA: never zeroed
 
 
-def test_cumulative_guidance_is_equation_7_on_separately_computed_branches(run):
+def test_cumulative_guidance_is_equation_7_on_separately_computed_branches(pipe):
     """w_pose = w_app = 2: eps = u + 2 (d - u) + 2 (f - d) per step, with u = (null prompt, no pose, no HGA),
     d = (null prompt, pose, no HGA), f = everything, each branch run on its own here."""
-    from pgpis_jax.methods.common.run import load_trained
     from pgpis_jax.methods.common.stage import first_test_examples
 
-    trained = load_trained(run, ("cfld",))
-    stage, params, sampling = trained.method, trained.params, trained.config.sampling
-    batch = first_test_examples(trained.config, 2)
+    stage, params = pipe.trained.method, pipe.trained.params
+    assert pipe.config.sampling.guidance == "uc_down_full" and pipe.config.sampling.pose_scale == 2.0
+    batch = first_test_examples(pipe.config, 2)
     key = jax.random.key(3)
-    guided = np.asarray(jax.jit(lambda c, p: stage.generate(params, c, p, key, sampling))(
-        batch["condition_image"], batch["target_pose"]))
+    guided = np.asarray(pipe._generate(params, batch["condition_image"], batch["target_pose"], key))
 
     prompt, biases = stage.encode_appearance(params, batch["condition_image"])
     pose = stage.encode_pose(params, batch["target_pose"])
@@ -251,7 +257,7 @@ def _write_keypoints(path, shift):
     np.savetxt(path, points + [shift, 0])
 
 
-def test_appearance_editing_interpolation_ends_and_masked_style_transfer(run, tmp_path):
+def test_appearance_editing_interpolation_ends_and_masked_style_transfer(run, pipe, tmp_path):
     """Style interpolation: weight 0 is plain sampling of source A, weight 1 of source B, 0.5 neither. Masked style
     transfer: an all-white mask is plain sampling in the reference's pose; where the mask is black every step
     denoises to the reference latent, so those 8x8 blocks decode to the reference's own code (the DCT code decodes
@@ -260,9 +266,7 @@ def test_appearance_editing_interpolation_ends_and_masked_style_transfer(run, tm
 
     from pgpis_jax.methods.cfld import pipeline
 
-    trained = pipeline.load_trained(run, ("cfld",))
-    pipe = pipeline.CFLDPipeline(trained)
-    params, codec = trained.params, trained.method.codec
+    params, codec = pipe.trained.params, pipe.trained.method.codec
     rng = np.random.default_rng(4)
     for name in ("a", "b", "ref"):
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), np.uint8)).save(tmp_path / f"{name}.png")

@@ -6,7 +6,9 @@
    only the UNet's up-block attn2.to_k / to_v and the conditioner train, as in CFLD) in <workdir>/cfld;
 3. samples every held-out test pair with the config's guidance and writes <out_dir>/grid.png (source | target pose
    | ground truth | CFLD) and <out_dir>/metrics.json: SSIM and PSNR (methods/common/demo.py) of CFLD and of the
-   source image itself as the prediction (`copy_source`).
+   source image itself as the prediction (`copy_source`); the generated images and the ground truth as the
+   split mode of sample.py names them into <out_dir>/test_set/{cfld,reference}, which `eval.py --protocol=cfld`
+   scores (the command is printed).
 A finished run is reused when the demo runs again.
 """
 
@@ -24,6 +26,7 @@ from pgpis_jax.methods.cfld.pipeline import CFLDPipeline
 from pgpis_jax.methods.common.demo import build_data, save_grid, score, train_stage, uint8
 from pgpis_jax.methods.common.hosts import with_batch_size
 from pgpis_jax.methods.common.run import load_trained
+from pgpis_jax.methods.common.split_sampler import pair_stem, save_png_atomic
 
 GRID_ROWS = 8
 BATCH = 48
@@ -50,9 +53,17 @@ def run(workdir: str, out_dir: str) -> dict:
     arrays = {k: [] for k in ("source", "pose", "target", "cfld")}
     test = input_pipeline.from_config(with_batch_size(config, BATCH), split="test", train=False, process_index=0,
                                       process_count=1)
+    folders = {name: os.path.join(out_dir, "test_set", name) for name in ("cfld", "reference")}
+    for folder in folders.values():
+        os.makedirs(folder, exist_ok=True)
     for index, batch in enumerate(test):
         real = np.asarray(batch["mask"])
-        arrays["cfld"].append(uint8(pipe.images(batch, jax.random.fold_in(pipe.rng, index))[real]))
+        generated = pipe.images(batch, jax.random.fold_in(pipe.rng, index))
+        for i in np.flatnonzero(real):
+            stem = pair_stem(batch["source_name"][i], batch["target_name"][i])
+            save_png_atomic(os.path.join(folders["cfld"], stem + ".png"), generated[i])
+            save_png_atomic(os.path.join(folders["reference"], stem + ".png"), batch["target_image"][i])
+        arrays["cfld"].append(uint8(generated[real]))
         arrays["pose"].append(uint8(batch["target_pose"][real, ..., :3] * 2 - 1))
         arrays["target"].append(uint8(batch["target_image"][real]))
         arrays["source"].append(uint8(batch["source_image"][real]))
@@ -60,11 +71,12 @@ def run(workdir: str, out_dir: str) -> dict:
     scores = {name: score(arrays[key], arrays["target"]) for name, key in (("cfld", "cfld"), ("copy_source", "source"))}
     metrics = {"ssim": {k: v["ssim"] for k, v in scores.items()}, "psnr": {k: v["psnr"] for k, v in scores.items()},
                "test_pairs": int(len(arrays["target"])), "seconds": round(time.time() - started)}
-    os.makedirs(out_dir, exist_ok=True)
     save_grid([arrays[k] for k in ("source", "pose", "target", "cfld")], GRID_ROWS, os.path.join(out_dir, "grid.png"))
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     print(json.dumps(metrics, indent=2), flush=True)
     print(f"[demo] done in {metrics['seconds']} s: {os.path.join(out_dir, 'grid.png')} (rows: source | target pose | "
-          f"ground truth | CFLD), {os.path.join(out_dir, 'metrics.json')}", flush=True)
+          f"ground truth | CFLD), {os.path.join(out_dir, 'metrics.json')}; score the test set with: python eval.py "
+          f"--generated_dir={folders['cfld']} --reference_dir={folders['reference']} --metrics=ssim,psnr "
+          f"--protocol=cfld", flush=True)
     return metrics
