@@ -140,6 +140,9 @@ def demo(config):
     config.data.pipeline = dict(image_size=DEMO_SIZE, stickwidth=1, radius=1, scale_jitter=0.05, flip_prob=0.5,
                                 keypoints=True)
     config.sampling.num_inference_steps = 20
+    # x0 clipped to [-1, 1] at each step (PIDM's DDPM does, its DDIM does not): without it DDIM from the demo's
+    # few hundred steps of training drifts out of range
+    config.sampling.scheduler.clip_sample = True
     config.eval = common.eval_config(metrics="ssim,psnr", protocol="standard")
     config.loss.heatmap_sigma = 1.0
     config.loss.warp_size = DEMO_SIZE

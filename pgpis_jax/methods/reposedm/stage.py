@@ -271,7 +271,8 @@ class RePoseDM(Stage):
         pose = batch["target_pose"]
         warped, _ = self.align(params, batch["source_image"], pose)
         cond = (pose, self.texture(params, warped))
-        null = (self.null_pose(pose), self.texture(params, jnp.zeros_like(warped)))
+        # the zero image as a product with the input: XLA would otherwise constant-fold the whole encoder pass
+        null = (self.null_pose(pose), self.texture(params, warped * 0.0))
         return cond, null, warped
 
     def gradient_term(self, params, x_t, t, epsilon, target_heatmaps, threshold: float):
