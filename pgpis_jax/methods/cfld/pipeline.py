@@ -24,7 +24,6 @@ Appearance editing (the paper's Sec. 4.6), single-image modes of sample.py, all 
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Dict, Optional
 
@@ -38,6 +37,7 @@ from pgpis_jax.errors import UserError
 from pgpis_jax.methods.common import single_image
 from pgpis_jax.methods.common.hosts import with_batch_size
 from pgpis_jax.methods.common.run import Trained, load_trained
+from pgpis_jax.methods.common.sample_modes import is_split_mode, sample_split
 from pgpis_jax.methods.common.split_sampler import Generated, SplitSampler, save_png_atomic
 from pgpis_jax.metrics.images import resize
 
@@ -239,32 +239,18 @@ def sample_command(workdir: str, config=None, split: Optional[str] = None, outpu
     if edit and split is not None:
         raise UserError("the editing flags (--style_image, --interpolation, --reference_image, --mask) make one "
                         "image: give --source_image, --target_pose and --output instead of --split")
-    single = (source_image, target_pose, output)
-    if split is None and not any(single):
-        raise UserError("give --split and --output_dir (every pair of a split) or --source_image, --target_pose and "
-                        "--output (one image)")
-    if split is not None and any(single):
-        raise UserError("--split cannot be combined with --source_image / --target_pose / --output")
-    if split is not None and not output_dir:
-        raise UserError("--split needs --output_dir")
-    if split is None and not all(single):
-        raise UserError("single mode needs --source_image, --target_pose and --output")
-    if split is None and os.path.exists(output):
-        raise UserError(f"--output={output} exists; choose a new file (outputs are never overwritten)")
+    split_mode = is_split_mode(split, output_dir, dict(source_image=source_image, target_pose=target_pose,
+                                                       output=output))
     pipe = open_pipeline(workdir, config)
     if edit:
         pipe.run_edit(source_image, target_pose, output, style_image, weights, reference_image, mask)
         print(f"wrote {output}", flush=True)
         return None
-    if split is None:
+    if not split_mode:
         pipe.run_single(source_image, target_pose, output)
         print(f"wrote {output}", flush=True)
         return None
-    results = pipe.run_split(split, output_dir, batch_size or pipe.config.batch_size)
-    if jax.process_index() == 0:
-        evaluation.write_results(pipe.config.to_dict(), os.path.join(output_dir, "sample_config.json"))
-    print(json.dumps(results), flush=True)
-    return results
+    return sample_split(pipe.run_split, pipe.config, split, output_dir, batch_size)
 
 
 def generate_test_set(workdir: str, output_dir: str, config=None):

@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
+import jax
+
+from pgpis_jax import evaluation
 from pgpis_jax.errors import UserError
 
 
@@ -29,3 +33,14 @@ def is_split_mode(split: Optional[str], output_dir: Optional[str], single: Dict[
     if os.path.exists(single["output"]):
         raise UserError(f"--output={single['output']} exists; choose a new file (outputs are never overwritten)")
     return False
+
+
+def sample_split(run_split: Callable[[str, str, int], Dict[str, Any]], config, split: str, output_dir: str,
+                 batch_size: Optional[int]) -> Dict[str, Any]:
+    """Split mode: `run_split(split, output_dir, batch size)` (default config.batch_size), then process 0 records the
+    sampling config as output_dir/sample_config.json; prints and returns run_split's results."""
+    results = run_split(split, output_dir, batch_size or config.batch_size)
+    if jax.process_index() == 0:
+        evaluation.write_results(config.to_dict(), os.path.join(output_dir, "sample_config.json"))
+    print(json.dumps(results), flush=True)
+    return results

@@ -16,7 +16,6 @@ target pose as an 18-line `x y` keypoint file in the source photo's pixels or as
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Dict, Optional
 
@@ -30,7 +29,7 @@ from pgpis_jax.errors import UserError
 from pgpis_jax.methods.common import single_image
 from pgpis_jax.methods.common.hosts import with_batch_size
 from pgpis_jax.methods.common.run import Trained, load_trained
-from pgpis_jax.methods.common.sample_modes import is_split_mode
+from pgpis_jax.methods.common.sample_modes import is_split_mode, sample_split
 from pgpis_jax.methods.common.split_sampler import SplitSampler, Generated, save_png_atomic
 from pgpis_jax.preprocessing import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,
                                      normalize_pixels)
@@ -141,11 +140,7 @@ def sample_command(workdir: str, config=None, split: Optional[str] = None, outpu
         sampler.run_single(source_image, target_pose, output)
         print(f"wrote {output}", flush=True)
         return None
-    results = sampler.run_split(split, output_dir, batch_size or sampler.trained.config.batch_size)
-    if jax.process_index() == 0:
-        evaluation.write_results(sampler.trained.config.to_dict(), os.path.join(output_dir, "sample_config.json"))
-    print(json.dumps(results), flush=True)
-    return results
+    return sample_split(sampler.run_split, sampler.trained.config, split, output_dir, batch_size)
 
 
 def generate_test_set(workdir: str, output_dir: str, config=None):

@@ -15,7 +15,6 @@ keypoints. Sampling settings come from config.sampling (sampler, steps, guidance
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Dict, Optional
 
@@ -28,6 +27,7 @@ from pgpis_jax.errors import UserError
 from pgpis_jax.methods.common import single_image
 from pgpis_jax.methods.common.hosts import with_batch_size
 from pgpis_jax.methods.common.run import Trained, load_trained
+from pgpis_jax.methods.common.sample_modes import is_split_mode, sample_split
 from pgpis_jax.methods.common.split_sampler import Generated, SplitSampler, save_png_atomic
 
 GENERATED = "generated"
@@ -108,28 +108,14 @@ def sample_command(workdir: str, config=None, split: Optional[str] = None, outpu
                    target_pose: Optional[str] = None, output: Optional[str] = None) -> Optional[Dict[str, Any]]:
     """sample.py for RePoseDM: split mode (--split, --output_dir) or single mode (--source_image, --target_pose,
     --output). Every flag is checked before anything is loaded or written."""
-    single = (source_image, target_pose, output)
-    if split is None and not any(single):
-        raise UserError("give --split and --output_dir (every pair of a split) or --source_image, --target_pose and "
-                        "--output (one image)")
-    if split is not None and any(single):
-        raise UserError("--split cannot be combined with --source_image / --target_pose / --output")
-    if split is not None and not output_dir:
-        raise UserError("--split needs --output_dir")
-    if split is None and not all(single):
-        raise UserError("single mode needs --source_image, --target_pose and --output")
-    if split is None and os.path.exists(output):
-        raise UserError(f"--output={output} exists; choose a new file (outputs are never overwritten)")
+    split_mode = is_split_mode(split, output_dir, dict(source_image=source_image, target_pose=target_pose,
+                                                       output=output))
     sampler = RePoseDMSampler(load_trained(workdir, ("reposedm",), config))
-    if split is None:
+    if not split_mode:
         sampler.run_single(source_image, target_pose, output)
         print(f"wrote {output}", flush=True)
         return None
-    results = sampler.run_split(split, output_dir, batch_size or sampler.trained.config.batch_size)
-    if jax.process_index() == 0:
-        evaluation.write_results(sampler.trained.config.to_dict(), os.path.join(output_dir, "sample_config.json"))
-    print(json.dumps(results), flush=True)
-    return results
+    return sample_split(sampler.run_split, sampler.trained.config, split, output_dir, batch_size)
 
 
 def evaluate_command(workdir: str, output_dir: str, config=None) -> Dict[str, Any]:
