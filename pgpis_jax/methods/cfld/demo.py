@@ -14,7 +14,6 @@ A finished run is reused when the demo runs again.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -23,7 +22,7 @@ import numpy as np
 
 from pgpis_jax import input_pipeline
 from pgpis_jax.methods.cfld.pipeline import CFLDPipeline
-from pgpis_jax.methods.common.demo import build_data, save_grid, score, train_stage, uint8
+from pgpis_jax.methods.common.demo import prepare_data, score, train_stage, uint8, write_outputs
 from pgpis_jax.methods.common.hosts import with_batch_size
 from pgpis_jax.methods.common.run import load_trained
 from pgpis_jax.methods.common.split_sampler import pair_stem, save_png_atomic
@@ -42,9 +41,7 @@ def demo_config(data_dir: str):
 
 def run(workdir: str, out_dir: str) -> dict:
     started = time.time()
-    data_dir = os.path.join(workdir, "data")
-    build_data(data_dir)
-    print(f"[demo] data: synthetic_people/64x64_demo in {data_dir}", flush=True)
+    data_dir = prepare_data(workdir)
     config = demo_config(data_dir)
     run_dir = os.path.join(workdir, "cfld")
     train_stage(config, run_dir)
@@ -71,12 +68,8 @@ def run(workdir: str, out_dir: str) -> dict:
     scores = {name: score(arrays[key], arrays["target"]) for name, key in (("cfld", "cfld"), ("copy_source", "source"))}
     metrics = {"ssim": {k: v["ssim"] for k, v in scores.items()}, "psnr": {k: v["psnr"] for k, v in scores.items()},
                "test_pairs": int(len(arrays["target"])), "seconds": round(time.time() - started)}
-    save_grid([arrays[k] for k in ("source", "pose", "target", "cfld")], GRID_ROWS, os.path.join(out_dir, "grid.png"))
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-    print(json.dumps(metrics, indent=2), flush=True)
-    print(f"[demo] done in {metrics['seconds']} s: {os.path.join(out_dir, 'grid.png')} (rows: source | target pose | "
-          f"ground truth | CFLD), {os.path.join(out_dir, 'metrics.json')}; score the test set with: python eval.py "
-          f"--generated_dir={folders['cfld']} --reference_dir={folders['reference']} --metrics=ssim,psnr "
-          f"--protocol=cfld", flush=True)
+    write_outputs(out_dir, {"source": arrays["source"], "target pose": arrays["pose"], "ground truth": arrays["target"],
+                            "CFLD": arrays["cfld"]}, metrics, GRID_ROWS)
+    print(f"[demo] score the test set with: python eval.py --generated_dir={folders['cfld']} "
+          f"--reference_dir={folders['reference']} --metrics=ssim,psnr --protocol=cfld", flush=True)
     return metrics

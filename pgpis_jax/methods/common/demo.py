@@ -1,4 +1,5 @@
-"""What the methods' CPU demos share: the synthetic data set, training a stage, the scores and the grid image.
+"""What the methods' CPU demos share: the synthetic data set, training a stage, the scores, the grid image and
+metrics.json.
 
 Scores: SSIM (Wang et al.: Gaussian 11x11, sigma 1.5, per channel, uint8, range 255) and PSNR (uint8, range 255)
 of predictions against targets, the mean over the pairs.
@@ -6,10 +7,11 @@ of predictions against targets, the mean over the pairs.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
-from typing import Sequence
+from typing import Dict, Sequence
 
 import numpy as np
 
@@ -27,6 +29,14 @@ def build_data(data_dir: str) -> None:
     builder = module.Builder(config="64x64_demo", data_dir=data_dir)
     if not builder.is_prepared():
         builder.download_and_prepare()
+
+
+def prepare_data(workdir: str) -> str:
+    """`build_data` in <workdir>/data; that data_dir."""
+    data_dir = os.path.join(workdir, "data")
+    build_data(data_dir)
+    print(f"[demo] data: synthetic_people/64x64_demo in {data_dir}", flush=True)
+    return data_dir
 
 
 def train_stage(config, workdir: str) -> None:
@@ -60,4 +70,18 @@ def save_grid(columns: Sequence[np.ndarray], rows: int, path: str) -> None:
     grid = np.concatenate([np.concatenate([column[i] for column in columns], axis=1) for i in range(count)], axis=0)
     image = Image.fromarray(grid)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    image.resize((image.width * 2, image.height * 2), Image.NEAREST).save(path)
+    image.resize((image.width * 2, image.height * 2), Image.NEAREST).save(path + ".tmp", format="PNG")
+    os.replace(path + ".tmp", path)
+
+
+def write_outputs(out_dir: str, columns: Dict[str, np.ndarray], metrics: dict, rows: int = 8) -> None:
+    """out_dir/grid.png (`save_grid` of the uint8 image arrays of `columns`, {column title: [N, H, W, 3]}, in
+    order) and out_dir/metrics.json, each written under a temporary name and renamed; prints both."""
+    from pgpis_jax import evaluation
+
+    grid = os.path.join(out_dir, "grid.png")
+    save_grid(list(columns.values()), rows, grid)
+    evaluation.write_results(metrics, os.path.join(out_dir, "metrics.json"))
+    print(json.dumps(metrics, indent=2), flush=True)
+    print(f"[demo] done in {metrics['seconds']} s: {grid} (rows: {' | '.join(columns)}), "
+          f"{os.path.join(out_dir, 'metrics.json')}", flush=True)

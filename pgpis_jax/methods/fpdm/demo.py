@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from pgpis_jax import input_pipeline
-from pgpis_jax.methods.common.demo import build_data, save_grid, score, train_stage, uint8
+from pgpis_jax.methods.common.demo import prepare_data, score, train_stage, uint8, write_outputs
 from pgpis_jax.methods.common.hosts import with_batch_size
 from pgpis_jax.methods.common.run import load_trained
 from pgpis_jax.methods.fpdm import fusion, sampling
@@ -53,9 +53,7 @@ def test_pairs(config):
 
 def run(workdir: str, out_dir: str) -> dict:
     started = time.time()
-    data_dir = os.path.join(workdir, "data")
-    build_data(data_dir)
-    print(f"[demo] data: synthetic_people/64x64_demo in {data_dir}", flush=True)
+    data_dir = prepare_data(workdir)
     runs = {"fusion": os.path.join(workdir, "fusion"), "diffusion": os.path.join(workdir, "diffusion")}
     stage1, stage2 = stage_configs(data_dir, runs["fusion"])
     train_stage(stage1, runs["fusion"])
@@ -79,11 +77,6 @@ def run(workdir: str, out_dir: str) -> dict:
                "fusion_cosine": validation["fusion_cosine"],
                "fusion": {k: validation[k] for k in ("val_loss", "top1", "top5", "mean_position")},
                "test_pairs": int(len(arrays["target"])), "seconds": round(time.time() - started)}
-    os.makedirs(out_dir, exist_ok=True)
-    save_grid([arrays[k] for k in ("source", "pose", "target", "fpdm")], GRID_ROWS, os.path.join(out_dir, "grid.png"))
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-    print(json.dumps(metrics, indent=2), flush=True)
-    print(f"[demo] done in {metrics['seconds']} s: {os.path.join(out_dir, 'grid.png')} (rows: source | target pose | "
-          f"ground truth | FPDM), {os.path.join(out_dir, 'metrics.json')}", flush=True)
+    write_outputs(out_dir, {"source": arrays["source"], "target pose": arrays["pose"], "ground truth": arrays["target"],
+                            "FPDM": arrays["fpdm"]}, metrics, GRID_ROWS)
     return metrics

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -23,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from pgpis_jax import input_pipeline
-from pgpis_jax.methods.common.demo import build_data, save_grid, score, train_stage, uint8
+from pgpis_jax.methods.common.demo import prepare_data, score, train_stage, uint8, write_outputs
 from pgpis_jax.methods.common.hosts import with_batch_size
 from pgpis_jax.methods.common.run import load_trained
 from pgpis_jax.methods.pcdm import pipeline
@@ -42,9 +41,7 @@ def stage_config(name: str, data_dir: str, **data_options) -> ml_collections.Con
 
 def run(workdir: str, out_dir: str) -> dict:
     started = time.time()
-    data_dir = os.path.join(workdir, "data")
-    build_data(data_dir)
-    print(f"[demo] data: synthetic_people/64x64_demo in {data_dir}", flush=True)
+    data_dir = prepare_data(workdir)
     stages = {"prior": stage_config("prior", data_dir), "inpaint": stage_config("inpaint", data_dir)}
     for name, config in stages.items():
         train_stage(config, os.path.join(workdir, name))
@@ -78,12 +75,6 @@ def run(workdir: str, out_dir: str) -> dict:
     metrics = {"ssim": {k: v["ssim"] for k, v in scores.items()}, "psnr": {k: v["psnr"] for k, v in scores.items()},
                "prior_cosine_similarity": float(np.mean(arrays["cosine"])), "test_pairs": int(len(arrays["target"])),
                "seconds": round(time.time() - started)}
-    os.makedirs(out_dir, exist_ok=True)
-    save_grid([arrays[k] for k in ("source", "pose", "target", "stage2", "stage3")], GRID_ROWS,
-              os.path.join(out_dir, "grid.png"))
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-    print(json.dumps(metrics, indent=2), flush=True)
-    print(f"[demo] done in {metrics['seconds']} s: {os.path.join(out_dir, 'grid.png')} (rows: source | target pose | "
-          f"ground truth | stage 2 | stage 3), {os.path.join(out_dir, 'metrics.json')}", flush=True)
+    write_outputs(out_dir, {"source": arrays["source"], "target pose": arrays["pose"], "ground truth": arrays["target"],
+                            "stage 2": arrays["stage2"], "stage 3": arrays["stage3"]}, metrics, GRID_ROWS)
     return metrics

@@ -14,7 +14,6 @@ Finished runs are reused when the demo runs again.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pgpis_jax import input_pipeline
-from pgpis_jax.methods.common.demo import build_data, save_grid, score, train_stage, uint8
+from pgpis_jax.methods.common.demo import prepare_data, score, train_stage, uint8, write_outputs
 from pgpis_jax.methods.common.hosts import with_batch_size
 from pgpis_jax.methods.common.run import load_trained
 
@@ -79,9 +78,7 @@ def sample_test_pairs(trained, gradient_scales=(None,)):
 
 def run(workdir: str, out_dir: str) -> dict:
     started = time.time()
-    data_dir = os.path.join(workdir, "data")
-    build_data(data_dir)
-    print(f"[demo] data: synthetic_people/64x64_demo in {data_dir}", flush=True)
+    data_dir = prepare_data(workdir)
     configs = run_configs(data_dir)
     runs = {name: os.path.join(workdir, name) for name in configs}
     for name, config in configs.items():
@@ -100,12 +97,6 @@ def run(workdir: str, out_dir: str) -> dict:
                                     "without": float(np.mean(ours["distance/0.0"])),
                                     "ground_truth": float(np.mean(ours["distance/truth"]))},
                "test_pairs": int(len(ours["target"])), "seconds": round(time.time() - started)}
-    os.makedirs(out_dir, exist_ok=True)
-    save_grid([ours[k] for k in ("source", "pose", "warped", "target")] + [predictions["reposedm"]], GRID_ROWS,
-              os.path.join(out_dir, "grid.png"))
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-    print(json.dumps(metrics, indent=2), flush=True)
-    print(f"[demo] done in {metrics['seconds']} s: {os.path.join(out_dir, 'grid.png')} (rows: source | target pose | "
-          f"warped source | ground truth | RePoseDM), {os.path.join(out_dir, 'metrics.json')}", flush=True)
+    write_outputs(out_dir, {"source": ours["source"], "target pose": ours["pose"], "warped source": ours["warped"],
+                            "ground truth": ours["target"], "RePoseDM": predictions["reposedm"]}, metrics, GRID_ROWS)
     return metrics
