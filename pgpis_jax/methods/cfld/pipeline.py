@@ -251,6 +251,11 @@ def sample_command(workdir: str, config=None, split: Optional[str] = None, outpu
         raise UserError("single mode needs --source_image, --target_pose and --output")
     if split is None and os.path.exists(output):
         raise UserError(f"--output={output} exists; choose a new file (outputs are never overwritten)")
+    inputs = dict(source_image=source_image, target_pose=target_pose, style_image=style_image,
+                  reference_image=reference_image, mask=mask)
+    for flag, path in inputs.items():
+        if path is not None and not os.path.isfile(path):
+            raise UserError(f"--{flag}={path}: file not found")
     pipe = open_pipeline(workdir, config)
     if edit:
         pipe.run_edit(source_image, target_pose, output, style_image, weights, reference_image, mask)
