@@ -313,4 +313,8 @@ def test_appearance_editing_interpolation_ends_and_masked_style_transfer(run, pi
         pipeline.sample_command(run, source_image=str(tmp_path / "a.png"), target_pose=str(tmp_path / "pose.txt"),
                                 output=str(tmp_path / "t.png"), style_image=str(tmp_path / "b.png"),
                                 interpolation="0,x")
+    with pytest.raises(pipeline.UserError, match="--reference_image=.*missing.png: file not found"):
+        pipeline.sample_command(run, source_image=str(tmp_path / "a.png"), target_pose=str(tmp_path / "pose.txt"),
+                                output=str(tmp_path / "t.png"), mask=str(tmp_path / "mask.png"),
+                                reference_image=str(tmp_path / "missing.png"))
     assert not (tmp_path / "t.png").exists() and listing(run) == before

@@ -241,6 +241,11 @@ def sample_command(workdir: str, config=None, split: Optional[str] = None, outpu
                         "image: give --source_image, --target_pose and --output instead of --split")
     split_mode = is_split_mode(split, output_dir, dict(source_image=source_image, target_pose=target_pose,
                                                        output=output))
+    inputs = dict(source_image=source_image, target_pose=target_pose, style_image=style_image,
+                  reference_image=reference_image, mask=mask)
+    for flag, path in inputs.items():
+        if path is not None and not os.path.isfile(path):
+            raise UserError(f"--{flag}={path}: file not found")
     pipe = open_pipeline(workdir, config)
     if edit:
         pipe.run_edit(source_image, target_pose, output, style_image, weights, reference_image, mask)
