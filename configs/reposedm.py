@@ -5,7 +5,7 @@ the reference's proposal [PROP] (../shared/reference/reposedm.md).
 Arguments (comma-separated, e.g. `:market,B2`):
   deepfashion256  DeepFashion at 256x256 (squashed from 256x176, as PIDM trains; the default)
   market          Market-1501 at 128x64 (the same UNet; the alignment at stride 4: a 32x16 grid)
-  demo            tiny networks on `synthetic_people` at 64x64 (2-core CPU)
+  demo            tiny networks on `synthetic_people` (64x64_demo, trained and sampled at 32x32; 2-core CPU)
   B1              PIDM: no alignment, no gradient guidance, PIDM's null condition (the source alone dropped)
   B2              alignment without gradient guidance (no pose estimator)
   paper_literal   no warp loss (the paper's loss: L_simple + L_vlb)
