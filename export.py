@@ -9,6 +9,8 @@ Import (writes the new run directory --workdir, then sample.py / eval.py / expor
 
     python export.py --import_original=PCDMs/stage2/mp_rank_00_model_states.pt \
         --config=configs/pcdm_inpaint.py --workdir=runs/pcdm_inpaint_released
+    python export.py --import_original=pidm/last.pt --format=pidm --config=configs/reposedm.py:B1 \
+        --workdir=runs/pidm_released
 
 The formats of each method are listed in its module's FORMATS (README, "Export and import").
 """
@@ -22,7 +24,9 @@ from pgpis_jax.errors import UserError
 from pgpis_jax.methods.common import exporting, importing
 
 _FORMAT = flags.DEFINE_string("format", None, "Export: diffusers (diffusers / transformers directories and "
-                              "safetensors) or original (the original repository's checkpoint layout).")
+                              "safetensors) or original (the original repository's checkpoint layout), or a "
+                              "method's own format (RePoseDM: pidm). Import: the format of the checkpoint "
+                              "(default original).")
 _OUTPUT = flags.DEFINE_string("output", None, "Export: the new directory to write.")
 _STEP = flags.DEFINE_integer("step", None, "Export: the checkpoint step (default: the newest).")
 _PARAMS = flags.DEFINE_enum("params", "ema", ["ema", "raw"], "Export: the EMA parameters (where the run kept an "
@@ -40,7 +44,7 @@ def export_main(config, workdir):
 
 
 def import_main(config, workdir):
-    importing.import_original(config, workdir, _IMPORT.value)
+    importing.import_original(config, workdir, _IMPORT.value, _FORMAT.value or "original")
     print(f"imported {_IMPORT.value} into {workdir}")
 
 
