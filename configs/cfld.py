@@ -5,10 +5,13 @@ Arguments (comma-separated, e.g. `:512,B3`):
   512       the same model, outputs resized to 512x352 (the original's configs/fashion_512.yaml)
   demo      tiny random networks, a parameter-free DCT autoencoder and `synthetic_people` at 64x64 (2-core CPU);
             with no pretrained SD to keep frozen its whole UNet trains, with x0 prediction (see demo())
-  B3 .. B5  the paper's ablations (Table 3): B3 no HGA (the original's no_app), B4 no HGA and the cross-attention
-            queries trained too (no_app_trainq), B5 HGA with the last Swin stage through a linear layer as the
-            prompt instead of the PRD (swin). B1 (multi-scale features as the prompt, `ape`) and B2 (a CLIP
-            prompt, `clip_model`) are not implemented yet.
+  B1 .. B5  the paper's ablations (Table 3), as the original's configs/ablation_study/*.yaml: B1 multi-scale
+            features as the prompt (ape: a zero prompt of the last Swin stage's tokens, HGA's branches strided to
+            that grid and added to the context tokens of the up-block cross-attentions, not to the queries), B2 a
+            CLIP prompt (clip_model: no Swin, no HGA; a frozen CLIP ViT-L/14 on 224x224 condition images, its
+            pooled output through a trained linear layer and 5-block GLIDE transformer to one token), B3 no HGA
+            (no_app), B4 no HGA and the cross-attention queries trained too (no_app_trainq), B5 HGA with the last
+            Swin stage through a linear layer as the prompt instead of the PRD (swin).
 
 Defaults are the original's defaults/deepfashion.py (../shared/reference/cfld.md): global batch 224 pairs (448
 UNet samples: source and target of each pair), 100 epochs of 455 steps, Adam lr 1e-4 without weight decay, the
@@ -23,14 +26,19 @@ the 750x1101 originals).
 """
 
 import ml_collections
+import numpy as np
 
 from configs import common
 
 SD15 = "runwayml/stable-diffusion-v1-5"
 SWIN_B_CHECKPOINT = "pretrained_models/swin/swin_base_patch4_window12_384_22kto1k.pth"
 ABLATIONS = ("B1", "B2", "B3", "B4", "B5")
-NOT_IMPLEMENTED = {"B1": "multi-scale Swin features as the prompt (the original's `ape`)",
-                   "B2": "a frozen CLIP ViT-L/14 prompt (the original's `clip_model`)"}
+CLIP_VIT_L = "openai/clip-vit-large-patch14"
+# B2's CLIP prompt (the original's models/xf.py FrozenCLIPImageEmbedder): Linear(1024 -> 768) and a GLIDE
+# transformer of 5 one-head blocks on one token; 224x224 condition images.
+CLIP_MAPPER = dict(layers=5, heads=1)
+CLIP_IMAGE_SIZE = 224
+DEMO_CLIP_MAPPER = dict(layers=1, heads=1)
 
 # Swin-B as the original builds it (models/swin_transformer.py): window 16 at 256x256, stochastic depth 0.2, no
 # final LayerNorm (the model's final_norm option), in transformers' SwinConfig keys.
@@ -68,9 +76,6 @@ def parse(arg):
         elif item == "demo":
             parsed.demo = True
         elif item in ABLATIONS:
-            if item in NOT_IMPLEMENTED:
-                raise ValueError(f"config argument {item}: ablation {item} ({NOT_IMPLEMENTED[item]}) is not "
-                                 f"implemented yet; B3, B4 and B5 are")
             parsed.ablation = item
         else:
             raise ValueError(f"unknown config argument {item!r}; known: 256, 512, demo, {', '.join(ABLATIONS)}")
@@ -84,12 +89,15 @@ def network(weights="", subfolder="", config=None, overrides=None, options=None)
                                           options=options or {}))
 
 
-def hga(in_channels, embed_dims, heads, out_channels, depth, block_indices=tuple(range(11, 2, -1))):
+def hga(in_channels, embed_dims, heads, out_channels, depth, block_indices=tuple(range(11, 2, -1)),
+        conv_in_kernels=(), target="query"):
     """Hybrid-Granularity Attention: one branch per up-block cross-attention, ordered as the original's
-    ATTN_RESIDUAL_BLOCK_IDX (11, 10, ..., 3); block_indices () = no HGA."""
+    ATTN_RESIDUAL_BLOCK_IDX (11, 10, ..., 3); block_indices () = no HGA. conv_in_kernels: kernel = stride of each
+    branch's input convolution (() = 1x1); target "query" (biases of the queries) or "context" (B1)."""
     return ml_collections.ConfigDict(dict(block_indices=tuple(block_indices), in_channels=tuple(in_channels),
                                           embed_dims=tuple(embed_dims), heads=tuple(heads),
-                                          out_channels=tuple(out_channels), depth=depth))
+                                          out_channels=tuple(out_channels), depth=depth,
+                                          conv_in_kernels=tuple(conv_in_kernels), target=target))
 
 
 def demo_unet():
@@ -106,6 +114,12 @@ def demo_swin():
                                embed_dim=32, depths=[2, 2, 2], num_heads=[1, 2, 4], window_size=4, mlp_ratio=4.0,
                                qkv_bias=True, drop_path_rate=0.1, hidden_act="gelu", layer_norm_eps=1e-5),
                    options=SWIN_OPTIONS)
+
+
+def demo_clip():
+    return network(config=dict(model_type="clip_vision_model", architectures=["CLIPVisionModel"], hidden_size=64,
+                               intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=DEMO_SIZE,
+                               patch_size=DEMO_LATENT_FACTOR, projection_dim=DEMO_PROMPT))
 
 
 def get_config(arg=None):
@@ -146,7 +160,7 @@ def get_config(arg=None):
     config.logging.sample_every_steps = 5 * STEPS_PER_EPOCH
     if arg.demo:
         demo(config)
-    ablation(config, arg.ablation)
+    ablation(config, arg.ablation, arg.demo)
     config.param_groups.trainable = trainable(config, arg.ablation, whole_unet=arg.demo)
     return config
 
@@ -191,24 +205,47 @@ def demo(config):
     m.decoder = ml_collections.ConfigDict(dict(kind="prd", num_queries=8, width=DEMO_PROMPT, depth=2, heads=2))
 
 
-def ablation(config, name):
-    """Table 3's ablations as the original's configs/ablation_study/*.yaml set them."""
+def ablation(config, name, demo=False):
+    """Table 3's ablations as the original's configs/ablation_study/*.yaml set them (demo: B2 with a tiny random
+    CLIP at the demo's condition size)."""
     m = config.model
+    if not name:
+        return
+    swin = m.backbone.config
+    grids = [swin.image_size // swin.patch_size // 2 ** i for i in range(len(swin.depths))]
+    if name == "B1":              # ape: zero prompt, HGA strided to the last grid and added to the context tokens
+        branches = m.appearance_encoder
+        stage = np.cumsum([0] + [a != b for a, b in zip(branches.in_channels, branches.in_channels[1:])])
+        m.appearance_encoder = hga(branches.in_channels, branches.embed_dims, branches.heads,
+                                   (m.decoder.width,) * len(stage), branches.depth, branches.block_indices,
+                                   conv_in_kernels=[int(grids[i] // grids[-1]) for i in stage], target="context")
+        m.decoder = ml_collections.ConfigDict(dict(kind="zero", num_queries=grids[-1] ** 2, width=m.decoder.width,
+                                                   depth=0, heads=0))
+    if name == "B2":              # clip_model: no Swin, no HGA; a frozen CLIP's pooled output through a mapper
+        del m["backbone"]
+        m.appearance_encoder = hga((), (), (), (), m.appearance_encoder.depth, block_indices=())
+        if demo:
+            m.image_encoder, mapper = demo_clip(), DEMO_CLIP_MAPPER
+        else:
+            m.image_encoder, mapper = network(CLIP_VIT_L, options=dict(with_projection=False)), CLIP_MAPPER
+            config.data.pipeline.condition_size = CLIP_IMAGE_SIZE
+        m.decoder = ml_collections.ConfigDict(dict(kind="clip", num_queries=1, width=m.decoder.width, **mapper))
     if name in ("B3", "B4"):      # no_app, no_app_trainq: no HGA
         m.appearance_encoder = hga((), (), (), (), m.appearance_encoder.depth, block_indices=())
     if name == "B5":              # swin: the last stage's tokens through Linear(C -> 768, no bias) as the prompt
-        swin = m.backbone.config
-        last = swin.image_size // swin.patch_size // 2 ** (len(swin.depths) - 1)
-        m.decoder = ml_collections.ConfigDict(dict(kind="linear", num_queries=last * last, width=m.decoder.width,
+        m.decoder = ml_collections.ConfigDict(dict(kind="linear", num_queries=grids[-1] ** 2, width=m.decoder.width,
                                                    depth=0, heads=0))
 
 
 def trainable(config, name, whole_unet=False):
-    """Regexes of the trained parameters: the whole conditioner and, in the UNet, attn2.to_k / to_v of the up
-    blocks (B4 also to_q), or with whole_unet (the demo's random UNet) all of it."""
+    """Regexes of the trained parameters: the whole conditioner (B2: but its CLIP) and, in the UNet, attn2.to_k /
+    to_v of the up blocks (B4 also to_q), or with whole_unet (the demo's random UNet) all of it."""
     projections = "[qkv]" if name == "B4" else "[kv]"
-    modules = ["backbone", "pose_encoder", "decoder"]
-    if config.model.appearance_encoder.block_indices:
+    m = config.model
+    modules = (["backbone"] if m.get("backbone") else []) + ["pose_encoder"]
+    modules += {"zero": [], "clip": [r"decoder/clip_model/mapper_\d+", "decoder/clip_model/final_ln"]}.get(
+        m.decoder.kind, ["decoder"])
+    if m.appearance_encoder.block_indices:
         modules.append("appearance_encoder")
     unet = "unet/.*" if whole_unet else f"{UP_CROSS_ATTENTION}/to_{projections}/.*"
     return tuple(f"{name}/.*" for name in modules) + ("learnable_vector", unet)

@@ -24,7 +24,7 @@ from pgpis_jax.methods.common.run import load_trained
 from pgpis_jax.weights.cfld_checkpoint import CONDITIONER_FILE, UNET_FILE
 from tests.parity import nchw, nhwc
 from tests.test_cfld_methods import _run, listing, tiny_config
-from tests.test_cfld_models import TorchBuildModel, TorchUNetWrapper, install_query_bias_processors, perturb
+from tests.test_cfld_models import TorchBuildModel, TorchUNetWrapper, install_appearance_processors, perturb
 from tests.test_pcdm_methods import _write_keypoints
 
 TOLERANCE = 1e-5
@@ -138,7 +138,7 @@ def test_diffusers_export_reloaded_in_pytorch_equals_ours(released, tmp_path):
     container, _ = torch_statements(released["config"])
     container.load_state_dict(load_file(tmp_path / "D" / CONDITIONER_SAFETENSORS), strict=True)
     container.eval()
-    processors = install_query_bias_processors(unet)
+    processors = install_appearance_processors(unet)
 
     rng = np.random.default_rng(2)
     image = rng.uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32)
@@ -161,7 +161,7 @@ def test_diffusers_export_reloaded_in_pytorch_equals_ours(released, tmp_path):
     for i, (ours, theirs) in enumerate(zip(ours_residuals, residuals, strict=True)):
         _check(ours, nhwc(theirs), f"pose residual {i}")
     for i, (ours, theirs) in enumerate(zip(ours_biases, ordered, strict=True)):
-        _check(ours, theirs.numpy(), f"HGA query bias {i}")
+        _check(ours.query, theirs.numpy(), f"HGA query bias {i}")
     _check(stage.denoise(params, latents, timesteps, (ours_prompt, ours_residuals, ours_biases)), nhwc(expected),
            "UNet epsilon")
     contents = json.loads((tmp_path / "D" / exporting.MANIFEST).read_text())["contents"]

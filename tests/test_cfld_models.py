@@ -216,14 +216,17 @@ class TorchDecoder(torch.nn.Module):
 
 
 class TorchAppearanceEncoder(torch.nn.Module):
-    """The original's AppearanceEncoder (TO_QUERIES, 1x1 zero convs): {"block_<idx>_cross_attn_q": bias}; the
-    feature list is consumed from the front whenever the input width changes."""
+    """The original's AppearanceEncoder: {"block_<idx>_cross_attn_<target>": output}, target "q" (TO_QUERIES, the
+    default) or "c" (TO_KEYS and TO_VALUES, ablation B1); zero_conv_ins of kernel = stride `kernels[i]` (1x1 by
+    default); the feature list is consumed from the front whenever the input width changes."""
 
-    def __init__(self, block_indices, in_channels, embed_dims, heads, out_channels, depth):
+    def __init__(self, block_indices, in_channels, embed_dims, heads, out_channels, depth, kernels=None, target="q"):
         super().__init__()
-        self.block_indices, self.in_channels, self.embed_dims, self.out_channels = (
-            block_indices, in_channels, embed_dims, out_channels)
-        self.zero_conv_ins = torch.nn.ModuleList([torch.nn.Conv2d(i, e, 1) for i, e in zip(in_channels, embed_dims)])
+        self.block_indices, self.in_channels, self.embed_dims, self.out_channels, self.target = (
+            block_indices, in_channels, embed_dims, out_channels, target)
+        kernels = kernels or (1,) * len(in_channels)
+        self.zero_conv_ins = torch.nn.ModuleList([torch.nn.Conv2d(i, e, k, stride=k)
+                                                  for i, e, k in zip(in_channels, embed_dims, kernels)])
         self.zero_conv_outs = torch.nn.ModuleList([torch.nn.Conv2d(e, o, 1) for e, o in zip(embed_dims, out_channels)])
         self.blocks = torch.nn.ModuleList([torch.nn.Sequential(*[
             TorchBasicTransformerBlock(e, h, e // h, double_self_attention=True) for _ in range(depth)])
@@ -236,10 +239,12 @@ class TorchAppearanceEncoder(torch.nn.Module):
         for i, block in enumerate(self.blocks):
             side = int(features[0].shape[1] ** 0.5)
             x = features[0].permute(0, 2, 1).reshape(-1, self.in_channels[i], side, side)
-            x = self.zero_conv_ins[i](x).reshape(-1, self.embed_dims[i], side * side).permute(0, 2, 1)
+            x = self.zero_conv_ins[i](x)
+            side = x.shape[2]
+            x = x.reshape(-1, self.embed_dims[i], side * side).permute(0, 2, 1)
             x = block(x).permute(0, 2, 1).reshape(-1, self.embed_dims[i], side, side)
             x = self.zero_conv_outs[i](x).reshape(-1, self.out_channels[i], side * side).permute(0, 2, 1)
-            biases[f"block_{self.block_indices[i]}_cross_attn_q"] = x
+            biases[f"block_{self.block_indices[i]}_cross_attn_{self.target}"] = x
             if i < len(self.blocks) - 1 and self.in_channels[i] != self.in_channels[i + 1]:
                 features.pop(0)
         return biases
@@ -296,22 +301,27 @@ class TorchUNetWrapper(torch.nn.Module):
         self.model = diffusers.UNet2DConditionModel(**config)
 
 
-class QueryBiasProcessor:
-    """CFLD's attention processor: adds `bias` (when set) to the projected queries, then plain attention."""
+class AppearanceProcessor:
+    """CFLD's attention processor: adds `bias` (when set) to the projected queries and `context` (when set, B1) to
+    the context tokens of the examples whose context is all zero (the original's test, mean |c| < 1e-4), then plain
+    attention."""
 
     bias = None
+    context = None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         query = attn.to_q(hidden_states)
         if self.bias is not None:
             query = query + self.bias
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if self.context is not None:
+            context = context + self.context * (context.abs().mean(dim=[1, 2], keepdim=True) < 1e-4)
         query, key, value = (attn.head_to_batch_dim(t) for t in (query, attn.to_k(context), attn.to_v(context)))
         out = attn.batch_to_head_dim(torch.bmm(attn.get_attention_scores(query, key, None), value))
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def install_query_bias_processors(unet):
+def install_appearance_processors(unet):
     """{block index: processor} for the up-block cross-attentions, block index 3 i + j (up block i, transformer j)
     as the original counts them."""
     processors, biased = dict(unet.attn_processors), {}
@@ -319,7 +329,7 @@ def install_query_bias_processors(unet):
         parts = name.split(".")
         if parts[0] == "up_blocks" and parts[-2] == "attn2":
             index = 3 * int(parts[1]) + int(parts[3])
-            processors[name] = biased[index] = QueryBiasProcessor()
+            processors[name] = biased[index] = AppearanceProcessor()
     unet.set_attn_processor(processors)
     return biased
 
@@ -407,7 +417,8 @@ def test_hybrid_granularity_attention_matches_torch_in_unet_block_order():
     actual = _jit(conditioner, lambda m, f: m.appearance_encoder(f))({"params": params}, [f.numpy() for f in features])
     assert len(actual) == 9
     for position, block in enumerate(range(3, 12)):  # the UNet's up-block cross-attentions in execution order
-        check_close(actual[position], expected[f"block_{block}_cross_attn_q"].numpy(), f"HGA bias of block {block}")
+        check_close(actual[position].query, expected[f"block_{block}_cross_attn_q"].numpy(),
+                    f"HGA bias of block {block}")
     assert conditioner.appearance_encoder.stage_of_branch() == (0, 0, 0, 1, 1, 1, 2, 2, 2)
 
 
@@ -431,7 +442,7 @@ def test_conditioning_and_unet_match_diffusers_with_adapter_and_query_bias_proce
     reference, unet_reference, conditioner, params, unet, unet_params = tiny_models()
     image, pose = _random((2, 3, 64, 64), 4).clamp(-1, 1), _random((2, 21, 64, 64), 5, low=0)
     latents, timesteps = _random((2, 4, 16, 16), 6), torch.tensor([10, 700])
-    processors = install_query_bias_processors(unet_reference.model)
+    processors = install_appearance_processors(unet_reference.model)
     assert sorted(processors) == list(range(3, 12))
 
     def torch_unet(prompt, residuals, biases):
@@ -455,11 +466,12 @@ def test_conditioning_and_unet_match_diffusers_with_adapter_and_query_bias_proce
     check_close(out["null_prompt"], reference.learnable_vector.detach().expand(2, -1, -1).numpy(), "null prompt")
     for i, (a, e) in enumerate(zip(out["pose_residuals"], residuals)):
         check_close(a, nhwc(e), f"pose residual {i}")
-    for block, bias in zip(range(3, 12), out["query_biases"]):
-        check_close(bias, biases[f"block_{block}_cross_attn_q"].numpy(), f"query bias {block}")
+    for block, residual in zip(range(3, 12), out["appearance_residuals"]):
+        assert residual.context is None
+        check_close(residual.query, biases[f"block_{block}_cross_attn_q"].numpy(), f"query bias {block}")
     actual = _jit(unet)({"params": unet_params}, nhwc(latents), timesteps.numpy(), out["prompt"],
                         down_block_additional_residuals=out["pose_residuals"],
-                        up_cross_attention_query_bias=out["query_biases"])
+                        up_cross_attention_residuals=out["appearance_residuals"])
     check_close(actual, nhwc(torch.from_numpy(expected)), "UNet epsilon with CFLD conditioning")
 
 
@@ -481,9 +493,9 @@ def test_init_follows_the_original():
                   "decoder": decoder.init(keys[2], jnp.zeros((1, 64, 512)))["params"]}
         return params, hga.apply({"params": params["appearance_encoder"]}, features)
 
-    params, biases = jax.jit(init, compiler_options=FAST_COMPILE)(jax.random.key(0))
-    for bias in biases:
-        np.testing.assert_array_equal(bias, 0)
+    params, residuals = jax.jit(init, compiler_options=FAST_COMPILE)(jax.random.key(0))
+    for residual in residuals:
+        np.testing.assert_array_equal(residual.query, 0)
     torch.manual_seed(2)
     theirs = {"appearance_encoder": TorchAppearanceEncoder((4, 3), (8, 16), (8, 8), (2, 2), (8, 16), 1),
               "pose_encoder": TorchPoseEncoder(2, 8, (8, 16), 4), "decoder": TorchDecoder(64, 256, 1, 8, 64, 512)}
@@ -680,4 +692,4 @@ def test_full_size_parameter_counts_match_table_1_and_the_torch_statements():
     assert round(total / 1e6, 1) == 248.2
     assert out["prompt"].shape == out["null_prompt"].shape == (2, 16, 768)
     assert [x.shape for x in out["pose_residuals"]] == [(2, 64, 64, 320), (2, 32, 32, 640), (2, 16, 16, 1280)]
-    assert [x.shape[1:] for x in out["query_biases"]] == [(256, 1280)] * 3 + [(1024, 640)] * 3 + [(4096, 320)] * 3
+    assert [x.query.shape[1:] for x in out["appearance_residuals"]] == [(256, 1280)] * 3 + [(1024, 640)] * 3 + [(4096, 320)] * 3

@@ -14,6 +14,7 @@ import torch
 
 from pgpis_jax.models.unet import UNet2DConditionModel, widen_conv_in
 from pgpis_jax.nn import attention as attention_lib
+from pgpis_jax.nn.attention import CrossAttentionResidual
 from pgpis_jax.nn.embeddings import get_timestep_embedding
 from pgpis_jax.weights.partial import merge_pretrained
 from pgpis_jax.weights.pytorch import check_params_match, state_dict_to_params
@@ -210,10 +211,11 @@ def test_up_cross_attention_query_bias():
     assert np.abs(expected - plain).max() > 1e-2
 
     actual = _run(module, params, sample, timesteps, context,
-                  up_cross_attention_query_bias=[None if b is None else b.numpy() for b in biases])
+                  up_cross_attention_residuals=[None if b is None else CrossAttentionResidual(query=b.numpy())
+                                                for b in biases])
     _check(actual, expected, "query bias")
-    zeros = [np.zeros(b.shape, np.float32) if b is not None else None for b in biases]
-    with_zero = _run(module, params, sample, timesteps, context, up_cross_attention_query_bias=zeros)
+    zeros = [CrossAttentionResidual(query=np.zeros(b.shape, np.float32)) if b is not None else None for b in biases]
+    with_zero = _run(module, params, sample, timesteps, context, up_cross_attention_residuals=zeros)
     without = _run(module, params, sample, timesteps, context)
     np.testing.assert_array_equal(with_zero, without)
     _check(without, plain, "deep without bias")
@@ -233,7 +235,7 @@ def test_hook_errors():
     with pytest.raises(ValueError, match="mid_block_additional_residual needs down_block_additional_residuals"):
         check(mid_block_additional_residual=feature)
     with pytest.raises(ValueError, match="needs 4 entries"):
-        check(up_cross_attention_query_bias=[None] * 5)  # 2 up blocks x 2 layers
+        check(up_cross_attention_residuals=[None] * 5)  # 2 up blocks x 2 layers
     with pytest.raises(ValueError, match="conv_in_residual has shape"):
         check(conv_in_residual=np.zeros((2, 16, 16, 4)))
     with pytest.raises(ValueError, match="no class embedding"):

@@ -8,14 +8,16 @@ pytorch_model.bin by rule):
                            blocks over the last stage -> the coarse prompt c [B, 16, 768] (the UNet's
                            encoder_hidden_states)
   appearance_encoder  H_A  `HybridGranularityAttention`: one zero-convolution-framed transformer branch per
-                           up-block cross-attention of the UNet -> additive biases of its queries
+                           up-block cross-attention of the UNet -> additive biases of its queries (B1: of
+                           its context tokens)
   pose_encoder        H_P  `PoseAdapter`: pixel-unshuffle + ResNet blocks on the 21-channel pose map -> the
                            T2I-adapter residuals of down blocks 0-2
   learnable_vector         the learned null prompt [1, 16, 768] of classifier-free guidance
+The ablations' prompts in place of the PRD (B1, B2, B5) are in pgpis_jax.models.cfld_prompts.
 
 `CFLDConditioner` holds the four modules and the null prompt; its outputs plug into
 pgpis_jax.models.unet.UNet2DConditionModel as `encoder_hidden_states`, `down_block_additional_residuals` and
-`up_cross_attention_query_bias`. `cfld_conditioner()` builds the full-size configuration.
+`up_cross_attention_residuals`. `cfld_conditioner()` builds the full-size configuration.
 
 Initialisation as the original: linear layers and convolutions torch's default, LayerNorms ones and zeros; the
 decoder's queries and positional embeddings N(0, 0.02); HGA's zero convolutions zero (so every query bias is zero
@@ -31,9 +33,10 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import flax.linen as nn
 import jax.numpy as jnp
 
+from pgpis_jax.models.cfld_prompts import CLIPPromptDecoder, LinearPromptDecoder, ZeroPromptDecoder
 from pgpis_jax.models.encoders.swin import CFLD_SWIN_B_CONFIG, SwinModel
-from pgpis_jax.nn.attention import Attention
-from pgpis_jax.nn.initializers import torch_conv, torch_dense
+from pgpis_jax.nn.attention import Attention, CrossAttentionResidual
+from pgpis_jax.nn.initializers import torch_conv
 from pgpis_jax.nn.resnet import ResnetBlock2D
 from pgpis_jax.nn.transformer import BasicTransformerBlock, FeedForward, LayerNorm
 
@@ -44,6 +47,11 @@ HGA_BLOCK_INDICES = (11, 10, 9, 8, 7, 6, 5, 4, 3)
 # The original's query / positional-embedding init std (nn.init.normal_(std=0.02)) and null-prompt std.
 EMBEDDING_INIT_STD = 0.02
 NULL_PROMPT_INIT_STD = 1.0
+# Where HGA's outputs go: the cross-attention queries (CFLD) or the context tokens before to_k / to_v (ablation B1).
+HGA_TARGETS = ("query", "context")
+# The original's test for the zero prompt of B1 (mean |c| per example below this): only then are HGA's context
+# residuals added, so the learned null prompt of classifier-free guidance stays unconditional.
+ZERO_PROMPT_TOLERANCE = 1e-4
 
 
 def pixel_unshuffle(x, factor: int):
@@ -123,39 +131,22 @@ class PerceptionRefinedDecoder(nn.Module):
         return h
 
 
-class LinearPromptDecoder(nn.Module):
-    """The prompt of ablation B5 (the original's Decoder with DEPTH -2, no PRD): the last Swin stage's tokens
-    [B, L, C] through `decoder_fc` (Linear C -> width, no bias) -> [B, L, width]. num_queries must equal L (the
-    null prompt has that many tokens)."""
-
-    num_queries: int = 64
-    width: int = 768
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, tokens):
-        if tokens.ndim != 3 or tokens.shape[1] != self.num_queries:
-            raise ValueError(f"LinearPromptDecoder input must be tokens [B, {self.num_queries}, C], got shape "
-                             f"{tokens.shape}")
-        return torch_dense(self.width, tokens.shape[-1], "decoder_fc", self.dtype, self.param_dtype,
-                           use_bias=False)(tokens.astype(self.dtype))
-
-
 class HybridGranularityAttention(nn.Module):
-    """H_A (the original's AppearanceEncoder with TO_QUERIES): branch i takes a Swin stage's tokens [B, H*W,
-    in_channels[i]] (square grid), applies the 1x1 `zero_conv_ins_i` (-> embed_dims[i]; weight and bias zero at
-    init), `depth` BasicTransformerBlocks `blocks_i_k` (two self-attentions then GEGLU, heads[i] heads of
-    embed_dims[i] / heads[i], no positional embedding) and the 1x1 `zero_conv_outs_i` (-> out_channels[i], zero
-    at init), giving the query bias [B, H*W, out_channels[i]] of UNet block block_indices[i].
+    """H_A (the original's AppearanceEncoder): branch i takes a Swin stage's tokens [B, H*W, in_channels[i]]
+    (square grid), applies `zero_conv_ins_i` (-> embed_dims[i]; kernel = stride = conv_in_kernels[i], 1 when
+    empty; weight and bias zero at init), `depth` BasicTransformerBlocks `blocks_i_k` (two self-attentions then
+    GEGLU, heads[i] heads of embed_dims[i] / heads[i], no positional embedding) and the 1x1 `zero_conv_outs_i`
+    (-> out_channels[i], zero at init), giving [B, (H/k)*(W/k), out_channels[i]] for UNet block
+    block_indices[i]: the bias of its cross-attention queries (target "query", CFLD's TO_QUERIES) or a residual of
+    its context tokens (target "context", ablation B1's TO_KEYS and TO_VALUES, with 8 / 4 / 2 strided convs).
 
     Stages are consumed front to back as the original does: branch 0 reads stage 0, and the stage advances after
     branch i when in_channels[i + 1] differs from in_channels[i] (defaults: stages 0, 1, 2 for branches 0-2,
     3-5, 6-8).
 
-    stage_features: the Swin stage tokens (more may be given than used). Returns the biases ordered by ascending
-    block index, which is the UNet's execution order: the tuple to pass as `up_cross_attention_query_bias`
-    (block_indices must be a permutation of consecutive integers, as 3..11).
+    stage_features: the Swin stage tokens (more may be given than used). Returns one CrossAttentionResidual per
+    branch ordered by ascending block index, which is the UNet's execution order: the tuple to pass as
+    `up_cross_attention_residuals` (block_indices must be a permutation of consecutive integers, as 3..11).
     """
 
     block_indices: Tuple[int, ...] = HGA_BLOCK_INDICES
@@ -164,6 +155,8 @@ class HybridGranularityAttention(nn.Module):
     heads: Tuple[int, ...] = (2,) * 3 + (4,) * 3 + (8,) * 3
     out_channels: Tuple[int, ...] = (320,) * 3 + (640,) * 3 + (1280,) * 3
     depth: int = 4
+    conv_in_kernels: Tuple[int, ...] = ()
+    target: str = "query"
     remat: bool = False
     attention_implementation: str = "xla"
     dtype: jnp.dtype = jnp.float32
@@ -171,7 +164,11 @@ class HybridGranularityAttention(nn.Module):
 
     def __post_init__(self):
         n = len(self.block_indices)
-        for key in ("in_channels", "embed_dims", "heads", "out_channels"):
+        if self.target not in HGA_TARGETS:
+            raise ValueError(f"HybridGranularityAttention target {self.target!r}; expected one of "
+                             f"{', '.join(HGA_TARGETS)}")
+        for key in ("in_channels", "embed_dims", "heads", "out_channels") + (
+                ("conv_in_kernels",) if self.conv_in_kernels else ()):
             if len(getattr(self, key)) != n:
                 raise ValueError(f"HybridGranularityAttention {key} has {len(getattr(self, key))} entries but "
                                  f"block_indices has {n}")
@@ -201,25 +198,32 @@ class HybridGranularityAttention(nn.Module):
         if len(stage_features) <= stages[-1]:
             raise ValueError(f"HybridGranularityAttention reads {stages[-1] + 1} Swin stages, got "
                              f"{len(stage_features)}")
-        biases: Dict[int, object] = {}
+        outputs: Dict[int, CrossAttentionResidual] = {}
+        kernels = self.conv_in_kernels or (1,) * len(self.block_indices)
         for i, block_index in enumerate(self.block_indices):
             tokens = stage_features[stages[i]]
             side = _square_grid(tokens, f"Swin stage {stages[i]} (HGA branch {i})")
             if tokens.shape[-1] != self.in_channels[i]:
                 raise ValueError(f"HGA branch {i} expects {self.in_channels[i]} channels from Swin stage {stages[i]}, "
                                  f"got {tokens.shape[-1]}")
-            batch = tokens.shape[0]
+            kernel = kernels[i]
+            if side % kernel:
+                raise ValueError(f"HGA branch {i}: the {side}x{side} grid of Swin stage {stages[i]} is not divisible "
+                                 f"by its conv_in kernel {kernel}")
+            batch, side_out = tokens.shape[0], side // kernel
             grid = tokens.astype(self.dtype).reshape(batch, side, side, tokens.shape[-1])
-            h = nn.Conv(self.embed_dims[i], (1, 1), name=f"zero_conv_ins_{i}", **zero)(grid)
-            h = h.reshape(batch, side * side, self.embed_dims[i])
+            h = nn.Conv(self.embed_dims[i], (kernel, kernel), strides=(kernel, kernel), padding="VALID",
+                        name=f"zero_conv_ins_{i}", **zero)(grid)
+            h = h.reshape(batch, side_out * side_out, self.embed_dims[i])
             for k in range(self.depth):
                 h = block_class(self.heads[i], self.embed_dims[i] // self.heads[i], has_cross_attention=False,
                                 double_self_attention=True, attention_implementation=self.attention_implementation,
                                 name=f"blocks_{i}_{k}", **kw)(h, None, None, True)
             h = nn.Conv(self.out_channels[i], (1, 1), name=f"zero_conv_outs_{i}", **zero)(
-                h.reshape(batch, side, side, self.embed_dims[i]))
-            biases[block_index] = h.reshape(batch, side * side, self.out_channels[i])
-        return tuple(biases[index] for index in sorted(biases))
+                h.reshape(batch, side_out, side_out, self.embed_dims[i]))
+            h = h.reshape(batch, side_out * side_out, self.out_channels[i])
+            outputs[block_index] = CrossAttentionResidual(**{self.target: h})
+        return tuple(outputs[index] for index in sorted(outputs))
 
 
 class PoseAdapter(nn.Module):
@@ -254,29 +258,44 @@ class PoseAdapter(nn.Module):
         return tuple(features)
 
 
+def gate_context_residuals(prompt, residuals):
+    """HGA's outputs as the UNet takes them: context residuals (B1) kept only for the examples whose prompt
+    [B, Q, width] is all zero (mean |c| < ZERO_PROMPT_TOLERANCE, the original's test in every cross-attention: the
+    conditional zero prompt, not the learned null prompt); query biases unchanged. residuals: a tuple of
+    CrossAttentionResidual or None."""
+    if residuals is None:
+        return None
+    zero = jnp.mean(jnp.abs(prompt.astype(jnp.float32)), axis=(1, 2)) < ZERO_PROMPT_TOLERANCE
+    keep = zero.astype(prompt.dtype)[:, None, None]
+    return tuple(r._replace(context=None if r.context is None else r.context * keep) for r in residuals)
+
+
 class CFLDConditioner(nn.Module):
-    """The original's `build_model`: `backbone` (SwinModel with final_norm False), `appearance_encoder` (HGA; None
-    in the ablations without it, B3 / B4), `pose_encoder` (PoseAdapter), `decoder` (PRD, or B5's
-    LinearPromptDecoder) and the null prompt `learnable_vector` [1, Q, width] (N(0, 1) at init). Build the
-    full-size one with `cfld_conditioner()`.
+    """The original's `build_model`: `backbone` (SwinModel with final_norm False; None in B2, whose prompt reads
+    the image), `appearance_encoder` (HGA; None in the ablations without it, B2 - B4), `pose_encoder`
+    (PoseAdapter), `decoder` (the PRD, or an ablation's prompt from pgpis_jax.models.cfld_prompts) and the null
+    prompt `learnable_vector` [1, Q, width] (N(0, 1) at init). Build the full-size one with `cfld_conditioner()`.
 
     __call__(image [B, H, W, 3] in [-1, 1], pose [B, H', W', 21], deterministic) -> {
         "prompt": the coarse prompt c [B, Q, width],
         "null_prompt": the learned null prompt broadcast to [B, Q, width],
         "pose_residuals": tuple of the adapter's features (down_block_additional_residuals),
-        "query_biases": tuple of HGA's biases for UNet blocks 3..11 (up_cross_attention_query_bias), or None
-        without HGA}.
+        "appearance_residuals": tuple of HGA's CrossAttentionResiduals for UNet blocks 3..11
+        (up_cross_attention_residuals, after gate_context_residuals), or None without HGA}.
     `encode_appearance`, `encode_pose` and `null_prompt` give the parts (e.g. source appearance and target pose
     at sampling). deterministic=False enables the Swin's stochastic depth (rng stream "dropout").
     """
 
-    backbone: SwinModel
+    backbone: Optional[SwinModel]
     appearance_encoder: Optional[HybridGranularityAttention]
     pose_encoder: PoseAdapter
-    decoder: Union[PerceptionRefinedDecoder, LinearPromptDecoder]
+    decoder: Union[PerceptionRefinedDecoder, LinearPromptDecoder, ZeroPromptDecoder, CLIPPromptDecoder]
 
     def setup(self):
-        if self.backbone.final_norm:
+        if self.backbone is None:
+            if not isinstance(self.decoder, CLIPPromptDecoder) or self.appearance_encoder is not None:
+                raise ValueError("CFLDConditioner without a backbone needs the CLIP prompt (B2) and no HGA")
+        elif self.backbone.final_norm:
             raise ValueError("CFLDConditioner's backbone must have final_norm=False (CFLD's LAST_NORM False: the "
                              "decoder reads un-normalised last-stage tokens)")
         self.learnable_vector = self.param("learnable_vector", nn.initializers.normal(NULL_PROMPT_INIT_STD),
@@ -284,10 +303,12 @@ class CFLDConditioner(nn.Module):
                                            self.decoder.param_dtype)
 
     def encode_appearance(self, image, deterministic: bool = True):
-        """image [B, H, W, 3] -> (prompt [B, Q, width], query biases in UNet order or None without HGA)."""
+        """image [B, H, W, 3] -> (prompt [B, Q, width], HGA's residuals in UNet order or None without HGA)."""
+        if self.backbone is None:
+            return self.decoder(image), None
         stages = self.backbone(image, deterministic=deterministic)["stage_features"]
-        biases = None if self.appearance_encoder is None else self.appearance_encoder(stages)
-        return self.decoder(stages[-1]), biases
+        residuals = None if self.appearance_encoder is None else self.appearance_encoder(stages)
+        return self.decoder(stages[-1]), residuals
 
     def encode_pose(self, pose):
         """pose [B, H, W, 21] -> the adapter residuals of the UNet's down blocks."""
@@ -299,17 +320,22 @@ class CFLDConditioner(nn.Module):
         return jnp.broadcast_to(vector, (batch,) + vector.shape[1:])
 
     def __call__(self, image, pose, deterministic: bool = True):
-        prompt, query_biases = self.encode_appearance(image, deterministic)
+        prompt, residuals = self.encode_appearance(image, deterministic)
         return {"prompt": prompt, "null_prompt": self.null_prompt(image.shape[0]),
-                "pose_residuals": self.encode_pose(pose), "query_biases": query_biases}
+                "pose_residuals": self.encode_pose(pose),
+                "appearance_residuals": gate_context_residuals(prompt, residuals)}
 
-    def init_params(self, rng, pose_channels: int = 21):
-        """A fresh parameter tree (wrap in jax.eval_shape for shapes only) from dummy inputs at the backbone's
-        image_size (the pose map has the same size, as in CFLD)."""
-        size = self.backbone.image_size
-        height, width = (size, size) if isinstance(size, int) else tuple(size)
-        image = jnp.zeros((1, height, width, self.backbone.num_channels), self.decoder.dtype)
-        pose = jnp.zeros((1, height, width, pose_channels), self.decoder.dtype)
+    def condition_size(self) -> Tuple[int, int]:
+        """(height, width) of the condition image: the backbone's image_size, or B2's CLIP's."""
+        size = self.decoder.image_size if self.backbone is None else self.backbone.image_size
+        return (size, size) if isinstance(size, int) else tuple(size)
+
+    def init_params(self, rng, pose_channels: int = 21, pose_size: Optional[Tuple[int, int]] = None):
+        """A fresh parameter tree (wrap in jax.eval_shape for shapes only) from dummy inputs at condition_size();
+        the pose map has the same size unless pose_size is given (B2's 224x224 condition, 256x256 poses)."""
+        height, width = self.condition_size()
+        image = jnp.zeros((1, height, width, 3), self.decoder.dtype)
+        pose = jnp.zeros((1,) + tuple(pose_size or (height, width)) + (pose_channels,), self.decoder.dtype)
         return self.init(rng, image, pose)["params"]
 
 

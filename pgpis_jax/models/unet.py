@@ -6,7 +6,7 @@ CrossAttnUpBlock2D / UpBlock2D, conv or linear transformer projections, per-bloc
 transformer depth, class_embed_type None, "projection" or FPDM's "mlp"), plus the hooks the PGPIS methods need:
 `conv_in_residual` (PCDMs / FPDM pose features added after conv_in), `down_block_additional_residuals` and
 `mid_block_additional_residual` (T2I-adapter or ControlNet residuals, diffusers' semantics) and
-`up_cross_attention_query_bias` (CFLD's hybrid-granularity attention). Any other diffusers option at a
+`up_cross_attention_residuals` (CFLD's hybrid-granularity attention). Any other diffusers option at a
 non-default value raises ValueError naming the key.
 
 Initialisation: every convolution and linear layer starts from torch's default init (U(-1/sqrt(fan_in),
@@ -214,26 +214,26 @@ class UpBlock2D(_BlockBase):
 
 
 class CrossAttnUpBlock2D(_CrossAttnBase):
-    """UpBlock2D with a Transformer2DModel after each ResNet block. query_biases: None or one entry per
-    transformer block of this up block, in execution order (array [B, H*W, inner] or None), added to the
-    cross-attention queries."""
+    """UpBlock2D with a Transformer2DModel after each ResNet block. residuals: None or one entry per
+    transformer block of this up block, in execution order (CrossAttentionResidual or None), for its
+    cross-attention."""
 
     add_upsample: bool = True
     has_cross_attention = True
 
     @nn.compact
-    def __call__(self, hidden, res_hidden_states, temb, context, query_biases=None, upsample_size=None,
+    def __call__(self, hidden, res_hidden_states, temb, context, residuals=None, upsample_size=None,
                  deterministic: bool = True):
         skips = tuple(res_hidden_states)
         per_layer = self.transformer_layers
-        if query_biases is None:
-            query_biases = (None,) * (self.num_layers * per_layer)
+        if residuals is None:
+            residuals = (None,) * (self.num_layers * per_layer)
         for i in range(self.num_layers):
             hidden = jnp.concatenate([hidden, skips[-1].astype(hidden.dtype)], axis=-1)
             skips = skips[:-1]
             hidden = self._resnet(i)(hidden, temb, deterministic)
-            biases = tuple(query_biases[i * per_layer:(i + 1) * per_layer])
-            hidden = self._transformer(i)(hidden, context, biases, deterministic)
+            layer_residuals = tuple(residuals[i * per_layer:(i + 1) * per_layer])
+            hidden = self._transformer(i)(hidden, context, layer_residuals, deterministic)
         if self.add_upsample:
             hidden = Upsample2D(self.out_channels, dtype=self.dtype, param_dtype=self.param_dtype,
                                 name="upsamplers_0")(hidden, upsample_size)
@@ -406,7 +406,7 @@ class UNet2DConditionModel(nn.Module):
 
     @property
     def num_up_cross_attention_layers(self) -> int:
-        """How many entries `up_cross_attention_query_bias` takes: the transformer blocks of the up blocks."""
+        """How many entries `up_cross_attention_residuals` takes: the transformer blocks of the up blocks."""
         n, _, layers, tlayers = self._layout()
         return sum((layers[n - 1 - i] + 1) * tlayers[n - 1 - i]
                    for i, block in enumerate(self.up_block_types) if block == "CrossAttnUpBlock2D")
@@ -420,7 +420,7 @@ class UNet2DConditionModel(nn.Module):
     def __call__(self, sample, timestep, encoder_hidden_states, class_labels=None,
                  down_block_additional_residuals: Optional[Sequence[Any]] = None,
                  mid_block_additional_residual=None, conv_in_residual=None,
-                 up_cross_attention_query_bias: Optional[Sequence[Any]] = None, deterministic: bool = True):
+                 up_cross_attention_residuals: Optional[Sequence[Any]] = None, deterministic: bool = True):
         """sample [B, H, W, in_channels]; timestep scalar or [B] (int or float); encoder_hidden_states
         [B, L, cross_attention_dim]; class_labels [B, projection_class_embeddings_input_dim] (with a class
         embedding only: "projection" or FPDM's "mlp", whose dropout follows `deterministic`; either is added to
@@ -432,9 +432,10 @@ class UNet2DConditionModel(nn.Module):
         resnet/transformer pair, before the downsampler), by each DownBlock2D after the block (output and its
         last skip), then by the mid block output if one is left with its shape; all must be used. With
         mid_block_additional_residual: ControlNet residuals, one per skip activation, added to the skips, and
-        the mid residual added to the mid block output. up_cross_attention_query_bias: one entry per up-block
-        transformer block, in execution order (`num_up_cross_attention_layers`), each [B, H*W, inner] or None,
-        added to that block's cross-attention queries after to_q.
+        the mid residual added to the mid block output. up_cross_attention_residuals: one entry per up-block
+        transformer block, in execution order (`num_up_cross_attention_layers`), each a CrossAttentionResidual
+        (pgpis_jax.nn.attention: a query bias [B, H*W, inner] added after to_q, a context residual
+        [B, L, cross_attention_dim] added to encoder_hidden_states before to_k / to_v) or None.
         """
         n, heads, layers, tlayers = self._layout()
         channels = self.block_out_channels
@@ -482,12 +483,12 @@ class UNet2DConditionModel(nn.Module):
         controlnet = mid_block_additional_residual is not None
         adapter = [] if controlnet or down_block_additional_residuals is None else list(
             down_block_additional_residuals)
-        query_biases = up_cross_attention_query_bias
-        if query_biases is not None:
-            query_biases = tuple(query_biases)
-            if len(query_biases) != self.num_up_cross_attention_layers:
-                raise ValueError(f"up_cross_attention_query_bias needs {self.num_up_cross_attention_layers} entries "
-                                 f"(one per up-block cross-attention layer), got {len(query_biases)}")
+        up_residuals = up_cross_attention_residuals
+        if up_residuals is not None:
+            up_residuals = tuple(up_residuals)
+            if len(up_residuals) != self.num_up_cross_attention_layers:
+                raise ValueError(f"up_cross_attention_residuals needs {self.num_up_cross_attention_layers} entries "
+                                 f"(one per up-block cross-attention layer), got {len(up_residuals)}")
 
         # 3. conv_in and down blocks
         hidden = conv3x3(channels[0], self.in_channels, self.dtype, self.param_dtype, "conv_in")(sample)
@@ -534,7 +535,7 @@ class UNet2DConditionModel(nn.Module):
 
         # 5. up blocks
         upsample_size = None
-        bias_index = 0
+        residual_index = 0
         for i, block_type in enumerate(self.up_block_types):
             j = n - 1 - i  # the matching down level
             num_layers = layers[j] + 1
@@ -546,11 +547,12 @@ class UNet2DConditionModel(nn.Module):
                           name=f"up_blocks_{i}", **block_kw)
             if block_type == "CrossAttnUpBlock2D":
                 count = num_layers * tlayers[j]
-                biases = None if query_biases is None else query_biases[bias_index:bias_index + count]
-                bias_index += count
+                block_residuals = None if up_residuals is None else \
+                    up_residuals[residual_index:residual_index + count]
+                residual_index += count
                 block = self._block(CrossAttnUpBlock2D)(heads=heads[j], transformer_layers=tlayers[j],
                                                         **attention_kw, **common)
-                hidden = block(hidden, block_skips, emb, encoder_hidden_states, biases, upsample_size,
+                hidden = block(hidden, block_skips, emb, encoder_hidden_states, block_residuals, upsample_size,
                                deterministic)
             else:
                 hidden = self._block(UpBlock2D)(**common)(hidden, block_skips, emb, upsample_size, deterministic)

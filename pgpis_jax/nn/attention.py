@@ -18,7 +18,7 @@ Implementations:
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -199,14 +199,22 @@ def _chunked_attention(query, key, value, scale, bias, block_size: int):
     return out.reshape((out.shape[0], -1) + out.shape[3:])[:, :query_length]
 
 
+class CrossAttentionResidual(NamedTuple):
+    """Additive inputs of one cross-attention (CFLD's hybrid-granularity attention and its ablation B1): `query`
+    [B, L, heads*dim_head] is added to the projected queries (after to_q), `context` [B, Lc, Cc] to the context
+    tokens before to_k / to_v. Either may be None."""
+
+    query: Optional[Any] = None
+    context: Optional[Any] = None
+
+
 class Attention(nn.Module):
     """diffusers' `Attention` (self- or cross-attention) with its parameter names: `to_q`, `to_k`, `to_v`,
     `to_out_0` (torch `to_out.0`) and, for the VAE's spatial attention, `group_norm`.
 
     hidden [B, L, C] or spatial [B, H, W, C] (flattened to H*W tokens, restored on output); context
-    [B, Lc, Cc] for cross-attention (None: self-attention); query_bias [B, L, heads*dim_head] or None is
-    added to the projected queries (CFLD's hybrid-granularity attention). With residual_connection the
-    input is added back, then the result is divided by rescale_output_factor.
+    [B, Lc, Cc] for cross-attention (None: self-attention); residual: a CrossAttentionResidual or None. With
+    residual_connection the input is added back, then the result is divided by rescale_output_factor.
     """
 
     heads: int
@@ -222,8 +230,8 @@ class Attention(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, hidden, context=None, query_bias=None):
-        residual, spatial_shape = hidden, None
+    def __call__(self, hidden, context=None, residual: Optional[CrossAttentionResidual] = None):
+        shortcut, spatial_shape = hidden, None
         if self.norm_num_groups is not None:
             hidden = GroupNorm(self.norm_num_groups, self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                                name="group_norm")(hidden)
@@ -231,22 +239,25 @@ class Attention(nn.Module):
             spatial_shape = hidden.shape
             hidden = hidden.reshape(hidden.shape[0], -1, hidden.shape[-1])
         context = hidden if context is None else context
+        residual = residual or CrossAttentionResidual()
+        if residual.context is not None:
+            context = context + residual.context.astype(context.dtype)
         inner = self.heads * self.dim_head
 
         def project(name, x, bias):
             return torch_dense(inner, x.shape[-1], name, self.dtype, self.param_dtype, use_bias=bias)(x)
 
         query = project("to_q", hidden, self.use_bias)
-        if query_bias is not None:
-            query = query + query_bias
+        if residual.query is not None:
+            query = query + residual.query
         key, value = project("to_k", context, self.use_bias), project("to_v", context, self.use_bias)
         split = lambda x: x.reshape(x.shape[:2] + (self.heads, self.dim_head))  # noqa: E731
         out = dot_product_attention(split(query), split(key), split(value), self.implementation)
         out = out.reshape(out.shape[:2] + (inner,))
-        out = torch_dense(residual.shape[-1], inner, "to_out_0", self.dtype, self.param_dtype,
+        out = torch_dense(shortcut.shape[-1], inner, "to_out_0", self.dtype, self.param_dtype,
                           use_bias=self.out_bias)(out)
         if spatial_shape is not None:
             out = out.reshape(spatial_shape)
         if self.residual_connection:
-            out = out + residual
+            out = out + shortcut
         return out / self.rescale_output_factor

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pgpis_jax.nn.attention import Attention
+from pgpis_jax.nn.attention import Attention, CrossAttentionResidual
 from pgpis_jax.nn.initializers import torch_conv, torch_dense
 from pgpis_jax.nn.resnet import GroupNorm
 
@@ -98,8 +98,7 @@ class BasicTransformerBlock(nn.Module):
     double_self_attention (diffusers' option of that name, CFLD's hybrid-granularity attention): attn2 is a
     second self-attention, x += attn2(norm2(x)), and no context is taken.
 
-    x [B, L, dim]; context [B, Lc, Dc]; query_bias [B, L, heads * dim_head] or None is added to the
-    cross-attention's projected queries (CFLD's hybrid-granularity attention).
+    x [B, L, dim]; context [B, Lc, Dc]; residual: the cross-attention's CrossAttentionResidual or None.
     """
 
     heads: int
@@ -115,7 +114,8 @@ class BasicTransformerBlock(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, context=None, query_bias=None, deterministic: bool = True):
+    def __call__(self, x, context=None, residual: Optional[CrossAttentionResidual] = None,
+                 deterministic: bool = True):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attention = dict(heads=self.heads, dim_head=self.dim_head, use_bias=self.attention_bias,
                          implementation=self.attention_implementation, **kw)
@@ -124,18 +124,19 @@ class BasicTransformerBlock(nn.Module):
         h = LayerNorm(self.norm_eps, name="norm1", **kw)(x)
         x = drop(Attention(name="attn1", **attention)(h), deterministic=deterministic) + x
         if self.double_self_attention:
-            if context is not None or query_bias is not None:
-                raise ValueError("a BasicTransformerBlock with double_self_attention takes no context or query_bias")
+            if context is not None or residual is not None:
+                raise ValueError("a BasicTransformerBlock with double_self_attention takes no context or residual")
             h = Attention(name="attn2", **attention)(LayerNorm(self.norm_eps, name="norm2", **kw)(x))
             x = drop(h, deterministic=deterministic) + x
         elif self.has_cross_attention:
             if context is None:
                 raise ValueError("BasicTransformerBlock with cross-attention needs a context (encoder_hidden_states)")
             h = LayerNorm(self.norm_eps, name="norm2", **kw)(x)
-            h = Attention(name="attn2", **attention)(h, context, query_bias=query_bias)
+            h = Attention(name="attn2", **attention)(h, context, residual)
             x = drop(h, deterministic=deterministic) + x
-        elif query_bias is not None:
-            raise ValueError("query_bias is given but this BasicTransformerBlock has no cross-attention")
+        elif residual is not None:
+            raise ValueError("a cross-attention residual is given but this BasicTransformerBlock has no "
+                             "cross-attention")
         h = LayerNorm(self.norm_eps, name="norm3", **kw)(x)
         feed_forward = FeedForward(dropout=self.dropout, activation_fn=self.activation_fn, name="ff", **kw)
         return feed_forward(h, deterministic=deterministic) + x
@@ -146,8 +147,8 @@ class Transformer2DModel(nn.Module):
     (1x1 conv, or Linear with use_linear_projection) to heads * dim_head, `num_layers` x
     `transformer_blocks_i`, `proj_out` back to the input width, plus the input.
 
-    x [B, H, W, C]; context [B, Lc, Dc]; query_biases: None or a sequence with one entry (array
-    [B, H*W, heads*dim_head] or None) per transformer block, added to its cross-attention queries.
+    x [B, H, W, C]; context [B, Lc, Dc]; residuals: None or a sequence with one entry (CrossAttentionResidual
+    or None) per transformer block, for its cross-attention.
     """
 
     heads: int
@@ -162,27 +163,27 @@ class Transformer2DModel(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, context=None, query_biases=None, deterministic: bool = True):
+    def __call__(self, x, context=None, residuals=None, deterministic: bool = True):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         batch, height, width, channels = x.shape
         inner = self.heads * self.dim_head
-        if query_biases is None:
-            query_biases = (None,) * self.num_layers
-        if len(query_biases) != self.num_layers:
+        if residuals is None:
+            residuals = (None,) * self.num_layers
+        if len(residuals) != self.num_layers:
             raise ValueError(f"Transformer2DModel has {self.num_layers} transformer blocks but got "
-                             f"{len(query_biases)} query biases")
-        residual = x
+                             f"{len(residuals)} cross-attention residuals")
+        shortcut = x
         h = GroupNorm(self.norm_num_groups, 1e-6, name="norm", **kw)(x)
         if self.use_linear_projection:
             h = torch_dense(inner, channels, "proj_in", **kw)(h.reshape(batch, height * width, channels))
         else:
             h = torch_conv(inner, 1, channels, "proj_in", **kw)(h).reshape(batch, height * width, inner)
-        for i, bias in enumerate(query_biases):
+        for i, cross_residual in enumerate(residuals):
             h = BasicTransformerBlock(self.heads, self.dim_head, has_cross_attention=self.has_cross_attention,
                                       dropout=self.dropout, attention_implementation=self.attention_implementation,
-                                      name=f"transformer_blocks_{i}", **kw)(h, context, bias, deterministic)
+                                      name=f"transformer_blocks_{i}", **kw)(h, context, cross_residual, deterministic)
         if self.use_linear_projection:
             h = torch_dense(channels, inner, "proj_out", **kw)(h).reshape(batch, height, width, channels)
         else:
             h = torch_conv(channels, 1, inner, "proj_out", **kw)(h.reshape(batch, height, width, inner))
-        return h + residual
+        return h + shortcut

@@ -7,7 +7,10 @@ parameter trees and back, as pure functions on state dicts (NumPy arrays).
                                              dropped on import, written on export
                        appearance_encoder.*  zero_conv_ins.i, zero_conv_outs.i, blocks.i.k.* (HGA)
                        pose_encoder.*        conv_in, resnets.i.* (the adapter)
-                       decoder.*             query_feat, pos_embed, kv_pos_embed, blocks.r.* (PRD)
+                       decoder.*             query_feat, pos_embed, kv_pos_embed, blocks.r.* (PRD); the
+                                             ablations': decoder_fc (B5), none (B1), clip_model.transformer.*
+                                             (B2's CLIP, transformers' CLIPVisionModel names), clip_model.mapper.*
+                                             and clip_model.final_ln.*
                        learnable_vector      the null prompt
   pytorch_model_1.bin  the UNet wrapper: model.* = a complete SD-1.5 UNet2DConditionModel (diffusers names)
                        -> UNet2DConditionModel's params.
@@ -28,15 +31,18 @@ from pgpis_jax.errors import UserError
 from pgpis_jax.models.cfld import CFLDConditioner
 from pgpis_jax.models.unet import UNet2DConditionModel
 from pgpis_jax.weights.diffusers_io import LIST_NAMES as DIFFUSERS_LIST_NAMES
-from pgpis_jax.weights.encoder_checkpoints import swin_params_from_state_dict, swin_params_to_microsoft_state_dict
+from pgpis_jax.weights.encoder_checkpoints import (clip_vision_params_from_state_dict, swin_params_from_state_dict,
+                                                   swin_params_to_microsoft_state_dict)
 from pgpis_jax.weights.pytorch import check_params_match, params_to_state_dict, state_dict_to_params
 
 CONDITIONER_FILE = "pytorch_model.bin"
 UNET_FILE = "pytorch_model_1.bin"
 BACKBONE_PREFIX = "backbone."
+CLIP_PREFIX = "decoder.clip_model.transformer."
 UNET_PREFIX = "model."
 # linen list attributes of the container's non-Swin modules, named "<name>_<i>" where torch says "<name>.<i>"
-CONDITIONER_LIST_NAMES = ("blocks", "zero_conv_ins", "zero_conv_outs", "resnets", "to_out", "net")
+CONDITIONER_LIST_NAMES = ("blocks", "zero_conv_ins", "zero_conv_outs", "resnets", "to_out", "net", "layers",
+                          "mapper", "resblocks")
 
 
 @functools.lru_cache(maxsize=8)
@@ -64,8 +70,12 @@ def conditioner_params_from_state_dict(state_dict: Mapping[str, np.ndarray], mod
     checkpoint does; pretrained Swin weights go through load_swin_checkpoint instead)."""
     backbone = {key[len(BACKBONE_PREFIX):]: value for key, value in state_dict.items()
                 if key.startswith(BACKBONE_PREFIX)}
-    rest = {key: value for key, value in state_dict.items() if not key.startswith(BACKBONE_PREFIX)}
+    clip = {key[len(CLIP_PREFIX):]: value for key, value in state_dict.items() if key.startswith(CLIP_PREFIX)}
+    rest = {key: value for key, value in state_dict.items() if not key.startswith((BACKBONE_PREFIX, CLIP_PREFIX))}
     params = state_dict_to_params(rest)
+    if clip:
+        params.setdefault("decoder", {}).setdefault("clip_model", {})["transformer"] = \
+            clip_vision_params_from_state_dict(clip, {}, with_projection=False)
     if backbone:
         swin = module.backbone
         params["backbone"] = swin_params_from_state_dict(backbone, swin.to_config(), resize_tables=False,
@@ -79,8 +89,9 @@ def conditioner_state_dict(params: Mapping, module: CFLDConditioner) -> Dict[str
     """The state dict of the original's build_model (pytorch_model.bin's layout, float32; the Swin buffers as
     the original saves them) for CFLDConditioner params."""
     params = dict(_float32(params))
-    state = {BACKBONE_PREFIX + key: value
-             for key, value in swin_params_to_microsoft_state_dict(params.pop("backbone"), module.backbone).items()}
+    state = {} if module.backbone is None else {
+        BACKBONE_PREFIX + key: value
+        for key, value in swin_params_to_microsoft_state_dict(params.pop("backbone"), module.backbone).items()}
     state.update(params_to_state_dict(params, CONDITIONER_LIST_NAMES))
     return state
 

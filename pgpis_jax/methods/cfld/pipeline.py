@@ -70,7 +70,7 @@ class CFLDPipeline:
         def interpolated(p, condition, style, weight, pose, rng):
             (prompt_a, biases_a), (prompt_b, biases_b) = (method.encode_appearance(p, x) for x in (condition, style))
             mix = lambda a, b: (1.0 - weight) * a + weight * b   # noqa: E731
-            biases = None if biases_a is None else tuple(map(mix, biases_a, biases_b))
+            biases = jax.tree.map(mix, biases_a, biases_b)
             return method.generate_from_appearance(p, mix(prompt_a, prompt_b), biases, pose, rng, sampling)
 
         def transferred(p, condition, pose, reference, mask, rng):

@@ -4,7 +4,9 @@ queries) and a pose adapter (pgpis_jax/models/cfld.py; ../shared/reference/cfld.
 
 Parameters: `backbone` (Swin-B), `appearance_encoder` (HGA), `pose_encoder` (adapter), `decoder` (PRD), the null
 prompt `learnable_vector` and, in `unet`, attn2.to_k / to_v of the nine up-block transformers - trained (the
-config's param_groups); the rest of `unet` and `vae` - frozen.
+config's param_groups); the rest of `unet` and `vae` - frozen. The ablations (configs/cfld.py) replace the PRD by
+another prompt (B1 zeros with HGA feeding the context tokens, B2 a frozen CLIP's embedding through a trained mapper,
+B5 a linear layer) or drop HGA (B2 - B4).
 
 Training step (cfld batches, pgpis_jax/input_pipeline.py), per pair of source s and target g:
   x0 = VAE posterior samples of [s ; g] (2B latents: the self-reconstruction of the source and the target,
@@ -39,8 +41,9 @@ from pgpis_jax.methods.common import latents
 from pgpis_jax.methods.common.networks import load_pretrained
 from pgpis_jax.methods.common.objective import DiffusionObjective
 from pgpis_jax.methods.common.stage import Stage, dropped, first_test_examples, per_example_keys
-from pgpis_jax.models.cfld import (CFLDConditioner, HybridGranularityAttention, LinearPromptDecoder,
-                                   PerceptionRefinedDecoder, PoseAdapter)
+from pgpis_jax.models.cfld import (CFLDConditioner, HybridGranularityAttention, PerceptionRefinedDecoder,
+                                   PoseAdapter, gate_context_residuals)
+from pgpis_jax.models.cfld_prompts import CLIPImageEmbedder, CLIPPromptDecoder, LinearPromptDecoder, ZeroPromptDecoder
 from pgpis_jax.models.encoders.swin import SwinModel
 from pgpis_jax.trainer.precision import Policy
 from pgpis_jax.weights.encoder_checkpoints import load_swin_checkpoint
@@ -48,7 +51,8 @@ from pgpis_jax.weights.encoder_checkpoints import load_swin_checkpoint
 # The parameter-tree names of the conditioner (the original's build_model), in the order of pytorch_model.bin.
 CONDITIONER_NETWORKS = ("backbone", "appearance_encoder", "pose_encoder", "decoder", "learnable_vector")
 GUIDANCE = ("uc_down_full", "uc_full", "full")
-DECODERS = ("prd", "linear")
+DECODERS = ("prd", "linear", "zero", "clip")
+CLIP_KEY = "config.model.image_encoder"
 
 
 def _build_swin(config, **options):
@@ -76,12 +80,16 @@ class CFLD(Stage):
                                          attention_implementation=attention, **kw)
         self.codec, self.vae = self.builder.codec(m.vae, "config.model.vae", policy.compute_dtype)
         self.backbone = self.builder.checkpoint_file_network(m.backbone, "config.model.backbone", _build_swin,
-                                                             attention_implementation=attention, **kw)
+                                                             attention_implementation=attention, **kw) \
+            if m.get("backbone") else None
+        self.image_encoder = self.builder.network(m.image_encoder, CLIP_KEY, "transformers",
+                                                  attention_implementation=attention, **kw) \
+            if m.get("image_encoder") else None
         self.check_inputs()
-        self.conditioner = CFLDConditioner(backbone=self.backbone.module,
+        self.conditioner = CFLDConditioner(backbone=self.backbone and self.backbone.module,
                                            appearance_encoder=_hga(m.appearance_encoder, attention, config.remat, kw),
                                            pose_encoder=PoseAdapter(**_fields(m.pose_encoder), **kw),
-                                           decoder=_decoder(m.decoder, attention, config.remat, kw))
+                                           decoder=self._decoder(m.decoder, attention, config.remat, kw))
         _check_fits(self.unet.module, self.codec.channels, self.conditioner)
         self.objective = DiffusionObjective(config)
         self.condition_dropout = float(config.diffusion.condition_dropout)
@@ -90,19 +98,47 @@ class CFLD(Stage):
 
     # ------------------------------------------------------------------------------------------ parameters
 
+    def _decoder(self, section, attention: str, remat: str, kw):
+        """config.model.decoder -> the PRD (kind "prd") or an ablation's prompt (cfld_prompts: "linear" B5,
+        "zero" B1, "clip" B2 over config.model.image_encoder)."""
+        fields = _fields(section)
+        kind = fields.pop("kind")
+        size = dict(num_queries=fields["num_queries"], width=fields["width"], **kw)
+        if kind == "prd":
+            return PerceptionRefinedDecoder(**fields, remat=remat != "none", attention_implementation=attention,
+                                            **kw)
+        if kind == "linear":
+            return LinearPromptDecoder(**size)
+        if kind == "zero":
+            return ZeroPromptDecoder(**size)
+        if kind == "clip":
+            if self.image_encoder is None or self.image_encoder.module is None:
+                raise UserError("config.model.decoder.kind='clip' needs config.model.image_encoder (a CLIP vision "
+                                "model)")
+            embedder = CLIPImageEmbedder(transformer=self.image_encoder.module, width=fields["width"],
+                                         layers=fields["layers"], heads=fields["heads"], **kw)
+            return CLIPPromptDecoder(clip_model=embedder, num_queries=fields["num_queries"], **kw)
+        raise UserError(f"config.model.decoder.kind={kind!r}; expected one of {', '.join(DECODERS)}")
+
     def init(self, rng):
         keys = jax.random.split(rng, 3)
-        params = {"unet": self.unet.module.init_params(keys[0]), **self.conditioner.init_params(keys[1])}
+        pose_size = input_pipeline.layout_options("cfld", self.config.data.get("pipeline", {}))["pose_size"]
+        conditioner = self.conditioner.init_params(keys[1], pose_size=(int(pose_size),) * 2)
+        params = {"unet": self.unet.module.init_params(keys[0]), **conditioner}
         vae = self.codec.init_params(keys[2])
         return {**params, "vae": vae} if vae else params
 
     def warm_start(self, params):
-        """SD 1.5's UNet and VAE, and the Swin checkpoint (window-12 bias tables resized to the stage windows as the
-        original does); the rest keeps its fresh initialisation."""
+        """SD 1.5's UNet and VAE, the Swin checkpoint (window-12 bias tables resized to the stage windows as the
+        original does) and B2's CLIP; the rest keeps its fresh initialisation."""
         params = dict(params, unet=load_pretrained(self.unet, params["unet"]))
         if self.vae is not None:
             params["vae"] = load_pretrained(self.vae, params["vae"])
-        if self.backbone.directory is not None:
+        if self.image_encoder is not None:
+            clip = params["decoder"]["clip_model"]
+            clip = dict(clip, transformer=load_pretrained(self.image_encoder, clip["transformer"]))
+            params["decoder"] = dict(params["decoder"], clip_model=clip)
+        if self.backbone is not None and self.backbone.directory is not None:
             options = dict(self.config.model.backbone.options)
             try:
                 params["backbone"] = load_swin_checkpoint(self.backbone.directory, self.backbone.config, **options)
@@ -116,8 +152,8 @@ class CFLD(Stage):
     # ------------------------------------------------------------------------------------------ networks
 
     def encode_appearance(self, params, image, dropout_key=None):
-        """(prompt [B, Q, width], HGA query biases in the UNet's order or None) of condition images [B, C, C, 3]
-        in [-1, 1]; with dropout_key, the Swin's stochastic depth is on (training)."""
+        """(prompt [B, Q, width], HGA's CrossAttentionResiduals in the UNet's order or None) of condition images
+        [B, C, C, 3] in [-1, 1]; with dropout_key, the Swin's stochastic depth is on (training)."""
         training = dropout_key is not None
         return self.conditioner.apply({"params": self.conditioner_params(params)}, image, not training,
                                       method=CFLDConditioner.encode_appearance,
@@ -134,11 +170,11 @@ class CFLD(Stage):
 
     def denoise(self, params, x_t, t, condition):
         """The UNet's prediction for latents x_t [B, h, w, C]; condition = (prompt [B, Q, width], pose residuals,
-        query biases or None)."""
-        prompt, pose_residuals, query_biases = condition
-        return self.unet.module.apply({"params": params["unet"]}, x_t, t, prompt,
-                                      down_block_additional_residuals=pose_residuals,
-                                      up_cross_attention_query_bias=query_biases).astype(jnp.float32)
+        HGA's residuals or None), the latter gated by the prompt (gate_context_residuals)."""
+        prompt, pose_residuals, appearance_residuals = condition
+        return self.unet.module.apply(
+            {"params": params["unet"]}, x_t, t, prompt, down_block_additional_residuals=pose_residuals,
+            up_cross_attention_residuals=gate_context_residuals(prompt, appearance_residuals)).astype(jnp.float32)
 
     # ------------------------------------------------------------------------------------------ training
 
@@ -153,7 +189,7 @@ class CFLD(Stage):
         prompt, biases = self.encode_appearance(params, batch["condition_image"], dropout_key=k[6][0])
         pose_residuals = self.encode_pose(params, both([batch["source_pose"], batch["target_pose"]]))
         prompt = jnp.where(drop[:, None, None], self.null_prompt(params, 2 * prompt.shape[0]), both([prompt, prompt]))
-        biases = None if biases is None else tuple(both([b, b]) for b in biases)
+        biases = jax.tree.map(lambda b: both([b, b]), biases)
         prediction = self.denoise(params, x_t, t, (prompt, pose_residuals, biases))
         return self.objective.loss(prediction, target, t), {"condition_dropped": jnp.mean(drop.astype(jnp.float32))}
 
@@ -253,17 +289,6 @@ def _hga(section, attention: str, remat: str, kw) -> Optional[HybridGranularityA
         raise UserError(f"config.model.appearance_encoder: {error}") from None
 
 
-def _decoder(section, attention: str, remat: str, kw):
-    """config.model.decoder -> the PRD (kind "prd") or B5's linear prompt (kind "linear")."""
-    fields = _fields(section)
-    kind = fields.pop("kind")
-    if kind == "prd":
-        return PerceptionRefinedDecoder(**fields, remat=remat != "none", attention_implementation=attention, **kw)
-    if kind == "linear":
-        return LinearPromptDecoder(num_queries=fields["num_queries"], width=fields["width"], **kw)
-    raise UserError(f"config.model.decoder.kind={kind!r}; expected one of {', '.join(DECODERS)}")
-
-
 def _up_cross_attention_widths(unet) -> Tuple[int, ...]:
     """The inner width of each up-block cross-attention, in execution order (the UNet's query-bias order)."""
     n, _, layers, tlayers = unet._layout()
@@ -291,12 +316,15 @@ def _check_fits(unet, latent_channels: int, conditioner: CFLDConditioner) -> Non
                         f"channels {channels} to match the first of them)")
     hga = conditioner.appearance_encoder
     if hga is not None:
-        expected = _up_cross_attention_widths(unet)
+        widths = _up_cross_attention_widths(unet)
+        # query biases have each cross-attention's inner width, context residuals (B1) the prompt's
+        expected = widths if hga.target == "query" else (unet.cross_attention_dim,) * len(widths)
         order = np.argsort(hga.block_indices)
         given = tuple(int(hga.out_channels[i]) for i in order)
         if given != expected:
-            problems.append(f"up-block cross-attention widths {expected} in execution order (expected config.model."
-                            f"appearance_encoder.out_channels {given} ordered by block index)")
+            what = "up-block cross-attention widths" if hga.target == "query" else "cross_attention_dim"
+            problems.append(f"{what} {expected} in execution order (expected config.model.appearance_encoder."
+                            f"out_channels {given} ordered by block index)")
     if problems:
         raise UserError("config.model.unet does not fit the CFLD conditioner: " + "; ".join(problems))
 
