@@ -1,8 +1,8 @@
 """FPDM methods (stage 1 `fpdm_fusion`, stage 2 `fpdm`): the published configs of the networks the configs name
 against diffusers / transformers on the meta device, the parameter report of both full-size configs, and two tiny
 stages trained on synthetic people: stage 2 on the stage-1 run, stage-1 validation, per-batch condition drops,
-three-branch guidance against separately computed branches, split sampling with the original's names, eval.py's
-fpdm protocol on them, single-image sampling."""
+the demo's source tokens keeping the source's brightness, three-branch guidance against separately computed
+branches, split sampling with the original's names, eval.py's fpdm protocol on them, single-image sampling."""
 
 import json
 import os
