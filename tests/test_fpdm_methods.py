@@ -1,8 +1,8 @@
 """FPDM methods (stage 1 `fpdm_fusion`, stage 2 `fpdm`): the published configs of the networks the configs name
 against diffusers / transformers on the meta device, the parameter report of both full-size configs, and two tiny
 stages trained on synthetic people: stage 2 on the stage-1 run, stage-1 validation, per-batch condition drops,
-three-branch guidance against separately computed branches, split sampling with the original's names, eval.py's
-fpdm protocol on them, single-image sampling."""
+the demo's source tokens keeping the source's brightness, three-branch guidance against separately computed
+branches, split sampling with the original's names, eval.py's fpdm protocol on them, single-image sampling."""
 
 import json
 import os
@@ -175,6 +175,25 @@ def test_condition_drops_are_per_batch_with_the_configured_rates(runs):
     stage.dropout_per = "example"
     drops = np.asarray(stage.condition_drops(jax.random.key(1), {"example_id": np.arange(64, dtype=np.int32)})["pose"])
     assert 0 < drops.sum() < 64
+
+
+def test_demo_source_tokens_keep_the_source_brightness(runs):
+    """The demo's random frozen DINOv2 (LayerNorm eps 1): a flat image and the same twice as far from the mean
+    colour give tokens of different norms; with eps 1e-6 the final LayerNorm gives both the same norm."""
+    from pgpis_jax.methods.common.run import load_trained
+
+    trained = load_trained(runs["diffusion"], ("fpdm",))
+    encoder = trained.method.encoders.module("src_image_encoder")
+    params = {"params": trained.params["src_image_encoder"]}
+    flat = np.broadcast_to(np.float32([0.5, -0.3, 0.8]), (1, 56, 56, 3))
+
+    def norm_ratio(module):
+        once, twice = (np.linalg.norm(module.apply(params, scale * flat)["last_hidden_state"], axis=-1)
+                       for scale in (1.0, 2.0))
+        return float(np.mean(twice / once))
+
+    assert encoder.layer_norm_eps == 1.0 and norm_ratio(encoder) > 1.5
+    assert abs(norm_ratio(encoder.clone(layer_norm_eps=1e-6)) - 1.0) < 1e-3
 
 
 def test_three_branch_guidance_is_fpdm_rule_on_separately_computed_branches(runs):
