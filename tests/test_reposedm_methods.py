@@ -1,9 +1,10 @@
 """The RePoseDM method: a tiny `:demo` run trained 2 steps through the trainer on synthetic people; its loss on a fixed
 batch against L_simple computed here plus vlb.py's term, the warp loss and the heatmap loss by hand (with and without
-condition dropout); the guided epsilon against separately computed branches and a hand-written gradient of the pose
-distance; gradient guidance with scale 0 equal to sampling without it; split and single sampling from the run
-directory alone; the pidm export loaded strictly into the PyTorch statements of PIDM and of the alignment; the
-Gaussian heatmaps and the pose distance against loops; the configs' ablations."""
+condition dropout; epsilon and x0 prediction); the guided epsilon against separately computed
+branches and a hand-written gradient of the pose distance; gradient guidance with scale 0 equal to sampling without
+it; split and single sampling from the run directory alone; the pidm export loaded strictly into the PyTorch
+statements of PIDM and of the alignment; the Gaussian heatmaps and the pose distance against loops; the configs'
+ablations."""
 
 import os
 
@@ -88,13 +89,34 @@ def test_gaussian_heatmaps_and_pose_distance_against_loops():
     np.testing.assert_allclose(pose_distance(heat, targets, 0.1), [expected], rtol=1e-6)
 
 
-@pytest.mark.parametrize("drop_rate", [0.0, 1.0])
-def test_loss_is_simple_plus_vlb_plus_warp_plus_heatmap_terms(trained, drop_rate):
-    """loss_fn on a fixed batch = mean over examples of mean (eps - eps_hat)^2 (here by hand) + vlb.py's L_vlb (float64
-    tables from PIDM's betas) + gamma-weighted L1 of every iterate's warp + the estimator's squared error against
-    loop-made heatmaps. drop_rate 1: the texture encoder reads zeros and the pose channels are zero (RePoseDM's joint
-    null); the demo networks have no dropout, so the UNet output is reproducible outside the loss."""
-    method, params, config = trained.method, trained.params, trained.config
+def _predicting(trained, prediction_type):
+    """The trained run's method, or one like it whose network predicts `prediction_type` (the same parameters)."""
+    from pgpis_jax.methods.reposedm.stage import RePoseDM
+
+    if trained.method.objective.prediction_type == prediction_type:
+        return trained.method
+    config = trained.config.copy_and_resolve_references()
+    config.diffusion.train_scheduler.prediction_type = config.sampling.scheduler.prediction_type = prediction_type
+    return RePoseDM(config, needs_data=False)
+
+
+def _epsilon_by_hand(prediction_type, prediction, x_t, alpha_bar):
+    """The noise implied by an epsilon or x0 prediction (in the arrays' precision); alpha_bar broadcastable against
+    x_t."""
+    if prediction_type == "epsilon":
+        return prediction
+    return (x_t - np.sqrt(alpha_bar) * prediction) / np.sqrt(1 - alpha_bar)
+
+
+@pytest.mark.parametrize("drop_rate, prediction_type", [(0.0, "epsilon"), (1.0, "sample")])
+def test_loss_is_simple_plus_vlb_plus_warp_plus_heatmap_terms(trained, drop_rate, prediction_type):
+    """loss_fn on a fixed batch = mean over examples of the mean squared error of the prediction (epsilon as PIDM,
+    or x0; here by hand) + vlb.py's L_vlb of the implied epsilon (float64 tables from PIDM's betas) +
+    gamma-weighted L1 of every iterate's warp + the estimator's squared error against loop-made heatmaps. drop_rate 1:
+    the texture encoder reads zeros and the pose channels are zero (RePoseDM's joint null); the demo networks have
+    no dropout, so the UNet output is reproducible outside the loss."""
+    params, config = trained.params, trained.config
+    method = _predicting(trained, prediction_type)
     method.drop_rate = drop_rate
     batch = _batch(trained)
     rng = jax.random.key(7)
@@ -102,14 +124,18 @@ def test_loss_is_simple_plus_vlb_plus_warp_plus_heatmap_terms(trained, drop_rate
     method.drop_rate = float(config.diffusion.condition_dropout)
 
     source, target, pose = batch["source_image"], batch["target_image"], batch["target_pose"]
-    t, x_t, noise = method.objective.training_pair(per_example_keys(rng, batch, 2)[0], target)
+    t, x_t, _ = method.objective.training_pair(per_example_keys(rng, batch, 2)[0], target)
+    alpha_bar = np.cumprod(1 - np.linspace(1e-4, 2e-2, 1000, dtype=np.float64))[np.asarray(t)][:, None, None, None]
+    noise = (np.asarray(x_t, np.float64) - np.sqrt(alpha_bar) * np.asarray(target, np.float64)) / np.sqrt(1 - alpha_bar)
     warped, flows = method.align(params, source, pose)
     assert len(flows) == 2
     if drop_rate:
         warped, pose = jnp.zeros_like(warped), jnp.zeros_like(pose)
     output = np.asarray(method.denoise(params, x_t, t, (pose, method.texture(params, warped))), np.float64)
-    epsilon, variance = output[..., :3], output[..., 3:]
-    mse = np.square(epsilon - np.asarray(noise, np.float64)).mean(axis=(1, 2, 3))
+    prediction, variance = output[..., :3], output[..., 3:]
+    goal = noise if prediction_type == "epsilon" else np.asarray(target, np.float64)
+    mse = np.square(prediction - goal).mean(axis=(1, 2, 3))
+    epsilon = _epsilon_by_hand(prediction_type, prediction, np.asarray(x_t, np.float64), alpha_bar)
     tables = vlb.PosteriorTables.from_betas(np.linspace(1e-4, 2e-2, 1000, dtype=np.float64))
     vlb_term = np.asarray(vlb.vlb_terms(tables, jnp.asarray(epsilon, jnp.float32), jnp.asarray(variance, jnp.float32),
                                         target, x_t, t))
@@ -133,10 +159,13 @@ def test_loss_is_simple_plus_vlb_plus_warp_plus_heatmap_terms(trained, drop_rate
 def test_guided_epsilon_is_cfg_of_branches_plus_the_pose_distance_gradient(trained):
     """model_fn(y_t, t) = eps_u + w (eps_c - eps_u) + w s sqrt(1 - abar_t) g / max(1, rms(g)), with the branches
     computed one by one (null: zero pose, texture of a zero image) and g = d/dx0 of the masked heatmap distance
-    written out here, at x0 = clip(Tweedie of the guided epsilon)."""
-    method, params, config = trained.method, trained.params, trained.config
+    written out here, at x0 = clip(Tweedie of the guided epsilon). The run's network read as an x0 predictor: its
+    branches turned into epsilon here and model_fn's output the x0 of the guided epsilon."""
+    params, config = trained.params, trained.config
+    method = _predicting(trained, "sample")
     batch = _batch(trained, 2)
     w, s, t = 2.0, 3.0, jnp.int32(500)
+    alpha_bar = float(method.objective.alphas_cumprod[500])
     x_t = jax.random.normal(jax.random.key(1), (2, SIZE, SIZE, 3))
     guided, _ = method.model_fn(params, batch, w, s)
     plain, _ = method.model_fn(params, batch, w, None)
@@ -144,11 +173,15 @@ def test_guided_epsilon_is_cfg_of_branches_plus_the_pose_distance_gradient(train
     warped, _ = method.align(params, source, pose)
     conditional = method.denoise(params, x_t, t, (pose, method.texture(params, warped)))[..., :3]
     null = method.denoise(params, x_t, t, (0 * pose, method.texture(params, 0 * warped)))[..., :3]
+    conditional, null = (_epsilon_by_hand("sample", branch, x_t, alpha_bar) for branch in (conditional, null))
     epsilon = null + w * (conditional - null)
-    np.testing.assert_allclose(plain(x_t, t), epsilon, atol=2e-5)
 
-    alpha_bar = float(method.objective.alphas_cumprod[500])
-    x0 = jnp.clip((x_t - np.sqrt(1 - alpha_bar) * epsilon) / np.sqrt(alpha_bar), -1, 1)
+    def as_x0(eps):
+        return (x_t - np.sqrt(1 - alpha_bar) * eps) / np.sqrt(alpha_bar)
+
+    np.testing.assert_allclose(plain(x_t, t), as_x0(epsilon), rtol=2e-5, atol=2e-5)   # x0 reaches ~|40| here
+
+    x0 = jnp.clip(as_x0(epsilon), -1, 1)
     targets = jnp.asarray(_hand_heatmaps(batch["target_keypoints"], SIZE, config.loss.heatmap_sigma), jnp.float32)
 
     def distance(images):
@@ -160,7 +193,7 @@ def test_guided_epsilon_is_cfg_of_branches_plus_the_pose_distance_gradient(train
     rms = jnp.sqrt(jnp.mean(jnp.square(g), axis=(1, 2, 3)))
     expected = epsilon + w * s * np.sqrt(1 - alpha_bar) * g / jnp.maximum(1.0, rms)[:, None, None, None]
     assert float(jnp.abs(g).max()) > 0
-    np.testing.assert_allclose(guided(x_t, t), expected, atol=2e-5)
+    np.testing.assert_allclose(guided(x_t, t), as_x0(expected), rtol=2e-5, atol=2e-5)
 
 
 def test_gradient_guidance_with_scale_zero_equals_sampling_without_it(trained):

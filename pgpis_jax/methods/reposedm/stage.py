@@ -13,8 +13,10 @@ every pair is used both ways, as PIDM's loader does):
       config.model.null_condition "source_and_pose" (RePoseDM) the pose channels are zeroed too, with "source"
       (PIDM's code) the pose is kept
   t ~ U{0..T-1}, y_t = sqrt(abar_t) y_0 + sqrt(1 - abar_t) eps
-  [eps_hat | v] = UNet([y_t | pose], t, E_tex(warped))
-  loss = mean_B( mean (eps - eps_hat)^2 + vlb_weight L_vlb(sg(eps_hat), v) + warp_weight L_warp + heatmap_weight L_heat )
+  [p | v] = UNet([y_t | pose], t, E_tex(warped))     p: epsilon (PIDM), or x0 / v as the training scheduler's
+                                                     prediction_type says; eps_hat the noise p implies
+  loss = mean_B( mean (p - its target)^2 + vlb_weight L_vlb(sg(eps_hat), v) + warp_weight L_warp
+                 + heatmap_weight L_heat )
   L_warp = sum_n gamma^(N - n) mean |down(W(source; F^n)) - down(target)| (our proposal, Sec. 2.5; 0 = the paper)
   L_heat = mean (estimator(image) - Gaussian heatmaps of its keypoints)^2 over the source and target images
 
@@ -24,7 +26,8 @@ eta 0, no clipping, as PIDM's evaluation) gets
                                           as in training; w = 1: the conditional branch alone)
   gradient guidance (Eq. 15, Sec. 3.4):  x0 = clip((y_t - sqrt(1 - abar) eps) / sqrt(abar)), g = grad_x0 G(x0) with G
       the estimator's masked heatmap distance to the target keypoints' heatmaps, g / max(1, rms(g)) per example,
-      eps <- eps + w s sqrt(1 - abar) g   (s = config.sampling.gradient_scale, applied while t < gradient_t_max).
+      eps <- eps + w s sqrt(1 - abar) g   (s = config.sampling.gradient_scale, applied while t < gradient_t_max),
+  on the epsilon each branch's p implies, handed to the sampler as its prediction type.
 A DDPM sampler with learned_range variance also gets the conditional branch's variance channels.
 """
 
@@ -37,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pgpis_jax import input_pipeline
-from pgpis_jax.diffusion import guidance
+from pgpis_jax.diffusion import forward, guidance
 from pgpis_jax.diffusion.samplers.ancestral import LEARNED_VARIANCE_TYPES
 from pgpis_jax.diffusion.vlb import PosteriorTables, vlb_terms
 from pgpis_jax.errors import UserError
@@ -106,9 +109,6 @@ class RePoseDM(Stage):
             raise UserError(f"config.model.null_condition={self.null_condition!r}; expected one of "
                             f"{', '.join(NULL_CONDITIONS)}")
         self.objective = DiffusionObjective(config)
-        if self.objective.prediction_type != "epsilon":
-            raise UserError(f"config.diffusion.train_scheduler.prediction_type={self.objective.prediction_type!r}: "
-                            "RePoseDM predicts epsilon (with PIDM's learned-range variance)")
         betas = scheduler_from_config(config.diffusion.train_scheduler, "config.diffusion.train_scheduler").schedule.betas
         self.tables = PosteriorTables.from_betas(np.asarray(betas, np.float64))
         self.drop_rate = float(config.diffusion.condition_dropout)
@@ -174,11 +174,17 @@ class RePoseDM(Stage):
                                   rngs={"dropout": rng} if rng is not None else {})
 
     def denoise(self, params, x_t, t, condition, rng=None):
-        """The UNet's [epsilon | variance interpolant] [B, H, W, 6] float32; condition = (pose map, texture maps)."""
+        """The UNet's [prediction | variance interpolant] [B, H, W, 6] float32; condition = (pose map, texture
+        maps)."""
         pose, features = condition
         return self.unet.module.apply({"params": params["unet"]}, pack_unet_input(x_t, pose), t, features,
                                       deterministic=rng is None,
                                       rngs={"dropout": rng} if rng is not None else {}).astype(jnp.float32)
+
+    def epsilon(self, prediction, x_t, t):
+        """The noise implied by the network's prediction (of the training scheduler's prediction type)."""
+        objective = self.objective
+        return forward.predict_epsilon(objective.prediction_type, objective.alphas_cumprod, prediction, x_t, t)
 
     def null_pose(self, pose):
         return jnp.zeros_like(pose) if self.null_condition == "source_and_pose" else pose
@@ -234,33 +240,34 @@ class RePoseDM(Stage):
         return (losses[0] + losses[1]) / 2
 
     def loss_terms(self, params, batch, rng):
-        """(epsilon prediction, noise, t, {"vlb", and "warp" / "heatmap" where on: per-example terms [B]}) of a
-        (direction-doubled) batch."""
+        """(prediction, its regression target, t, {"vlb", and "warp" / "heatmap" where on: per-example terms [B]}) of
+        a (direction-doubled) batch."""
         keys = per_example_keys(rng, batch, 2)
         batch_rng = jax.random.fold_in(jax.random.fold_in(rng, _BATCH_DRAWS), jnp.min(batch["example_id"]))
         encoder_rng, unet_rng = jax.random.split(batch_rng)
         x0 = batch["target_image"].astype(jnp.float32)
-        t, x_t, noise = self.objective.training_pair(keys[0], x0)
+        t, x_t, target = self.objective.training_pair(keys[0], x0)
         drop = dropped(keys[1], self.drop_rate)
         warped, flows = self.align(params, batch["source_image"], batch["target_pose"])
         features = self.texture(params, zero_where(drop, warped), encoder_rng)
         pose = jnp.where(drop[:, None, None, None], self.null_pose(batch["target_pose"]), batch["target_pose"])
         output = self.denoise(params, x_t, t, (pose, features), unet_rng)
-        epsilon, variance = output[..., :IMAGE_CHANNELS], output[..., IMAGE_CHANNELS:]
-        terms = {"vlb": vlb_terms(self.tables, epsilon, variance, x0, x_t, t, freeze_mean=True)}
+        prediction, variance = output[..., :IMAGE_CHANNELS], output[..., IMAGE_CHANNELS:]
+        terms = {"vlb": vlb_terms(self.tables, self.epsilon(prediction, x_t, t), variance, x0, x_t, t,
+                                  freeze_mean=True)}
         if flows:
             terms["warp"] = self.warp_loss(batch["source_image"], x0, flows)
         if self.use_estimator:
             terms["heatmap"] = self.heatmap_loss(params, batch)
-        return epsilon, noise, t, terms
+        return prediction, target, t, terms
 
     def loss_fn(self, params, batch, rng):
-        epsilon, noise, t, terms = self.loss_terms(params, self.directions(batch), rng)
+        prediction, target, t, terms = self.loss_terms(params, self.directions(batch), rng)
         weights = {"vlb": float(self.loss_config.vlb_weight), "warp": float(self.loss_config.warp_weight),
                    "heatmap": float(self.loss_config.heatmap_weight)}
         extra = sum(weights[name] * value for name, value in terms.items())
-        loss = self.objective.loss(epsilon, noise, t, extra)
-        mse = jnp.mean(jnp.square(epsilon - noise))
+        loss = self.objective.loss(prediction, target, t, extra)
+        mse = jnp.mean(jnp.square(prediction - target))
         return loss, {"mse": mse, **{name: jnp.mean(value) for name, value in terms.items()}}
 
     # ------------------------------------------------------------------------------------------ sampling
@@ -291,9 +298,10 @@ class RePoseDM(Stage):
         return jnp.sqrt(1.0 - alpha_bar) * g / jnp.maximum(1.0, rms)[:, None, None, None]
 
     def model_fn(self, params, batch, guidance_scale: float, gradient_scale=None):
-        """(the sampler's model_fn(y_t, t), the warped source) for a batch: guided epsilon (module docstring), with
-        the conditional variance channels for a learned-variance sampler. gradient_scale None: no gradient guidance
-        (else a float or traced scalar; 0 computes the gradient and adds nothing)."""
+        """(the sampler's model_fn(y_t, t), the warped source) for a batch: the guided epsilon (module docstring) as
+        the training's prediction type, with the conditional variance channels for a learned-variance sampler.
+        gradient_scale None: no gradient guidance (else a float or traced scalar; 0 computes the gradient and adds
+        nothing)."""
         cond, null, warped = self.conditions(params, batch)
         branches = [cond] if guidance_scale == 1.0 else [null, cond]
 
@@ -302,7 +310,11 @@ class RePoseDM(Stage):
                                                guidance_scale)
             return jnp.concatenate([epsilon, conditional[..., IMAGE_CHANNELS:]], axis=-1)
 
-        base = guidance.guided(lambda x, t, c: self.denoise(params, x, t, c), branches, combine)
+        def branch(x_t, t, condition):
+            output = self.denoise(params, x_t, t, condition)
+            return output.at[..., :IMAGE_CHANNELS].set(self.epsilon(output[..., :IMAGE_CHANNELS], x_t, t))
+
+        base = guidance.guided(branch, branches, combine)
         learned = getattr(self.objective.sampler, "variance_type", "") in LEARNED_VARIANCE_TYPES
         s = self.config.sampling
         if gradient_scale is not None:
@@ -317,7 +329,9 @@ class RePoseDM(Stage):
             if gradient_scale is not None:
                 term = self.gradient_term(params, x_t, t, epsilon, targets, threshold)
                 epsilon = epsilon + jnp.where(t < t_max, guidance_scale * gradient_scale, 0.0) * term
-            return jnp.concatenate([epsilon, output[..., IMAGE_CHANNELS:]], axis=-1) if learned else epsilon
+            prediction = forward.convert_prediction("epsilon", self.objective.prediction_type,
+                                                    self.objective.alphas_cumprod, epsilon, x_t, t)
+            return jnp.concatenate([prediction, output[..., IMAGE_CHANNELS:]], axis=-1) if learned else prediction
 
         return model_fn, warped
 
