@@ -513,3 +513,17 @@ def test_sampling_beside_training_leaves_it_unharmed_and_the_data_may_move(pcdm_
     assert steps == list(range(1, steps[-1] + 1)) and len(steps) >= 3
     assert not [name for name in os.listdir(run / "checkpoints") if not name.isdigit()]
     assert json.loads((run / "config.json").read_text())["data"]["data_dir"] == str(moved)
+
+
+@pytest.mark.parametrize("module, arg", [("cfld", "demo"), ("fpdm_fusion", "demo"), ("fpdm_diffusion", "demo"),
+                                         ("reposedm", "demo")])
+def test_methods_that_train_on_pixels_refuse_offline_features_in_one_line(module, arg):
+    import importlib
+
+    from pgpis_jax import methods
+
+    config = importlib.import_module(f"configs.{module}").get_config(arg)
+    config.data.features_dir = "/data/features"
+    with pytest.raises(UserError, match=f"config.data.features_dir='/data/features': method '{config.method}' "
+                                        "trains on pixels only"):
+        methods.get_method(config.method).build(config, needs_data=False)

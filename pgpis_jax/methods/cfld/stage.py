@@ -63,14 +63,12 @@ class CFLD(Stage):
     FROZEN = ("vae",)
     INPUTS = ("source_image", "target_image", "condition_image", "source_pose", "target_pose")
     LAYOUTS = ("cfld",)
+    PIXELS_ONLY = "its only frozen network is the VAE"
     # The rows of the paper's Table 1 (the parameter report's "groups"): the PRD with its learned null prompt.
     PARAMETER_GROUPS = {"Swin-B": ("backbone",), "HGA": ("appearance_encoder",),
                         "PRD": ("decoder", "learnable_vector"), "pose adapter": ("pose_encoder",), "UNet": ("unet",)}
 
     def __init__(self, config, saved_networks=None, needs_data=True):
-        if config.data.get("features_dir"):
-            raise UserError("config.data.features_dir: CFLD trains on pixels (its only frozen network is the VAE); "
-                            "leave it empty")
         super().__init__(config, saved_networks, needs_data)
         policy = Policy.from_config(config)
         m = config.model

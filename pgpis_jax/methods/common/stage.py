@@ -24,7 +24,8 @@ class Stage(Method):
 
     FROZEN: parameter-tree names of the frozen networks; INPUTS: the batch keys `extract` reads; DROPPABLE:
     pixel input -> the features computed from it (condition dropout zeroes the input, or on features swaps in
-    the features of a zeroed input); LAYOUTS: the data layouts (config.data.layout) whose batches it reads.
+    the features of a zeroed input); LAYOUTS: the data layouts (config.data.layout) whose batches it reads;
+    PIXELS_ONLY: why the stage trains on pixels only (offline features are then refused), or "".
 
     saved_networks: the network configs a trained run recorded (<run>/networks.json): the stage is then built
     for inference from the run alone (no pretrained directories, no dataset, no offline features).
@@ -36,9 +37,13 @@ class Stage(Method):
     INPUTS: Tuple[str, ...] = ()
     DROPPABLE: Dict[str, Tuple[str, ...]] = {}
     LAYOUTS: Tuple[str, ...] = ()
+    PIXELS_ONLY: str = ""
 
     def __init__(self, config, saved_networks: Optional[Dict[str, Any]] = None, needs_data: bool = True):
         super().__init__(config)
+        if self.PIXELS_ONLY and config.data.get("features_dir"):
+            raise UserError(f"config.data.features_dir={config.data.features_dir!r}: method {config.method!r} trains "
+                            f"on pixels only ({self.PIXELS_ONLY}); set it to ''")
         layout = config.data.get("layout", "")
         if layout not in self.LAYOUTS:
             raise UserError(f"config.data.layout={layout!r}: method {config.method!r} reads the layouts "

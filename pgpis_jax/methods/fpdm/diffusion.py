@@ -44,7 +44,7 @@ from pgpis_jax.methods.common.objective import DiffusionObjective
 from pgpis_jax.methods.common.run import load_trained, recorded_networks, saved_config
 from pgpis_jax.methods.common.stage import Stage, dropped, first_test_examples, per_example_keys, zero_where
 from pgpis_jax.methods.fpdm import formats, sampling
-from pgpis_jax.methods.fpdm.fusion import check_clip_size, fusion_modules, fusion_vector, refuse_features
+from pgpis_jax.methods.fpdm.fusion import FPDM_PIXELS_ONLY, check_clip_size, fusion_modules, fusion_vector
 from pgpis_jax.models.pcdm import ImageProjector, PoseEncoder
 from pgpis_jax.trainer.precision import Policy
 
@@ -62,9 +62,9 @@ class FPDMDiffusion(Stage):
     FROZEN = ("vae", "src_image_encoder", "fusion_model")
     INPUTS = ("target_image", "target_pose", "source_dino", "source_clip", "target_pose_clip")
     LAYOUTS = ("fpdm",)
+    PIXELS_ONLY = FPDM_PIXELS_ONLY
 
     def __init__(self, config, saved_networks=None, needs_data=True):
-        refuse_features(config)
         super().__init__(config, saved_networks, needs_data)
         policy = Policy.from_config(config)
         m = config.model

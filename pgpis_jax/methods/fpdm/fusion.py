@@ -39,11 +39,8 @@ TRAINABLE = ("img_encoder", "combiner")
 METRICS_FILE = "metrics.json"
 
 
-def refuse_features(config) -> None:
-    """FPDM reads pixels: its augmentation changes every epoch and the frozen Combiner's dropout acts per step."""
-    if config.data.get("features_dir"):
-        raise UserError(f"config.data.features_dir={config.data.features_dir!r}: {config.method} trains on pixels "
-                        "only (set it to '')")
+# Why FPDM's stages read pixels: the augmentation changes every epoch and the frozen Combiner's dropout acts per step.
+FPDM_PIXELS_ONLY = "its augmentation changes every epoch and the frozen Combiner's dropout acts per step"
 
 
 def fusion_modules(clip, combiner_config, module_kw) -> Combiner:
@@ -87,9 +84,9 @@ def cosine(a, b):
 class FPDMFusion(Stage):
     INPUTS = ("source_clip", "target_clip", "target_pose_clip")
     LAYOUTS = ("fpdm_fusion",)
+    PIXELS_ONLY = FPDM_PIXELS_ONLY
 
     def __init__(self, config, saved_networks=None, needs_data=True):
-        refuse_features(config)
         super().__init__(config, saved_networks, needs_data)
         policy = Policy.from_config(config)
         m = config.model

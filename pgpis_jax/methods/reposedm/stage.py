@@ -84,12 +84,10 @@ def downsampled(images, size: int):
 
 class RePoseDM(Stage):
     LAYOUTS = ("reposedm",)
+    PIXELS_ONLY = "it has no frozen network"
     INPUTS = ("source_image", "target_image", "target_pose")
 
     def __init__(self, config, saved_networks=None, needs_data=True):
-        if config.data.get("features_dir"):
-            raise UserError("config.data.features_dir: RePoseDM trains on pixels (it has no frozen network); leave "
-                            "it empty")
         super().__init__(config, saved_networks, needs_data)
         policy = Policy.from_config(config)
         m = config.model
