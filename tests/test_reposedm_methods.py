@@ -156,13 +156,15 @@ def test_loss_is_simple_plus_vlb_plus_warp_plus_heatmap_terms(trained, drop_rate
     assert vlb_term.mean() > 0 and warp_term.mean() > 0 and heatmap_term.mean() > 0
 
 
-def test_guided_epsilon_is_cfg_of_branches_plus_the_pose_distance_gradient(trained):
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
+def test_guided_epsilon_is_cfg_of_branches_plus_the_pose_distance_gradient(trained, prediction_type):
     """model_fn(y_t, t) = eps_u + w (eps_c - eps_u) + w s sqrt(1 - abar_t) g / max(1, rms(g)), with the branches
     computed one by one (null: zero pose, texture of a zero image) and g = d/dx0 of the masked heatmap distance
-    written out here, at x0 = clip(Tweedie of the guided epsilon). The run's network read as an x0 predictor: its
-    branches turned into epsilon here and model_fn's output the x0 of the guided epsilon."""
+    written out here, at x0 = clip(Tweedie of the guided epsilon). As PIDM (epsilon), and with the run's network
+    read as an x0 predictor: its branches turned into epsilon here and model_fn's output the x0 of the guided
+    epsilon."""
     params, config = trained.params, trained.config
-    method = _predicting(trained, "sample")
+    method = _predicting(trained, prediction_type)
     batch = _batch(trained, 2)
     w, s, t = 2.0, 3.0, jnp.int32(500)
     alpha_bar = float(method.objective.alphas_cumprod[500])
@@ -173,13 +175,18 @@ def test_guided_epsilon_is_cfg_of_branches_plus_the_pose_distance_gradient(train
     warped, _ = method.align(params, source, pose)
     conditional = method.denoise(params, x_t, t, (pose, method.texture(params, warped)))[..., :3]
     null = method.denoise(params, x_t, t, (0 * pose, method.texture(params, 0 * warped)))[..., :3]
-    conditional, null = (_epsilon_by_hand("sample", branch, x_t, alpha_bar) for branch in (conditional, null))
+    conditional, null = (_epsilon_by_hand(prediction_type, branch, x_t, alpha_bar) for branch in (conditional, null))
     epsilon = null + w * (conditional - null)
 
     def as_x0(eps):
         return (x_t - np.sqrt(1 - alpha_bar) * eps) / np.sqrt(alpha_bar)
 
-    np.testing.assert_allclose(plain(x_t, t), as_x0(epsilon), rtol=2e-5, atol=2e-5)   # x0 reaches ~|40| here
+    def as_output(eps):
+        return eps if prediction_type == "epsilon" else as_x0(eps)
+
+    # epsilon as before; the x0 read reaches ~|40| here, so its float32 error is relative
+    tolerance = dict(atol=2e-5) if prediction_type == "epsilon" else dict(rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(plain(x_t, t), as_output(epsilon), **tolerance)
 
     x0 = jnp.clip(as_x0(epsilon), -1, 1)
     targets = jnp.asarray(_hand_heatmaps(batch["target_keypoints"], SIZE, config.loss.heatmap_sigma), jnp.float32)
@@ -193,7 +200,7 @@ def test_guided_epsilon_is_cfg_of_branches_plus_the_pose_distance_gradient(train
     rms = jnp.sqrt(jnp.mean(jnp.square(g), axis=(1, 2, 3)))
     expected = epsilon + w * s * np.sqrt(1 - alpha_bar) * g / jnp.maximum(1.0, rms)[:, None, None, None]
     assert float(jnp.abs(g).max()) > 0
-    np.testing.assert_allclose(guided(x_t, t), as_x0(expected), rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(guided(x_t, t), as_output(expected), **tolerance)
 
 
 def test_gradient_guidance_with_scale_zero_equals_sampling_without_it(trained):

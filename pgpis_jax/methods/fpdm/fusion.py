@@ -39,7 +39,7 @@ TRAINABLE = ("img_encoder", "combiner")
 METRICS_FILE = "metrics.json"
 
 
-# Why FPDM's stages read pixels: the augmentation changes every epoch and the frozen Combiner's dropout acts per step.
+# Why FPDM's stages read pixels (their Stage.PIXELS_ONLY).
 FPDM_PIXELS_ONLY = "its augmentation changes every epoch and the frozen Combiner's dropout acts per step"
 
 
