@@ -1,8 +1,12 @@
 """Images/s of one UNet training step (forward, backward, AdamW update) and of a forward pass alone, for our
 Flax UNet and diffusers' PyTorch UNet with the same config and weights, in one run on one device.
 
-    python bench/unet_train_step.py                 # small config on CPU (the default)
-    python bench/unet_train_step.py --preset=pcdm   # SD 2.1-base at PCDMs stage-2 shapes, bf16 (GPU)
+    python bench/unet_train_step.py                      # small config on CPU (the default)
+    python bench/unet_train_step.py --preset=pcdm_demo   # the PCDMs demo's stage-2 UNet at the demo's shapes
+    python bench/unet_train_step.py --preset=pcdm        # SD 2.1-base at PCDMs stage-2 shapes, bf16 (GPU)
+
+Attention runs with the configs' setting "auto" (pgpis_jax.nn.attention: chunked for long sequences on CPU,
+cuDNN on GPU in bf16); PyTorch with diffusers' default processor (scaled_dot_product_attention).
 
 Prints both numbers and the ratio ours / PyTorch; append the line to bench/RESULTS.md by hand.
 """
@@ -12,6 +16,9 @@ from __future__ import annotations
 import argparse
 import time
 
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,8 +26,14 @@ import optax
 import torch
 from diffusers import UNet2DConditionModel as TorchUNet
 
-from pgpis_jax.models.unet import UNet2DConditionModel
-from pgpis_jax.weights.pytorch import state_dict_to_params
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from configs.pcdm_common import DEMO_LATENT_CHANNELS, demo_unet  # noqa: E402
+from pgpis_jax.models.unet import UNet2DConditionModel  # noqa: E402
+from pgpis_jax.weights.pytorch import state_dict_to_params  # noqa: E402
+
+_DEMO_STAGE2_UNET = {k: v for k, v in demo_unet(2 * DEMO_LATENT_CHANNELS + 1, class_embedding=True).config.items()
+                     if k != "_class_name"}
 
 PRESETS = {
     "small": dict(
@@ -30,6 +43,9 @@ PRESETS = {
                   layers_per_block=1, norm_num_groups=8, cross_attention_dim=64, attention_head_dim=(2, 4, 4),
                   use_linear_projection=True),
         batch=4, height=32, width=32, tokens=16, dtype="float32"),
+    # The PCDMs demo's stage 2 (configs/pcdm_inpaint.py:demo): 8x16 canvas latents of 61 channels (two DCT codes
+    # and the mask), 17 projected DINOv2 tokens + the global one, the global CLIP embedding as class labels.
+    "pcdm_demo": dict(unet=_DEMO_STAGE2_UNET, batch=16, height=8, width=16, tokens=18, dtype="float32"),
     # SD 2.1-base UNet, PCDMs stage 2: latent 64x128, 9 input channels, 258 tokens of width 1024, batch 8.
     "pcdm": dict(
         unet=dict(sample_size=64, in_channels=9, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
@@ -42,18 +58,22 @@ PRESETS = {
 
 
 def _timed(fn, steps: int) -> float:
-    """Seconds per call of fn() (which must block until done), after two warm-up calls."""
+    """Median seconds per call of fn() (which must block until done) over `steps` calls, after two warm-up calls
+    (the median keeps a shared machine's stray slow calls out of the number)."""
     fn()
     fn()
-    start = time.perf_counter()
+    seconds = []
     for _ in range(steps):
+        start = time.perf_counter()
         fn()
-    return (time.perf_counter() - start) / steps
+        seconds.append(time.perf_counter() - start)
+    return float(np.median(seconds))
 
 
 def bench_torch(model, inputs, dtype, steps):
     device = next(model.parameters()).device
-    sample, timestep, context, target = (torch.from_numpy(a).to(device) for a in inputs)
+    sample, timestep, context, target, labels = (None if a is None else torch.from_numpy(a).to(device)
+                                                 for a in inputs)
     sample, target = sample.permute(0, 3, 1, 2).contiguous(), target.permute(0, 3, 1, 2).contiguous()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
@@ -61,7 +81,8 @@ def bench_torch(model, inputs, dtype, steps):
 
     def train_step():
         with autocast:
-            loss = torch.nn.functional.mse_loss(model(sample, timestep, context).sample.float(), target)
+            prediction = model(sample, timestep, context, class_labels=labels).sample
+            loss = torch.nn.functional.mse_loss(prediction.float(), target)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -70,19 +91,19 @@ def bench_torch(model, inputs, dtype, steps):
     @torch.no_grad()
     def forward():
         with autocast:
-            model(sample, timestep, context)
+            model(sample, timestep, context, class_labels=labels)
         sync()
 
     return _timed(train_step, steps), _timed(forward, steps)
 
 
 def bench_jax(module, params, inputs, steps):
-    sample, timestep, context, target = (jnp.asarray(a) for a in inputs)
+    sample, timestep, context, target, labels = (None if a is None else jnp.asarray(a) for a in inputs)
     optimizer = optax.adamw(1e-4)
     state = (params, optimizer.init(params))
 
     def loss_fn(p):
-        prediction = module.apply({"params": p}, sample, timestep, context)
+        prediction = module.apply({"params": p}, sample, timestep, context, class_labels=labels)
         return jnp.mean(jnp.square(prediction.astype(jnp.float32) - target))
 
     @jax.jit
@@ -92,7 +113,7 @@ def bench_jax(module, params, inputs, steps):
         updates, opt_state = optimizer.update(grads, opt_state, p)
         return optax.apply_updates(p, updates), opt_state
 
-    forward = jax.jit(lambda p: module.apply({"params": p}, sample, timestep, context))
+    forward = jax.jit(lambda p: module.apply({"params": p}, sample, timestep, context, class_labels=labels))
     holder = {"state": state}
 
     def run_train():
@@ -114,14 +135,15 @@ def main():
     dtype = preset["dtype"]
     params = state_dict_to_params({k: v.float().cpu().numpy() for k, v in torch_model.state_dict().items()})
     module = UNet2DConditionModel.from_config(dict(preset["unet"]), dtype=jnp.dtype(dtype),
-                                              attention_implementation="cudnn" if dtype == "bfloat16"
-                                              and jax.default_backend() == "gpu" else "xla")
+                                              attention_implementation="auto")
     rng = np.random.default_rng(0)
     b, h, w = preset["batch"], preset["height"], preset["width"]
     inputs = (rng.standard_normal((b, h, w, preset["unet"]["in_channels"])).astype(np.float32),
               rng.integers(0, 1000, (b,)).astype(np.int64),
               rng.standard_normal((b, preset["tokens"], preset["unet"]["cross_attention_dim"])).astype(np.float32),
-              rng.standard_normal((b, h, w, preset["unet"]["out_channels"])).astype(np.float32))
+              rng.standard_normal((b, h, w, preset["unet"]["out_channels"])).astype(np.float32),
+              rng.standard_normal((b, preset["unet"].get("projection_class_embeddings_input_dim") or 0))
+              .astype(np.float32) if preset["unet"].get("class_embed_type") else None)
     torch_train, torch_forward = bench_torch(torch_model, inputs, dtype, args.steps)
     del torch_model
     jax_train, jax_forward = bench_jax(module, jax.device_put(params), inputs, args.steps)

@@ -9,7 +9,8 @@ import pytest
 
 from pgpis_jax.models.encoders.swin import SwinModel
 from pgpis_jax.models.unet import UNet2DConditionModel
-from pgpis_jax.nn.attention import Attention, dot_product_attention, resolve_implementation
+from pgpis_jax.nn.attention import (CPU_BLOCK_SIZE, CPU_CHUNKED_MIN_KEYS, Attention, dot_product_attention,
+                                   resolve_implementation)
 
 TOLERANCE = 1e-5
 BATCH, HEADS, HEAD_DIM = 2, 2, 40
@@ -72,22 +73,42 @@ def test_chunked_takes_a_minus_infinity_mask():
     assert bool(jnp.isfinite(actual).all()) and error <= TOLERANCE
 
 
-def test_chunked_gradients_match_xla():
-    """d/d(query, key, value, bias) of a weighted sum of the output, with a bias broadcast over the batch."""
-    query_length, key_length = LENGTHS["cross"]
+@pytest.mark.parametrize("bias_kind", ["none", "full", "per_key", "per_query", "scalar", "batch_broadcast"])
+@pytest.mark.parametrize("kind", ["self", "cross"])
+def test_chunked_gradients_match_xla(kind, bias_kind):
+    """d/d(query, key, value, bias) of a weighted sum of the output (the chunked kernel's hand-written backward
+    against autodiff of xla), with the bias full, broadcast along each axis, or over the batch only."""
+    query_length, key_length = LENGTHS[kind]
     q, k, v = _qkv(query_length, key_length, seed=2)
-    bias = _bias((1, HEADS, query_length, key_length), seed=3)
+    shapes = dict(_bias_shapes(query_length, key_length), batch_broadcast=(1, HEADS, query_length, key_length))
+    bias = None if shapes[bias_kind] is None else _bias(shapes[bias_kind], seed=3)
     weights = jax.random.normal(jax.random.key(4), (BATCH, query_length, HEADS, HEAD_DIM))
 
     def gradients(implementation):
         loss = lambda *args: jnp.sum(weights * dot_product_attention(  # noqa: E731
             *args[:3], implementation, bias=args[3], block_size=CHUNK))
-        return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, bias)
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2) if bias is None else (0, 1, 2, 3)))(q, k, v, bias)
 
     for name, actual, expected in zip(("query", "key", "value", "bias"), gradients("chunked"), gradients("xla")):
         error = _max_error(actual, expected)
         print(f"chunked gradient w.r.t. {name}: max abs error {error:.1e} (scale {float(jnp.abs(expected).max()):.2f})")
         assert actual.shape == expected.shape and error <= TOLERANCE
+
+
+def test_chunked_gradients_under_a_minus_infinity_mask():
+    """Masked logits get exactly zero gradient and the rest match xla's (keys masked per query row)."""
+    query_length, key_length = LENGTHS["cross"]
+    q, k, v = _qkv(query_length, key_length, seed=6)
+    masked = (jnp.arange(query_length)[:, None] % 3 == 0) & (jnp.arange(key_length)[None] < 2 * CHUNK)
+    bias = jnp.where(masked, -jnp.inf, 0.0)[None, None]
+
+    def gradients(implementation):
+        loss = lambda q, k, v: jnp.sum(jnp.sin(dot_product_attention(  # noqa: E731
+            q, k, v, implementation, bias=bias, block_size=CHUNK)))
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    for actual, expected in zip(gradients("chunked"), gradients("xla")):
+        assert bool(jnp.isfinite(actual).all()) and _max_error(actual, expected) <= TOLERANCE
 
 
 def test_chunked_keeps_the_query_dtype():
@@ -145,8 +166,15 @@ def test_auto_resolution():
     assert resolve_implementation("auto", jnp.float32, platform="gpu") == "xla"
     assert resolve_implementation("auto", jnp.bfloat16, platform="gpu", dropout=True) == "xla"
     assert resolve_implementation("chunked", jnp.float32, platform="tpu") == "chunked"
+    assert resolve_implementation("auto", jnp.float32, key_length=CPU_CHUNKED_MIN_KEYS - 1) == "xla"
+    assert resolve_implementation("auto", jnp.float32, key_length=CPU_CHUNKED_MIN_KEYS) == "chunked"
+    assert resolve_implementation("auto", jnp.float32, key_length=4096, dropout=True) == "xla"
+    assert resolve_implementation("auto", jnp.float32, platform="gpu", key_length=4096) == "xla"
     q, k, v = _qkv(*LENGTHS["cross"])
     np.testing.assert_array_equal(dot_product_attention(q, k, v, "auto"), dot_product_attention(q, k, v, "xla"))
+    q, k, v = _qkv(300, CPU_CHUNKED_MIN_KEYS + 20)   # on CPU, long keys: chunked over CPU_BLOCK_SIZE blocks
+    np.testing.assert_array_equal(dot_product_attention(q, k, v, "auto"),
+                                  dot_product_attention(q, k, v, "chunked", block_size=CPU_BLOCK_SIZE))
     with pytest.raises(ValueError, match="'flash' is not supported"):
         dot_product_attention(q, k, v, "flash")
 

@@ -9,11 +9,16 @@ Implementations:
            (slow, for tests) off TPU. No additive bias: Swin's window attention, the one module that passes
            a bias (its relative position bias), cannot use it. Sequence lengths are padded to the block size
            (padded keys masked out, padded queries dropped).
-  chunked  memory-efficient attention in plain JAX on any device: query blocks x key blocks with a running
-           max / sum softmax in float32, so only one [B, H, block, block] logits block lives at a time
-           (the backward recomputes each block's logits). Bias supported.
+  chunked  memory-efficient attention in plain JAX on any device (pgpis_jax.nn.chunked_attention): query blocks
+           x key blocks with a running max / sum softmax in float32, so only one [B, H, block, block] logits
+           block lives at a time; a FlashAttention-2 style backward recomputes each block's logits. Bias
+           supported (and differentiated).
   auto     chosen when called: splash on TPU (xla for a call with a bias or dropout), cudnn on GPU with
-           bfloat16/float16 inputs, else xla (see resolve_implementation).
+           bfloat16/float16 inputs, on CPU chunked over CPU_BLOCK_SIZE-token blocks for key sequences of at
+           least CPU_CHUNKED_MIN_KEYS (its blocks stay in cache: about 2x faster than xla at 1,024 tokens, forward
+           and backward), else xla (see resolve_implementation).
+
+Every kernel scales the queries (in float32, then back to their dtype) rather than the logits.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention
 
+from pgpis_jax.nn.chunked_attention import chunked_attention, pad_axis, round_up
 from pgpis_jax.nn.initializers import torch_dense
 from pgpis_jax.nn.resnet import GroupNorm
 
@@ -34,13 +40,18 @@ DEFAULT_BLOCK_SIZE = 512
 # Splash blocks are whole TPU vector lanes: block sizes (and so padded lengths) are multiples of this.
 SPLASH_LANES = 128
 HALF_PRECISION = (jnp.bfloat16, jnp.float16)
+# "auto" on CPU: chunked attention for key sequences at least this long, over blocks of CPU_BLOCK_SIZE tokens
+# (measured on the 2-core CPU, bench/RESULTS.md: at 1,024 tokens 256-token blocks beat 128 and 512, and xla).
+CPU_CHUNKED_MIN_KEYS = 512
+CPU_BLOCK_SIZE = 256
 
 
 def resolve_implementation(implementation: str, dtype, platform: Optional[str] = None, has_bias: bool = False,
-                           dropout: bool = False) -> str:
+                           dropout: bool = False, key_length: int = 0) -> str:
     """The kernel `implementation` names; "auto" becomes one for `platform` (default: jax.default_backend()):
     tpu -> "splash" ("xla" for a call with a bias or dropout), gpu with bfloat16/float16 `dtype` -> "cudnn"
-    ("xla" with dropout), anything else -> "xla"."""
+    ("xla" with dropout), cpu with key_length >= CPU_CHUNKED_MIN_KEYS -> "chunked" ("xla" with dropout),
+    anything else -> "xla"."""
     if implementation != "auto":
         return implementation
     platform = jax.default_backend() if platform is None else platform
@@ -50,6 +61,8 @@ def resolve_implementation(implementation: str, dtype, platform: Optional[str] =
         return "xla" if has_bias else "splash"
     if platform == "gpu" and jnp.dtype(dtype) in HALF_PRECISION:
         return "cudnn"
+    if platform == "cpu" and key_length >= CPU_CHUNKED_MIN_KEYS:
+        return "chunked"
     return "xla"
 
 
@@ -62,14 +75,17 @@ def dot_product_attention(query, key, value, implementation: str = "xla", scale=
     4-D and broadcastable to [B, H, Lq, Lk]; it is added to the float32 logits (not with splash). dropout_rate
     > 0 (training only, xla only) drops attention weights with a Bernoulli mask from dropout_rng and rescales
     the kept ones by 1 / (1 - rate), as nn.Dropout / torch's attention dropout do. block_size: the query and key
-    block length of splash (a multiple of 128) and chunked (None: DEFAULT_BLOCK_SIZE, shortened to the
-    sequence when shorter).
+    block length of splash (a multiple of 128) and chunked (None: DEFAULT_BLOCK_SIZE, or CPU_BLOCK_SIZE where
+    "auto" chose chunked on CPU; shortened to the sequence when shorter).
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r} is not supported; "
                          f"expected one of {IMPLEMENTATIONS}")
+    requested = implementation
     implementation = resolve_implementation(implementation, query.dtype, has_bias=bias is not None,
-                                            dropout=dropout_rate > 0)
+                                            dropout=dropout_rate > 0, key_length=key.shape[1])
+    if requested == "auto" and implementation == "chunked":
+        block_size = block_size or CPU_BLOCK_SIZE
     head_dim = query.shape[-1]
     scale = head_dim**-0.5 if scale is None else scale
     if dropout_rate > 0 and (implementation != "xla" or dropout_rng is None):
@@ -84,15 +100,15 @@ def dot_product_attention(query, key, value, implementation: str = "xla", scale=
         if bias is not None:
             bias = jnp.asarray(bias).astype(query.dtype)
         return jax.nn.dot_product_attention(query, key, value, bias=bias, scale=scale, implementation="cudnn")
+    if implementation == "splash" and bias is not None:
+        raise ValueError(f"attention implementation 'splash' takes no additive bias (got a bias of shape "
+                         f"{jnp.shape(bias)}; Swin's relative position bias is one); use 'chunked', 'xla' or 'auto'")
+    scaled_query = (query.astype(jnp.float32) * scale).astype(query.dtype)
     if implementation == "splash":
-        if bias is not None:
-            raise ValueError(f"attention implementation 'splash' takes no additive bias (got a bias of shape "
-                             f"{jnp.shape(bias)}; Swin's relative position bias is one); use 'chunked', 'xla' "
-                             "or 'auto'")
-        return _splash_attention(query, key, value, scale, block_size or DEFAULT_BLOCK_SIZE)
+        return _splash_attention(scaled_query, key, value, block_size or DEFAULT_BLOCK_SIZE)
     if implementation == "chunked":
-        return _chunked_attention(query, key, value, scale, bias, block_size or DEFAULT_BLOCK_SIZE)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32) * scale
+        return chunked_attention(scaled_query, key, value, bias, block_size or DEFAULT_BLOCK_SIZE)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", scaled_query, key, preferred_element_type=jnp.float32)
     if bias is not None:
         logits = logits + jnp.asarray(bias).astype(jnp.float32)
     weights = jax.nn.softmax(logits, axis=-1)
@@ -103,27 +119,16 @@ def dot_product_attention(query, key, value, implementation: str = "xla", scale=
     return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
 
 
-def _round_up(length: int, multiple: int) -> int:
-    return -(-length // multiple) * multiple
-
-
-def _pad_axis(x, axis: int, length: int):
-    """x zero-padded at the end of `axis` to `length`."""
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, length - x.shape[axis])
-    return jnp.pad(x, widths)
-
-
-def _splash_attention(query, key, value, scale, block_size: int):
-    """Splash attention on [B, L, H, D] inputs: per example (vmap over B) [H, L, D], lengths padded to whole
-    blocks; padded keys get another segment id than every query, so no query attends to them; padded query
-    rows are dropped. The scale is applied to the queries (in float32) before the kernel."""
+def _splash_attention(query, key, value, block_size: int):
+    """Splash attention on [B, L, H, D] inputs (queries already scaled): per example (vmap over B) [H, L, D],
+    lengths padded to whole blocks; padded keys get another segment id than every query, so no query attends to
+    them; padded query rows are dropped."""
     if block_size % SPLASH_LANES:
         raise ValueError(f"splash attention block_size must be a multiple of {SPLASH_LANES}, got {block_size}")
     query_length, key_length, heads = query.shape[1], key.shape[1], query.shape[2]
-    block_q = min(block_size, _round_up(query_length, SPLASH_LANES))
-    block_kv = min(block_size, _round_up(key_length, SPLASH_LANES))
-    padded_q, padded_kv = _round_up(query_length, block_q), _round_up(key_length, block_kv)
+    block_q = min(block_size, round_up(query_length, SPLASH_LANES))
+    block_kv = min(block_size, round_up(key_length, SPLASH_LANES))
+    padded_q, padded_kv = round_up(query_length, block_q), round_up(key_length, block_kv)
     blocks = splash_attention.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
                                          block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
                                          block_q_dq=block_q, block_kv_dq=block_kv)
@@ -134,69 +139,10 @@ def _splash_attention(query, key, value, scale, block_size: int):
     if padded_kv != key_length:
         segment_ids = splash_attention.SegmentIds(q=jnp.zeros((padded_q,), jnp.int32),
                                                   kv=(jnp.arange(padded_kv) >= key_length).astype(jnp.int32))
-    scaled = (query.astype(jnp.float32) * scale).astype(query.dtype)
-    heads_first = lambda x, length: _pad_axis(jnp.swapaxes(x, 1, 2), 2, length)  # noqa: E731
+    heads_first = lambda x, length: pad_axis(jnp.swapaxes(x, 1, 2), 2, length)  # noqa: E731
     out = jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=segment_ids))(
-        heads_first(scaled, padded_q), heads_first(key, padded_kv), heads_first(value, padded_kv))
+        heads_first(query, padded_q), heads_first(key, padded_kv), heads_first(value, padded_kv))
     return jnp.swapaxes(out[:, :, :query_length], 1, 2).astype(query.dtype)
-
-
-def _blocks(x, axis: int, block: int):
-    """x zero-padded along `axis` to whole blocks of `block` -> [num_blocks, ...x's shape with `block` at axis]."""
-    padded = _round_up(x.shape[axis], block)
-    x = _pad_axis(x, axis, padded)
-    x = x.reshape(x.shape[:axis] + (padded // block, block) + x.shape[axis + 1:])
-    return jnp.moveaxis(x, axis, 0)
-
-
-def _chunked_attention(query, key, value, scale, bias, block_size: int):
-    """Attention over query blocks (lax.map) x key blocks (lax.scan) with a running max / sum softmax in float32.
-
-    Padded keys of the last key block get -inf logits (as may a bias: a row is NaN, as with xla, only when all its
-    logits are -inf); padded query rows are dropped. A bias axis of length 1
-    is broadcast, a full one is sliced per block. The key-block step is under jax.checkpoint, so the backward
-    keeps per step only the running max, sum and output (not the block's logits)."""
-    query_length, key_length = query.shape[1], key.shape[1]
-    block_q, block_kv = min(block_size, query_length), min(block_size, key_length)
-    if bias is not None:
-        bias = jnp.asarray(bias).astype(jnp.float32)
-        bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
-    bias_by_query = bias is not None and bias.shape[2] != 1
-    bias_by_key = bias is not None and bias.shape[3] != 1
-    key_blocks = (_blocks(key, 1, block_kv), _blocks(value, 1, block_kv),
-                  _blocks(jnp.ones((key_length,), bool), 0, block_kv))
-
-    def query_block(inputs):
-        q, bias_rows = inputs   # q [B, block_q, H, D]; the bias rows of this block when the bias has rows
-        q_bias = bias_rows if bias_by_query else bias
-
-        @jax.checkpoint
-        def key_step(carry, inputs):
-            running_max, running_sum, out = carry
-            k, v, valid, bias_block = inputs
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-            if q_bias is not None:
-                logits = logits + (bias_block if bias_by_key else q_bias)
-            logits = jnp.where(valid, logits, -jnp.inf)
-            new_max = jnp.maximum(running_max, logits.max(axis=-1))
-            shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)   # rows with no finite logit yet stay at zero
-            weights = jnp.exp(logits - shift[..., None])
-            correction = jnp.exp(running_max - shift)
-            running_sum = running_sum * correction + weights.sum(axis=-1)
-            update = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
-            out = out * jnp.swapaxes(correction, 1, 2)[..., None] + update
-            return (new_max, running_sum, out), None
-
-        batch, length, heads, dim = q.shape
-        init = (jnp.full((batch, heads, length), -jnp.inf, jnp.float32), jnp.zeros((batch, heads, length), jnp.float32),
-                jnp.zeros((batch, length, heads, dim), jnp.float32))
-        xs = key_blocks + (_blocks(q_bias, 3, block_kv) if bias_by_key else None,)
-        (_, running_sum, out), _ = jax.lax.scan(key_step, init, xs)
-        return (out / jnp.swapaxes(running_sum, 1, 2)[..., None]).astype(query.dtype)
-
-    out = jax.lax.map(query_block, (_blocks(query, 1, block_q), _blocks(bias, 2, block_q) if bias_by_query else None))
-    out = jnp.moveaxis(out, 0, 1)
-    return out.reshape((out.shape[0], -1) + out.shape[3:])[:, :query_length]
 
 
 class CrossAttentionResidual(NamedTuple):

