@@ -170,7 +170,7 @@ def test_auto_resolution():
     assert resolve_implementation("auto", jnp.float32, key_length=CPU_CHUNKED_MIN_KEYS) == "chunked"
     assert resolve_implementation("auto", jnp.float32, key_length=4096, dropout=True) == "xla"
     assert resolve_implementation("auto", jnp.float32, platform="gpu", key_length=4096) == "xla"
-    q, k, v = _qkv(*LENGTHS["cross"])
+    q, k, v = _qkv(200, CPU_CHUNKED_MIN_KEYS - 1)
     np.testing.assert_array_equal(dot_product_attention(q, k, v, "auto"), dot_product_attention(q, k, v, "xla"))
     q, k, v = _qkv(300, CPU_CHUNKED_MIN_KEYS + 20)   # on CPU, long keys: chunked over CPU_BLOCK_SIZE blocks
     np.testing.assert_array_equal(dot_product_attention(q, k, v, "auto"),
