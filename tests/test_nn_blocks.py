@@ -11,6 +11,7 @@ from diffusers.models.resnet import Downsample2D as TorchDownsample
 from diffusers.models.resnet import ResnetBlock2D as TorchResnet
 from diffusers.models.resnet import Upsample2D as TorchUpsample
 
+from pgpis_jax.nn.activations import gelu
 from pgpis_jax.nn.attention import Attention, dot_product_attention
 from pgpis_jax.nn.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from pgpis_jax.weights.pytorch import check_params_match, params_to_state_dict, state_dict_to_params
@@ -24,6 +25,18 @@ def _nhwc(tensor):
 
 def _params(module):
     return state_dict_to_params({k: v.numpy() for k, v in module.state_dict().items()})
+
+
+def test_gelu_matches_torch_exact_gelu_in_float64():
+    """Values and gradients over [-15, 15] (both tails) against torch's exact GELU computed in float64."""
+    x = np.linspace(-15.0, 15.0, 20001)
+    reference = torch.from_numpy(x).requires_grad_()
+    torch.nn.functional.gelu(reference).sum().backward()
+    value, grad = jax.vmap(jax.value_and_grad(gelu))(jnp.asarray(x, jnp.float32))
+    assert value.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(value, np.float64), torch.nn.functional.gelu(reference).detach().numpy(),
+                               rtol=1e-6, atol=2e-6)
+    np.testing.assert_allclose(np.asarray(grad, np.float64), reference.grad.numpy(), rtol=1e-5, atol=2e-6)
 
 
 def test_cross_attention_matches_diffusers():

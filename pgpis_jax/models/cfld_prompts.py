@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from pgpis_jax.models.encoders.clip_vision import CLIPVisionModel
+from pgpis_jax.nn.activations import gelu
 from pgpis_jax.nn.attention import dot_product_attention
 from pgpis_jax.nn.initializers import torch_dense
 from pgpis_jax.nn.transformer import LayerNorm
@@ -89,7 +90,7 @@ class GlideMLP(nn.Module):
     def __call__(self, x):
         h = torch_dense(4 * self.width, self.width, "c_fc", self.dtype, self.param_dtype)(x)
         return torch_dense(self.width, 4 * self.width, "c_proj", self.dtype, self.param_dtype)(
-            nn.gelu(h, approximate=False))
+            gelu(h))
 
 
 class GlideBlock(nn.Module):

@@ -20,6 +20,7 @@ from typing import Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
+from pgpis_jax.nn.activations import gelu
 from pgpis_jax.nn.embeddings import TimestepEmbedding, get_timestep_embedding
 from pgpis_jax.nn.initializers import torch_dense
 from pgpis_jax.nn.resnet import CONV_PADDING, conv3x3
@@ -46,7 +47,7 @@ def _gelu_mlp(x, hidden: int, features: int, kw, dropout: float = 0.0, determini
     """Linear `net_0`, exact GELU, dropout, LayerNorm `net_3` (eps 1e-5), Linear `net_4`, dropout (torch's
     net.2 and net.5) - inside the caller's compact scope, so the parameters are the caller's."""
     h = torch_dense(hidden, x.shape[-1], "net_0", **kw)(x.astype(kw["dtype"]))
-    h = nn.Dropout(dropout)(nn.gelu(h, approximate=False), deterministic=deterministic)
+    h = nn.Dropout(dropout)(gelu(h), deterministic=deterministic)
     h = torch_dense(features, hidden, "net_4", **kw)(LayerNorm(1e-5, name="net_3", **kw)(h))
     return nn.Dropout(dropout)(h, deterministic=deterministic)
 

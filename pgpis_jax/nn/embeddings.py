@@ -9,6 +9,7 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
+from pgpis_jax.nn.activations import gelu
 from pgpis_jax.nn.initializers import torch_dense
 
 
@@ -66,7 +67,7 @@ class MLPClassEmbedding(nn.Module):
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = nn.gelu(torch_dense(self.hidden, x.shape[-1], "net_0", **kw)(x), approximate=False)
+        h = gelu(torch_dense(self.hidden, x.shape[-1], "net_0", **kw)(x))
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
         h = torch_dense(self.time_embed_dim, self.hidden, "net_3", **kw)(h)
         return nn.Dropout(self.dropout)(h, deterministic=deterministic)

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pgpis_jax.nn.activations import gelu
 from pgpis_jax.nn.attention import Attention, CrossAttentionResidual
 from pgpis_jax.nn.initializers import torch_conv, torch_dense
 from pgpis_jax.nn.resnet import GroupNorm
@@ -46,7 +47,7 @@ class GEGLU(nn.Module):
     def __call__(self, x):
         x = torch_dense(2 * self.dim_out, x.shape[-1], "proj", self.dtype, self.param_dtype)(x)
         value, gate = jnp.split(x, 2, axis=-1)
-        return value * nn.gelu(gate, approximate=False)
+        return value * gelu(gate)
 
 
 class GELU(nn.Module):
@@ -59,7 +60,7 @@ class GELU(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = torch_dense(self.dim_out, x.shape[-1], "proj", self.dtype, self.param_dtype)(x)
-        return nn.gelu(x, approximate=False)
+        return gelu(x)
 
 
 FEED_FORWARD_ACTIVATIONS = {"geglu": GEGLU, "gelu": GELU}

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pgpis_jax.nn.activations import gelu
 from pgpis_jax.nn.attention import IMPLEMENTATIONS, dot_product_attention
 from pgpis_jax.nn.transformer import LayerNorm
 
@@ -64,7 +65,7 @@ def _activation(name: str):
     if name == "quick_gelu":
         return lambda x: x * jax.nn.sigmoid(1.702 * x)
     if name == "gelu":
-        return lambda x: nn.gelu(x, approximate=False)
+        return gelu
     raise ValueError(f"CLIP vision config hidden_act={name!r} is not supported; expected one of {ACTIVATIONS}")
 
 

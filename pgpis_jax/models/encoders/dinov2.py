@@ -53,13 +53,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from pgpis_jax.interpolation import bicubic_weights
+from pgpis_jax.nn.activations import gelu
 from pgpis_jax.nn.attention import IMPLEMENTATIONS, dot_product_attention
 from pgpis_jax.nn.transformer import LayerNorm
 
 IntOrPair = Union[int, Tuple[int, int]]
 
 ACTIVATIONS = {
-    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu": gelu,
     "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
     "gelu_new": lambda x: nn.gelu(x, approximate=True),
     "relu": nn.relu,

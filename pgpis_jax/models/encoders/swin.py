@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pgpis_jax.nn.activations import gelu
 from pgpis_jax.nn.attention import IMPLEMENTATIONS, dot_product_attention
 from pgpis_jax.nn.transformer import LayerNorm
 
@@ -281,7 +282,7 @@ class SwinLayer(nn.Module):
 
         h = LayerNorm(self.layer_norm_eps, name="layernorm_after", **kw)(x)
         h = _Dense(int(self.mlp_ratio * channels), self.kernel_init, name="intermediate", **kw)(h)
-        h = nn.gelu(h, approximate=False)
+        h = gelu(h)
         h = _Dense(channels, self.kernel_init, name="output", **kw)(h)
         h = dropout(h, deterministic=deterministic)
         return self._residual(x, h, deterministic)
