@@ -4,7 +4,9 @@
 #   2. the parity tests of the fused attention kernels against XLA's einsum (cuDNN flash on GPUs, splash on TPUs);
 #   3. bench/unet_train_step.py --preset=pcdm: our UNet training step and forward pass against diffusers' PyTorch
 #      UNet at PCDMs stage-2 shapes in bf16, in the same run on the same device;
-#   4. bench/attention_memory.py in bf16 at the 512x352 stage-2 canvas: compiled temp memory per kernel.
+#   4. bench/attention_memory.py in bf16 at the 512x352 stage-2 canvas: compiled temp memory per kernel;
+#   5. bench/memory_plan.py: the compiled memory of the full-size PCDMs stage-2 training step at res 512, bf16
+#      compute, per-device batch 8, without and with full remat (rows print as each compile ends).
 # Every step's output goes to <out>/accelerator.log; the script then appends a dated section with it to
 # bench/RESULTS.md and copies that file to <out>. <out> is $OUT where set (the device tool), else
 # bench/accelerator_out. Each step has its own time limit, so the whole run stays under 10 minutes.
@@ -50,6 +52,9 @@ step "UNet training step vs PyTorch, preset ${UNET_PRESET:-pcdm} (pcdm: PCDMs st
   $python bench/unet_train_step.py --preset="${UNET_PRESET:-pcdm}"
 step "attention memory per kernel, ${ATTENTION_TOKENS:-5632} tokens (5632: the 512x352 stage-2 canvas), bf16" 120 \
   $python bench/attention_memory.py --dtype=bfloat16 --tokens="${ATTENTION_TOKENS:-5632}"
+step "memory plan: PCDMs stage 2, res 512, batch 8, bf16 compute" 180 \
+  $python bench/memory_plan.py --stages=pcdm_inpaint --res=512 --batches=8 --remats=none,full --kernels=auto \
+  --compute_dtype=bfloat16
 
 {
   echo

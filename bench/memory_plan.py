@@ -58,9 +58,10 @@ def pixel_batch(stage: str, res: int, batch: int) -> dict:
     raise ValueError(f"--stages: {stage!r} is not one of pcdm_inpaint, pcdm_refine")
 
 
-def compiled_memory(stage: str, res: int, batch: int, remat: str, kernel: str) -> dict:
+def compiled_memory(stage: str, res: int, batch: int, remat: str, kernel: str, compute_dtype: str) -> dict:
     """Memory (bytes) and FLOPs of the compiled train step of one cell."""
     config = importlib.import_module(f"configs.{stage}").get_config(f"res={res}")
+    config.precision.compute_dtype = compute_dtype
     config.batch_size = batch
     config.remat = remat
     config.model.attention_implementation = kernel
@@ -85,15 +86,17 @@ def main():
     parser.add_argument("--batches", default="1,2,4,8")
     parser.add_argument("--remats", default="none,dots_with_no_batch_dims_saveable,full")
     parser.add_argument("--kernels", default="xla,chunked")
+    parser.add_argument("--compute_dtype", default="float32", help="config.precision.compute_dtype")
     args = parser.parse_args()
     split = lambda text: [item for item in text.split(",") if item]  # noqa: E731
-    print(f"device: {jax.devices()[0].device_kind} (jax {jax.__version__}); fp32 parameters and compute, AdamW")
+    print(f"device: {jax.devices()[0].device_kind} (jax {jax.__version__}); float32 parameters and AdamW moments, "
+          f"{args.compute_dtype} compute")
     print("| stage | res | batch/device | remat | attention | arguments GiB | temp GiB | peak GiB | TFLOPs/step |")
     print("|---|---|---|---|---|---|---|---|---|")
     for stage, res, batch, remat, kernel in itertools.product(split(args.stages), map(int, split(args.res)),
                                                              map(int, split(args.batches)), split(args.remats),
                                                              split(args.kernels)):
-        cell = compiled_memory(stage, res, batch, remat, kernel)
+        cell = compiled_memory(stage, res, batch, remat, kernel, args.compute_dtype)
         print(f"| {stage} | {res} | {batch} | {remat} | {kernel} | {cell['arguments'] / GIB:.2f} | "
               f"{cell['temp'] / GIB:.2f} | {cell['peak'] / GIB:.2f} | {cell['flops'] / 1e12:.2f} |", flush=True)
         print(f"  (compiled in {cell['compile_seconds']:.0f} s)", file=sys.stderr, flush=True)
