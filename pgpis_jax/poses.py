@@ -350,10 +350,10 @@ def cfld_pose_map(keypoints, hw=(256, 256), sigma=6.0) -> np.ndarray:
     """CFLD's 21-channel pose tensor `[H, W, 21]` float32 in [0, 1]: skeleton ("cfld" style) / 255, then the 18
     Gaussian heatmaps. CFLD draws at 256x256 from keypoints of the 256x176 frame (x scaled by 256/176)."""
     kp, hw, vis = _check(keypoints, hw)
-    gy, gx = _gaussian_factors(kp, vis, hw, sigma)
+    rows, columns = _gaussian_factors(kp, vis, hw, sigma)
     skeleton_first = ((0, 0), (3, 0))      # one product over all 21 channels, the first 3 then overwritten
-    out = np.pad(gy, skeleton_first)[:, None, :] * np.pad(gx, skeleton_first)[None, :, :]
-    np.divide(draw_skeleton(kp, hw, "cfld"), np.float32(255), out=out[..., :3], dtype=np.float32)
+    out = np.pad(rows, skeleton_first)[:, None, :] * np.pad(columns, skeleton_first)[None, :, :]
+    _write_scaled(out[..., :3], draw_skeleton(kp, hw, "cfld"), 255)
     return out
 
 
