@@ -412,15 +412,15 @@ def _write_l1_distance(plane, shape) -> None:
     np.add(inside[:, -1:], np.arange(1, w - x1, dtype=np.float32), out=plane[y0:y1 + 1, x1 + 1:])
     np.add(plane[y0], np.arange(y0, 0, -1, dtype=np.float32)[:, None], out=plane[:y0])
     np.add(plane[y1], np.arange(1, h - y1, dtype=np.float32)[:, None], out=plane[y1 + 1:])
-    if h + w - 2 > _SATURATED:      # farther than any two pixels of a smaller canvas
+    if h + w - 2 > _SATURATED:      # only on a canvas this large can a distance exceed 765
         np.minimum(plane, np.float32(_SATURATED), out=plane)
 
 
 def _write_limb_maps(maps, limb_shapes) -> None:
     """PIDM's limb maps into `maps` (float32 `[H, W, 17]`, may be a view): min(L1 distance, 765) / 765.
 
-    Each map is computed in one contiguous `[H, W]` plane and then copied into its channel: NumPy's loops over a
-    whole `[H, W, 17]` channel-last array would run 17 elements at a time."""
+    Each map is computed in one contiguous `[H, W]` plane and divided into its channel from there: NumPy's loops
+    over a whole `[H, W, 17]` channel-last array would run 17 elements at a time."""
     plane = np.empty(maps.shape[:2], np.float32)
     for li, shape in enumerate(limb_shapes):
         _write_l1_distance(plane, shape)
