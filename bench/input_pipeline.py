@@ -3,7 +3,8 @@
 DeepFashion-format data is made on the fly: synthetic people written in the DPTN / CFLD layout at 256x176
 (JPEG q95, the annotation CSVs, pairs CSVs), built into `deepfashion/256x176` through the real builder, then
 read back through the training pipeline of each requested method at its default (paper) shapes. The first
-batch (graph construction, shuffle-buffer fill) is not timed.
+batch (graph construction, shuffle-buffer fill) is not timed. Besides pairs/s it prints the process's CPU time
+(all threads) per pair, which other jobs on a shared machine disturb less than the wall-clock rate.
 
     .venv/bin/python bench/input_pipeline.py                       # pairs, cfld, pcdm_inpaint, fpdm, reposedm
     .venv/bin/python bench/input_pipeline.py --methods=pairs --batch_size=32 --num_batches=50
@@ -47,12 +48,13 @@ def measure(builder, method, batch_size, num_batches):
     start = time.perf_counter()
     batch = next(pipeline)
     first = time.perf_counter() - start
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(num_batches):
         batch = next(pipeline)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     shapes = ", ".join(f"{k} {tuple(v.shape[1:])}" for k, v in batch.items() if k != "mask")
-    return num_batches * batch_size / seconds, first, shapes
+    pairs = num_batches * batch_size
+    return pairs / seconds, 1e3 * cpu_seconds / pairs, first, shapes
 
 
 def main():
@@ -69,9 +71,9 @@ def main():
         print(f"made and built deepfashion/256x176 ({builder.info.splits['train'].num_examples} train pairs) in "
               f"{time.perf_counter() - start:.1f} s")
         for method in args.methods.split(","):
-            rate, first, shapes = measure(builder, method, args.batch_size, args.num_batches)
-            print(f"{method:>13}: {rate:7.1f} pairs/s  (batch {args.batch_size}, {args.num_batches} batches; first "
-                  f"batch {first:.1f} s)  per pair: {shapes}")
+            rate, cpu_ms, first, shapes = measure(builder, method, args.batch_size, args.num_batches)
+            print(f"{method:>13}: {rate:7.1f} pairs/s, {cpu_ms:5.1f} CPU ms a pair  (batch {args.batch_size}, "
+                  f"{args.num_batches} batches; first batch {first:.1f} s)  per pair: {shapes}")
 
 
 if __name__ == "__main__":

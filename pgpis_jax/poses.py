@@ -28,6 +28,7 @@ boundary pixels can differ from OpenCV's polygon and anti-aliased rasterisation 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -175,12 +176,24 @@ def _box(hw, x0, y0, x1, y1):
     return ys, xs, (slice(r0, r1 + 1), slice(c0, c1 + 1))
 
 
+@functools.lru_cache(maxsize=None)
+def _disc_stencil(radius):
+    """Boolean `[2k+1, 2k+1]` (k = ceil(radius)): the disc of `radius` around the centre pixel."""
+    k = int(math.ceil(radius))
+    offsets = np.arange(-k, k + 1, dtype=np.float32)
+    stencil = offsets[None, :] ** 2 + offsets[:, None] ** 2 <= radius * radius + 1e-6
+    stencil.setflags(write=False)
+    return stencil
+
+
 def _disc(hw, cx, cy, radius):
-    box = _box(hw, cx - radius, cy - radius, cx + radius, cy + radius)
+    """Filled disc around the integer pixel (cx, cy): `_disc_stencil` clipped to the canvas."""
+    k = int(math.ceil(radius))
+    box = _box(hw, cx - k, cy - k, cx + k, cy + k)
     if box is None:
         return None
-    ys, xs, sl = box
-    return (xs - cx) ** 2 + (ys - cy) ** 2 <= radius * radius + 1e-6, sl
+    rows, cols = sl = box[2]
+    return _disc_stencil(radius)[rows.start - cy + k:rows.stop - cy + k, cols.start - cx + k:cols.stop - cx + k], sl
 
 
 def _ellipse(hw, cx, cy, half_length, half_width, angle_deg):
@@ -278,14 +291,7 @@ def draw_skeleton(keypoints, hw, style="pcdms", *, stickwidth=None, radius=None,
                 _paint(canvas, _disc(hw, math.trunc(kp[k, 0]), math.trunc(kp[k, 1]), r), OPENPOSE_COLORS[k])
     elif style == "pidm":
         sw = 4 if stickwidth is None else stickwidth
-        r = 4 if radius is None else radius
-        colours = OPENPOSE_COLORS[:, ::-1]
-        for k in range(NUM_KEYPOINTS):
-            if vis[k]:
-                _paint(canvas, _disc(hw, math.trunc(kp[k, 0]), math.trunc(kp[k, 1]), r), colours[k])
-        for li, (i, j) in enumerate(LIMBS):
-            if vis[i] and vis[j]:
-                _blend(canvas, _limb_ellipse(kp, i, j, sw, hw), colours[li], 0.6)
+        _draw_pidm(canvas, kp, vis, _limb_ellipses(kp, vis, sw, hw), 4 if radius is None else radius)
     elif style == "cfld":
         t = 2 if thickness is None else thickness
         r = 3 if radius is None else radius
@@ -302,27 +308,57 @@ def draw_skeleton(keypoints, hw, style="pcdms", *, stickwidth=None, radius=None,
     return canvas
 
 
-def gaussian_heatmaps(keypoints, hw, sigma=6.0) -> np.ndarray:
-    """`[H, W, 18]` float32: exp(-d^2 / (2 sigma^2)) around each joint, untruncated; zeros for missing joints.
+def _limb_ellipses(kp, vis, stickwidth, hw):
+    """The 17 `_limb_ellipse` shapes of a pose, None for a limb with a missing end."""
+    return [_limb_ellipse(kp, i, j, stickwidth, hw) if vis[i] and vis[j] else None for i, j in LIMBS]
 
-    As CFLD: the peak sits at the joint position truncated to integers, so its value there is exactly 1.
-    """
-    kp, (h, w), vis = _check(keypoints, hw)
+
+def _draw_pidm(canvas, kp, vis, limb_shapes, radius):
+    """The "pidm" skeleton on `canvas` (uint8 [H, W, 3]): joint discs, then the 17 limb shapes blended."""
+    hw = canvas.shape[:2]
+    colours = OPENPOSE_COLORS[:, ::-1]
+    for k in range(NUM_KEYPOINTS):
+        if vis[k]:
+            _paint(canvas, _disc(hw, math.trunc(kp[k, 0]), math.trunc(kp[k, 1]), radius), colours[k])
+    for li, shape in enumerate(limb_shapes):
+        _blend(canvas, shape, colours[li], 0.6)
+
+
+def _gaussian_factors(kp, vis, hw, sigma):
+    """The separable factors of `gaussian_heatmaps`: float32 `[H, 18]` (rows) and `[W, 18]` (columns, zero for
+    missing joints), exp evaluated in float64."""
+    h, w = hw
     px, py = np.trunc(kp[:, 0]), np.trunc(kp[:, 1])
     gx = np.exp(-((np.arange(w)[:, None] - px[None, :]) ** 2) / (2.0 * sigma * sigma)).astype(np.float32)
     gy = np.exp(-((np.arange(h)[:, None] - py[None, :]) ** 2) / (2.0 * sigma * sigma)).astype(np.float32)
     gx[:, ~vis] = 0.0
-    return gy[:, None, :] * gx[None, :, :]                  # separable: [H, 1, 18] * [1, W, 18]
+    return gy, gx
+
+
+def gaussian_heatmaps(keypoints, hw, sigma=6.0) -> np.ndarray:
+    """`[H, W, 18]` float32: exp(-d^2 / (2 sigma^2)) around each joint, untruncated; zeros for missing joints.
+
+    As CFLD: the peak sits at the joint position truncated to integers, so its value there is exactly 1.
+    Computed separably: float32(exp(-dy^2 / 2 sigma^2)) * float32(exp(-dx^2 / 2 sigma^2)).
+    """
+    kp, hw, vis = _check(keypoints, hw)
+    gy, gx = _gaussian_factors(kp, vis, hw, sigma)
+    return gy[:, None, :] * gx[None, :, :]
 
 
 def cfld_pose_map(keypoints, hw=(256, 256), sigma=6.0) -> np.ndarray:
     """CFLD's 21-channel pose tensor `[H, W, 21]` float32 in [0, 1]: skeleton ("cfld" style) / 255, then the 18
     Gaussian heatmaps. CFLD draws at 256x256 from keypoints of the 256x176 frame (x scaled by 256/176)."""
-    skeleton = draw_skeleton(keypoints, hw, "cfld").astype(np.float32) / np.float32(255)
-    return np.concatenate([skeleton, gaussian_heatmaps(keypoints, hw, sigma)], axis=-1)
+    kp, hw, vis = _check(keypoints, hw)
+    rows, columns = _gaussian_factors(kp, vis, hw, sigma)
+    skeleton_first = ((0, 0), (3, 0))      # one product over all 21 channels, the first 3 then overwritten
+    out = np.pad(rows, skeleton_first)[:, None, :] * np.pad(columns, skeleton_first)[None, :, :]
+    _write_scaled(out[..., :3], draw_skeleton(kp, hw, "cfld"), 255)
+    return out
 
 
 _FAR = 1 << 20   # "no limb pixel on this row / in this map" in the integer distance transform
+_SATURATED = 765   # the L1 distance (3 pixels a level, 255 levels) at which a PIDM limb map reaches 1
 
 
 def _l1_distance(masks) -> np.ndarray:
@@ -342,30 +378,59 @@ def _l1_distance(masks) -> np.ndarray:
     return np.minimum(down, up)
 
 
-def _convex_l1_distance(mask) -> np.ndarray:
-    """`_l1_distance` of one mask whose True pixels form one interval per row over a contiguous band of rows
-    (a rasterised convex shape): the row pass is closed-form and running minima are only needed inside the
-    band; above and below it the distance grows by one per row. Falls back to `_l1_distance` otherwise."""
-    h, w = mask.shape
-    rows = np.nonzero(mask.any(axis=1))[0]
-    if rows.size == 0:
-        return np.full((h, w), _FAR, np.int32)
-    y0, y1 = int(rows[0]), int(rows[-1])
-    band = mask[y0:y1 + 1]
-    left = np.argmax(band, axis=1)
-    right = w - 1 - np.argmax(band[:, ::-1], axis=1)
-    if rows.size != y1 - y0 + 1 or (band.sum(axis=1) != right - left + 1).any():
-        return _l1_distance(mask)
-    cols = np.arange(w, dtype=np.int32)
-    f = np.maximum(np.maximum(left[:, None] - cols, cols - right[:, None]), 0).astype(np.int32)
-    r = np.arange(y1 - y0 + 1, dtype=np.int32)[:, None]
+def _write_l1_distance(plane, shape) -> None:
+    """Writes into `plane` (float32 `[H, W]`) min(`_l1_distance`, 765) of a shape (mask, slices) as the shape
+    helpers return it; 765 (`_SATURATED`) everywhere for None or an empty mask.
+
+    When the shape's True pixels form one interval per row over a contiguous band of rows (a rasterised convex
+    shape), running minima are needed only on the shape's bounding box: left and right of the box the distance
+    grows by one per column from the box's edge columns, above and below by one per row from its edge rows.
+    Other masks go through `_l1_distance` on the whole canvas."""
+    h, w = plane.shape
+    if shape is None or not shape[0].any():
+        plane[...] = _SATURATED
+        return
+    mask, (row_slice, col_slice) = shape
+    rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    box = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    left = np.argmax(box, axis=1)
+    right = box.shape[1] - 1 - np.argmax(box[:, ::-1], axis=1)
+    if rows.size != box.shape[0] or (box.sum(axis=1) != right - left + 1).any():
+        full = np.zeros((h, w), bool)
+        full[row_slice, col_slice] = mask
+        np.minimum(_l1_distance(full), _SATURATED, out=plane, casting="unsafe")
+        return
+    x = np.arange(box.shape[1])
+    f = np.maximum(np.maximum(left[:, None] - x, x - right[:, None]), 0)
+    r = np.arange(box.shape[0])[:, None]
     inside = np.minimum(r + np.minimum.accumulate(f - r, axis=0),
-                        np.minimum.accumulate((f + r)[::-1], axis=0)[::-1] - r)
-    out = np.empty((h, w), np.int32)
-    out[y0:y1 + 1] = inside
-    out[:y0] = inside[0] + (y0 - np.arange(y0, dtype=np.int32))[:, None]
-    out[y1 + 1:] = inside[-1] + (np.arange(y1 + 1, h, dtype=np.int32) - y1)[:, None]
-    return out
+                        np.minimum.accumulate((f + r)[::-1], axis=0)[::-1] - r).astype(np.float32)
+    y0, y1 = row_slice.start + rows[0], row_slice.start + rows[-1]
+    x0, x1 = col_slice.start + cols[0], col_slice.start + cols[-1]
+    plane[y0:y1 + 1, x0:x1 + 1] = inside
+    np.add(inside[:, :1], np.arange(x0, 0, -1, dtype=np.float32), out=plane[y0:y1 + 1, :x0])
+    np.add(inside[:, -1:], np.arange(1, w - x1, dtype=np.float32), out=plane[y0:y1 + 1, x1 + 1:])
+    np.add(plane[y0], np.arange(y0, 0, -1, dtype=np.float32)[:, None], out=plane[:y0])
+    np.add(plane[y1], np.arange(1, h - y1, dtype=np.float32)[:, None], out=plane[y1 + 1:])
+    if h + w - 2 > _SATURATED:      # only on a canvas this large can a distance exceed 765
+        np.minimum(plane, np.float32(_SATURATED), out=plane)
+
+
+def _write_limb_maps(maps, limb_shapes) -> None:
+    """PIDM's limb maps into `maps` (float32 `[H, W, 17]`, may be a view): min(L1 distance, 765) / 765.
+
+    Each map is computed in one contiguous `[H, W]` plane and divided into its channel from there: NumPy's loops
+    over a whole `[H, W, 17]` channel-last array would run 17 elements at a time."""
+    plane = np.empty(maps.shape[:2], np.float32)
+    for li, shape in enumerate(limb_shapes):
+        _write_l1_distance(plane, shape)
+        np.divide(plane, np.float32(_SATURATED), out=maps[..., li])
+
+
+def _write_scaled(out, image, divisor) -> None:
+    """out[..., c] = image[..., c] / divisor in float32, channel by channel (see `_write_limb_maps`)."""
+    for c in range(image.shape[-1]):
+        np.divide(image[..., c], np.float32(divisor), out=out[..., c], dtype=np.float32)
 
 
 def limb_distance_maps(keypoints, hw, stickwidth=4) -> np.ndarray:
@@ -374,23 +439,21 @@ def limb_distance_maps(keypoints, hw, stickwidth=4) -> np.ndarray:
     0 on the limb, rising by 1/765 per pixel; a limb with a missing end (or entirely off the canvas) is the
     constant 1.0 (OpenCV's distance transform of an image without zero pixels saturates)."""
     kp, hw, vis = _check(keypoints, hw)
-    maps = np.ones((*hw, len(LIMBS)), np.float32)
-    for li, (i, j) in enumerate(LIMBS):
-        if vis[i] and vis[j]:
-            shape = _limb_ellipse(kp, i, j, stickwidth, hw)
-            if shape is not None:
-                mask = np.zeros(hw, bool)
-                sub, sl = shape
-                mask[sl] = sub
-                maps[..., li] = np.minimum(_convex_l1_distance(mask), 765) / np.float32(765.0)
+    maps = np.empty((*hw, len(LIMBS)), np.float32)
+    _write_limb_maps(maps, _limb_ellipses(kp, vis, stickwidth, hw))
     return maps
 
 
 def pidm_pose_map(keypoints, hw=(256, 256), stickwidth=4, radius=4) -> np.ndarray:
     """PIDM's 20-channel pose map `[H, W, 20]` float32 in [0, 1]: "pidm" skeleton / 255 and 17 limb maps."""
-    skeleton = draw_skeleton(keypoints, hw, "pidm", stickwidth=stickwidth, radius=radius)
-    return np.concatenate([skeleton.astype(np.float32) / np.float32(255),
-                           limb_distance_maps(keypoints, hw, stickwidth)], axis=-1)
+    kp, hw, vis = _check(keypoints, hw)
+    limb_shapes = _limb_ellipses(kp, vis, stickwidth, hw)
+    skeleton = np.zeros((*hw, 3), np.uint8)
+    _draw_pidm(skeleton, kp, vis, limb_shapes, radius)
+    out = np.empty((*hw, 3 + len(LIMBS)), np.float32)
+    _write_scaled(out[..., :3], skeleton, 255)
+    _write_limb_maps(out[..., 3:], limb_shapes)
+    return out
 
 
 def scaled_width(reference_width, canvas_size, reference_size):

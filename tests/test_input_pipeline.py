@@ -186,6 +186,25 @@ SMALL = {
     "fpdm_fusion": dict(clip_size=24, pose_canvas=(110, 75)),
     "reposedm": dict(image_size=32),
 }
+
+
+@pytest.mark.parametrize("layout, render", [
+    ("cfld", lambda kp: poses.cfld_pose_map(poses.resize_keypoints(kp, HW, (24, 24)), (24, 24))),
+    ("reposedm", lambda kp: poses.pidm_pose_map(poses.resize_keypoints(kp, HW, (32, 32)), (32, 32)))])
+def test_pose_maps_are_the_renderers_bit_for_bit(builder, layout, render):
+    """Evaluation batches (no augmentation) hold exactly what pgpis_jax.poses renders, wherever the pipeline
+    computes it."""
+    import tensorflow_datasets as tfds
+
+    batch = next(_pipeline(builder, split="test", train=False, layout=layout, options=SMALL[layout]))
+    stored = {(r["source_name"], r["target_name"]): r for r in tfds.as_numpy(builder.as_dataset(split="test"))}
+    for i in range(len(batch["mask"])):
+        record = stored[(batch["source_name"][i], batch["target_name"][i])]
+        for role in ("source", "target"):
+            expected = render(record[f"{role}_keypoints"])
+            assert batch[f"{role}_pose"][i].tobytes() == expected.tobytes(), (layout, role, i)
+
+
 SHAPES = {
     "pairs": {"source_image": (48, 32, 3), "target_image": (48, 32, 3), "source_pose": (48, 32, 3),
               "target_pose": (48, 32, 3), "source_keypoints": (18, 2), "target_keypoints": (18, 2)},

@@ -1,7 +1,10 @@
 """pgpis_jax.poses: keypoint transforms and each method's pose rendering, checked pixel by pixel."""
 
+import math
+
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from pgpis_jax import poses
 from pgpis_jax.poses import CFLD_BONE_COLORS, MISSING, OPENPOSE_COLORS
@@ -172,19 +175,158 @@ def test_l1_distance_equals_brute_force():
     yy, xx = np.mgrid[0:13, 0:17]
     brute = np.min(np.abs(yy[..., None] - ys) + np.abs(xx[..., None] - xs), axis=-1)
     np.testing.assert_array_equal(poses._l1_distance(mask), brute)
+    plane = np.empty((13, 17), np.float32)
+    poses._write_l1_distance(plane, (mask, (slice(0, 13), slice(0, 17))))     # not convex: the general path
+    np.testing.assert_array_equal(plane, brute)
     # the fast path for one limb (one interval per row) agrees, thin and thick ellipses, on and off the canvas
     for _ in range(40):
-        mask = np.zeros((13, 17), bool)
         shape = poses._ellipse((13, 17), rng.uniform(-4, 21), rng.uniform(-4, 17), rng.uniform(0, 12),
                                rng.uniform(0.5, 4), rng.uniform(-180, 180))
+        poses._write_l1_distance(plane, shape)
+        mask = np.zeros((13, 17), bool)
         if shape is not None:
             mask[shape[1]] = shape[0]
         if mask.any():
             ys, xs = np.nonzero(mask)
             brute = np.min(np.abs(yy[..., None] - ys) + np.abs(xx[..., None] - xs), axis=-1)
-            np.testing.assert_array_equal(poses._convex_l1_distance(mask), brute)
+            np.testing.assert_array_equal(plane, brute)
         else:
-            assert (poses._convex_l1_distance(mask) >= 765).all()
+            np.testing.assert_array_equal(plane, 765)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The renderers against full-canvas reference formulas
+# ----------------------------------------------------------------------------------------------------------
+# The renderers evaluate each shape on its bounding box only (discs from a cached stencil), compute the limb
+# distance maps from the limb's bounding box, build the heatmaps separably and write channel by channel. The
+# references below state each picture directly: every shape's inequality on every pixel of the canvas (the same
+# float32 expressions, so boundary pixels are decided alike), the blending per pixel, the heatmaps as one exp,
+# and the limb maps from SciPy's exact city-block distance transform.
+
+def _grid(hw):
+    ys, xs = np.mgrid[0:hw[0], 0:hw[1]].astype(np.float32)
+    return ys, xs
+
+
+def _ref_disc(hw, cx, cy, radius):
+    ys, xs = _grid(hw)
+    return (xs - cx) ** 2 + (ys - cy) ** 2 <= radius * radius + 1e-6
+
+
+def _ref_limb_ellipse(hw, a, b, stickwidth):
+    """The PCDMs / PIDM limb ellipse between joints a and b ((x, y) float64) as a full-canvas mask."""
+    (xa, ya), (xb, yb) = a, b
+    cx, cy = math.trunc((xa + xb) / 2), math.trunc((ya + yb) / 2)
+    half_length = max(float(int(math.hypot(xa - xb, ya - yb) / 2)), 0.5)
+    half_width = max(float(stickwidth), 0.5)
+    t = math.radians(int(math.degrees(math.atan2(ya - yb, xa - xb))))
+    ys, xs = _grid(hw)
+    dx, dy = xs - cx, ys - cy
+    u = dx * math.cos(t) + dy * math.sin(t)
+    v = -dx * math.sin(t) + dy * math.cos(t)
+    return (u / half_length) ** 2 + (v / half_width) ** 2 <= 1.0 + 1e-6
+
+
+def _ref_segment(hw, x0, y0, x1, y1, half_thickness):
+    ys, xs = _grid(hw)
+    dx, dy = x1 - x0, y1 - y0
+    length2 = dx * dx + dy * dy
+    t = np.zeros_like(xs) if length2 == 0 else np.clip(((xs - x0) * dx + (ys - y0) * dy) / length2, 0.0, 1.0)
+    return (xs - (x0 + t * dx)) ** 2 + (ys - (y0 + t * dy)) ** 2 <= half_thickness ** 2 + 1e-6
+
+
+def _visible(kp, k):
+    return kp[k, 0] != -1 and kp[k, 1] != -1
+
+
+def _centre(kp, k):
+    return math.trunc(float(kp[k, 0])), math.trunc(float(kp[k, 1]))
+
+
+def _ref_skeleton(kp, hw, style, width, radius):
+    kp = kp.astype(np.float64)
+    canvas = np.zeros((*hw, 3), np.uint8)
+    limbs = [(li, i, j) for li, (i, j) in enumerate(poses.LIMBS) if _visible(kp, i) and _visible(kp, j)]
+    joints = [k for k in range(18) if _visible(kp, k)]
+    if style == "pcdms":
+        for li, i, j in limbs:
+            canvas[_ref_limb_ellipse(hw, kp[i], kp[j], width)] = (OPENPOSE_COLORS[li] * 0.6).astype(np.uint8)
+        for k in joints:
+            canvas[_ref_disc(hw, *_centre(kp, k), radius)] = OPENPOSE_COLORS[k]
+    elif style == "pidm":
+        bgr = OPENPOSE_COLORS[:, ::-1].astype(np.float64)
+        for k in joints:
+            canvas[_ref_disc(hw, *_centre(kp, k), radius)] = bgr[k]
+        for li, i, j in limbs:
+            mask = _ref_limb_ellipse(hw, kp[i], kp[j], width)
+            canvas[mask] = np.clip(np.round(0.4 * canvas[mask] + 0.6 * bgr[li]), 0, 255).astype(np.uint8)
+    else:
+        for li, i, j in limbs:
+            canvas[_ref_segment(hw, *_centre(kp, i), *_centre(kp, j), width / 2.0)] = CFLD_BONE_COLORS[li]
+        for k in joints:
+            canvas[_ref_disc(hw, *_centre(kp, k), radius)] = OPENPOSE_COLORS[k]
+    return canvas
+
+
+def _ref_heatmaps(kp, hw, sigma):
+    ys, xs = np.mgrid[0:hw[0], 0:hw[1]]
+    maps = np.zeros((*hw, 18), np.float32)
+    for k in range(18):
+        if _visible(kp, k):
+            px, py = _centre(kp, k)
+            maps[..., k] = np.exp(-((xs - px) ** 2 + (ys - py) ** 2) / (2.0 * sigma * sigma))
+    return maps
+
+
+def _ref_limb_maps(kp, hw, stickwidth):
+    kp = kp.astype(np.float64)
+    maps = np.ones((*hw, 17), np.float32)
+    for li, (i, j) in enumerate(poses.LIMBS):
+        if _visible(kp, i) and _visible(kp, j):
+            mask = _ref_limb_ellipse(hw, kp[i], kp[j], stickwidth)
+            if mask.any():
+                distance = ndimage.distance_transform_cdt(~mask, metric="taxicab")
+                maps[..., li] = np.minimum(distance, 765) / 765.0
+    return maps
+
+
+def _random_poses(rng, hw, count):
+    """Poses with joints off the canvas, missing joints (both or one coordinate -1) and degenerate limbs."""
+    h, w = hw
+    for n in range(count):
+        kp = np.stack([rng.uniform(-0.3 * w, 1.3 * w, 18), rng.uniform(-0.3 * h, 1.3 * h, 18)], -1)
+        kp = kp.astype(np.float32)
+        kp[rng.uniform(size=18) < 0.2] = MISSING
+        kp[rng.integers(18), rng.integers(2)] = MISSING
+        for i, j in [poses.LIMBS[k] for k in rng.choice(17, 3, replace=False)]:
+            kp[j] = kp[i]                                   # both ends equal
+        if n == 0:
+            kp[:] = MISSING
+        yield kp
+
+
+@pytest.mark.parametrize("hw", [(40, 32), (23, 57), (12, 780)])
+def test_renderers_equal_full_canvas_references(hw):
+    rng = np.random.default_rng(hw[1])
+    for kp in _random_poses(rng, hw, 6):
+        for style, width, radius in [("pcdms", 4, 4), ("pidm", 4, 4), ("cfld", 2, 3), ("pcdms", 1, 2),
+                                     ("pidm", 3, 1), ("cfld", 3, 2)]:
+            widths = dict(thickness=width) if style == "cfld" else dict(stickwidth=width)
+            np.testing.assert_array_equal(poses.draw_skeleton(kp, hw, style, radius=radius, **widths),
+                                          _ref_skeleton(kp, hw, style, width, radius), err_msg=style)
+        # separable heatmaps round both factors to float32 before their product: within float32 rounding
+        heatmaps = poses.gaussian_heatmaps(kp, hw, sigma=2.5)
+        np.testing.assert_allclose(heatmaps, _ref_heatmaps(kp, hw, 2.5), rtol=1e-6, atol=1e-38)
+        cfld = poses.cfld_pose_map(kp, hw, sigma=2.5)
+        np.testing.assert_array_equal(cfld[..., :3], _ref_skeleton(kp, hw, "cfld", 2, 3) / np.float32(255))
+        np.testing.assert_array_equal(cfld[..., 3:], heatmaps)
+        for stickwidth, radius in [(4, 4), (1, 3)]:
+            maps = _ref_limb_maps(kp, hw, stickwidth)
+            np.testing.assert_array_equal(poses.limb_distance_maps(kp, hw, stickwidth), maps)
+            pidm = poses.pidm_pose_map(kp, hw, stickwidth=stickwidth, radius=radius)
+            np.testing.assert_array_equal(pidm[..., :3], _ref_skeleton(kp, hw, "pidm", stickwidth, radius) /
+                                          np.float32(255))
+            np.testing.assert_array_equal(pidm[..., 3:], maps)
 
 
 def test_pidm_pose_map():
