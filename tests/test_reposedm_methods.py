@@ -1,8 +1,8 @@
 """The RePoseDM method: a tiny `:demo` run trained 2 steps through the trainer on synthetic people; its loss on a fixed
 batch against L_simple computed here plus vlb.py's term, the warp loss and the heatmap loss by hand (with and without
-condition dropout; epsilon and x0 prediction); the guided epsilon against separately computed
-branches and a hand-written gradient of the pose distance; gradient guidance with scale 0 equal to sampling without
-it; split and single sampling from the run directory alone; the pidm export loaded strictly into the PyTorch
+condition dropout; epsilon and x0 prediction; the demo's warped source concatenated to the UNet's input); the guided
+epsilon against separately computed branches and a hand-written gradient of the pose distance; gradient guidance with
+scale 0 equal to sampling without it; split and single sampling from the run directory alone; the pidm export loaded strictly into the PyTorch
 statements of PIDM and of the alignment; the Gaussian heatmaps and the pose distance against loops; the configs'
 ablations."""
 
@@ -33,6 +33,8 @@ def tiny_config(data_dir, arg="demo"):
     config.data.pipeline.image_size = SIZE
     config.loss.warp_size = SIZE
     config.sampling.num_inference_steps = 2
+    config.loss.vlb_weight = 0.5      # the demo's is 0; the loss test weighs the term
+    config.sampling.gradient_t_max = 1000     # the demo's 300 would leave t = 500 unguided in the guidance test
     config.model.unet.config.update(image_size=SIZE, channel_mult=(1, 2), attention_resolutions=(8,),
                                     embed_channels=32, position_encoding=False)
     config.model.alignment.config.update(stage_channels=(16, 24), kernels=(0, 3), radius=1)
@@ -131,7 +133,9 @@ def test_loss_is_simple_plus_vlb_plus_warp_plus_heatmap_terms(trained, drop_rate
     assert len(flows) == 2
     if drop_rate:
         warped, pose = jnp.zeros_like(warped), jnp.zeros_like(pose)
-    output = np.asarray(method.denoise(params, x_t, t, (pose, method.texture(params, warped))), np.float64)
+    # the demo's concat_source: the encoder's image also after the pose channels
+    unet_in = jnp.concatenate([pose, warped], axis=-1)
+    output = np.asarray(method.denoise(params, x_t, t, (unet_in, method.texture(params, warped))), np.float64)
     prediction, variance = output[..., :3], output[..., 3:]
     goal = noise if prediction_type == "epsilon" else np.asarray(target, np.float64)
     mse = np.square(prediction - goal).mean(axis=(1, 2, 3))
@@ -148,7 +152,9 @@ def test_loss_is_simple_plus_vlb_plus_warp_plus_heatmap_terms(trained, drop_rate
         heat.append(np.square(predicted - _hand_heatmaps(batch[f"{role}_keypoints"], SIZE, config.loss.heatmap_sigma))
                     .mean(axis=(1, 2, 3)))
     heatmap_term = (heat[0] + heat[1]) / 2
-    expected = np.mean(mse + vlb_term + config.loss.warp_weight * warp_term + config.loss.heatmap_weight * heatmap_term)
+    weights = config.loss
+    expected = np.mean(mse + weights.vlb_weight * vlb_term + weights.warp_weight * warp_term
+                       + weights.heatmap_weight * heatmap_term)
     print(f"loss {float(loss):.6f}, by hand {expected:.6f}; mse {mse.mean():.4f} vlb {vlb_term.mean():.4f} "
           f"warp {warp_term.mean():.4f} heatmap {heatmap_term.mean():.5f}")
     np.testing.assert_allclose(float(loss), expected, rtol=2e-5)
@@ -173,8 +179,10 @@ def test_guided_epsilon_is_cfg_of_branches_plus_the_pose_distance_gradient(train
     plain, _ = method.model_fn(params, batch, w, None)
     pose, source = batch["target_pose"], batch["source_image"]
     warped, _ = method.align(params, source, pose)
-    conditional = method.denoise(params, x_t, t, (pose, method.texture(params, warped)))[..., :3]
-    null = method.denoise(params, x_t, t, (0 * pose, method.texture(params, 0 * warped)))[..., :3]
+    conditional = method.denoise(params, x_t, t, (jnp.concatenate([pose, warped], -1),
+                                                  method.texture(params, warped)))[..., :3]
+    null = method.denoise(params, x_t, t, (jnp.concatenate([0 * pose, 0 * warped], -1),
+                                           method.texture(params, 0 * warped)))[..., :3]
     conditional, null = (_epsilon_by_hand(prediction_type, branch, x_t, alpha_bar) for branch in (conditional, null))
     epsilon = null + w * (conditional - null)
 
@@ -283,10 +291,12 @@ def test_pidm_export_loads_strictly_into_the_torch_statements(run, trained, tmp_
 
     x_t = np.random.default_rng(1).standard_normal((2, SIZE, SIZE, 3)).astype(np.float32)
     t = np.array([5, 700])
-    ours = method.denoise(params, x_t, t, (batch["target_pose"], method.texture(params, warped)))
+    ours = method.denoise(params, x_t, t, (np.concatenate([batch["target_pose"], warped], -1),
+                                           method.texture(params, warped)))
     with torch.no_grad():
         maps = reference.encoder(nchw(warped))
-        theirs = reference(torch.cat([nchw(x_t), nchw(batch["target_pose"])], 1), torch.from_numpy(t), maps)
+        theirs = reference(torch.cat([nchw(x_t), nchw(batch["target_pose"]), nchw(warped)], 1), torch.from_numpy(t),
+                           maps)
     np.testing.assert_allclose(theirs.numpy().transpose(0, 2, 3, 1), ours, atol=1e-4)
 
 
@@ -301,6 +311,8 @@ def test_configs_ablations_and_bad_settings():
     assert (b1.model.rpa, b1.model.gradient_guidance, b1.model.null_condition) == (False, False, "source")
     assert (b2.model.rpa, b2.model.gradient_guidance) == (True, False)
     assert literal.loss.warp_weight == 0 and reposedm.get_config().loss.warp_weight == 1
+    assert not any(c.model.concat_source for c in (b1, b2, literal))
+    assert reposedm.get_config("demo,B1").model.concat_source
     assert reposedm.get_config("market").data.pipeline.image_size == (128, 64)
     with pytest.raises(ValueError, match="unknown config argument 'B3'"):
         reposedm.get_config("B3")

@@ -15,6 +15,7 @@ every pair is used both ways, as PIDM's loader does):
   t ~ U{0..T-1}, y_t = sqrt(abar_t) y_0 + sqrt(1 - abar_t) eps
   [p | v] = UNet([y_t | pose], t, E_tex(warped))     p: epsilon (PIDM), or x0 / v as the training scheduler's
                                                      prediction_type says; eps_hat the noise p implies
+      (config.model.concat_source, a demo setting: [y_t | pose | warped] in, warped zeroed where dropped)
   loss = mean_B( mean (p - its target)^2 + vlb_weight L_vlb(sg(eps_hat), v) + warp_weight L_warp
                  + heatmap_weight L_heat )
   L_warp = sum_n gamma^(N - n) mean |down(W(source; F^n)) - down(target)| (our proposal, Sec. 2.5; 0 = the paper)
@@ -103,6 +104,7 @@ class RePoseDM(Stage):
         self.check_inputs()
         self.encoder = self.unet.module.texture_encoder()
         self.null_condition = m.null_condition
+        self.concat_source = bool(m.get("concat_source", False))
         if self.null_condition not in NULL_CONDITIONS:
             raise UserError(f"config.model.null_condition={self.null_condition!r}; expected one of "
                             f"{', '.join(NULL_CONDITIONS)}")
@@ -126,9 +128,11 @@ class RePoseDM(Stage):
         problems = []
         if unet.out_channels != 2 * IMAGE_CHANNELS:
             problems.append(f"unet out_channels={unet.out_channels} (expected 6: epsilon and the variance interpolant)")
-        if self.use_alignment and unet.in_channels != IMAGE_CHANNELS + self.alignment.module.pose_channels:
+        extra = IMAGE_CHANNELS if self.concat_source else 0
+        if self.use_alignment and unet.in_channels != IMAGE_CHANNELS + self.alignment.module.pose_channels + extra:
             problems.append(f"unet in_channels={unet.in_channels} but the alignment reads "
-                            f"{self.alignment.module.pose_channels} pose channels (expected 3 + them)")
+                            f"{self.alignment.module.pose_channels} pose channels (expected 3 + them"
+                            + (" + 3 (concat_source))" if extra else ")"))
         if unet.image_size != size:
             problems.append(f"unet image_size={unet.image_size} but the images are {size} pixels high "
                             "(config.data.pipeline.image_size)")
@@ -172,7 +176,7 @@ class RePoseDM(Stage):
                                   rngs={"dropout": rng} if rng is not None else {})
 
     def denoise(self, params, x_t, t, condition, rng=None):
-        """The UNet's [prediction | variance interpolant] [B, H, W, 6] float32; condition = (pose map, texture
+        """The UNet's [prediction | variance interpolant] [B, H, W, 6] float32; condition = (`unet_channels`, texture
         maps)."""
         pose, features = condition
         return self.unet.module.apply({"params": params["unet"]}, pack_unet_input(x_t, pose), t, features,
@@ -186,6 +190,11 @@ class RePoseDM(Stage):
 
     def null_pose(self, pose):
         return jnp.zeros_like(pose) if self.null_condition == "source_and_pose" else pose
+
+    def unet_channels(self, pose, image):
+        """The UNet's input channels beside y_t: the pose map, and with config.model.concat_source the texture
+        encoder's image (the warped source, or zeros for the null condition) after it."""
+        return jnp.concatenate([pose, image.astype(pose.dtype)], axis=-1) if self.concat_source else pose
 
     def heatmaps(self, params, images):
         """The pose estimator's heatmaps [B, H / 4, W / 4, K] of images in [-1, 1]."""
@@ -247,9 +256,10 @@ class RePoseDM(Stage):
         t, x_t, target = self.objective.training_pair(keys[0], x0)
         drop = dropped(keys[1], self.drop_rate)
         warped, flows = self.align(params, batch["source_image"], batch["target_pose"])
-        features = self.texture(params, zero_where(drop, warped), encoder_rng)
+        image = zero_where(drop, warped)
+        features = self.texture(params, image, encoder_rng)
         pose = jnp.where(drop[:, None, None, None], self.null_pose(batch["target_pose"]), batch["target_pose"])
-        output = self.denoise(params, x_t, t, (pose, features), unet_rng)
+        output = self.denoise(params, x_t, t, (self.unet_channels(pose, image), features), unet_rng)
         prediction, variance = output[..., :IMAGE_CHANNELS], output[..., IMAGE_CHANNELS:]
         terms = {"vlb": vlb_terms(self.tables, self.epsilon(prediction, x_t, t), variance, x0, x_t, t,
                                   freeze_mean=True)}
@@ -275,9 +285,10 @@ class RePoseDM(Stage):
         texture encoder run once per sample here, not per step."""
         pose = batch["target_pose"]
         warped, _ = self.align(params, batch["source_image"], pose)
-        cond = (pose, self.texture(params, warped))
+        cond = (self.unet_channels(pose, warped), self.texture(params, warped))
         # the zero image as a product with the input: XLA would otherwise constant-fold the whole encoder pass
-        null = (self.null_pose(pose), self.texture(params, warped * 0.0))
+        zero = warped * 0.0
+        null = (self.unet_channels(self.null_pose(pose), zero), self.texture(params, zero))
         return cond, null, warped
 
     def gradient_term(self, params, x_t, t, epsilon, target_heatmaps, threshold: float):
