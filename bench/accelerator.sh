@@ -4,13 +4,16 @@
 #   2. the parity tests of the fused attention kernels against XLA's einsum (cuDNN flash on GPUs, splash on TPUs);
 #   3. bench/unet_train_step.py --preset=pcdm: our UNet training step and forward pass against diffusers' PyTorch
 #      UNet at PCDMs stage-2 shapes in bf16, in the same run on the same device;
-#   4. bench/attention_memory.py in bf16 at the 512x352 stage-2 canvas: compiled temp memory per kernel.
+#   4. bench/attention_memory.py in bf16 at the 512x352 stage-2 canvas: compiled temp memory per kernel;
+#   5. bench/sample_pcdm.py --preset=full: the three-stage PCDMs sampler (20 DDIM steps per stage, guidance 2)
+#      against a PyTorch loop of the same full-size networks in bf16, in the same run on the same device.
 # Every step's output goes to <out>/accelerator.log; the script then appends a dated section with it to
 # bench/RESULTS.md and copies that file to <out>. <out> is $OUT where set (the device tool), else
-# bench/accelerator_out. Each step has its own time limit, so the whole run stays under 10 minutes.
+# bench/accelerator_out. Each step has its own time limit; the limits add up to 16 minutes (no GPU run has been
+# timed yet). SAMPLE_PRESET=none leaves out step 5.
 #
 #   bash bench/accelerator.sh                                 # on a machine with jax[cuda] or jax[tpu], torch, diffusers
-#   UNET_PRESET=small ATTENTION_TOKENS=1024 bash bench/accelerator.sh  # a dry run of the script on a CPU
+#   UNET_PRESET=small ATTENTION_TOKENS=1024 SAMPLE_PRESET=small bash bench/accelerator.sh  # a dry run on a CPU
 #
 # Packages missing there (diffusers, importlib_metadata on this workplace's GPU machine) are installed from .whl/
 # when that folder holds wheels: bench/accelerator_wheels.sh downloads them on a machine with network.
@@ -50,6 +53,10 @@ step "UNet training step vs PyTorch, preset ${UNET_PRESET:-pcdm} (pcdm: PCDMs st
   $python bench/unet_train_step.py --preset="${UNET_PRESET:-pcdm}"
 step "attention memory per kernel, ${ATTENTION_TOKENS:-5632} tokens (5632: the 512x352 stage-2 canvas), bf16" 120 \
   $python bench/attention_memory.py --dtype=bfloat16 --tokens="${ATTENTION_TOKENS:-5632}"
+if [ "${SAMPLE_PRESET:-full}" != none ]; then
+  step "PCDMs three-stage sampler vs PyTorch, preset ${SAMPLE_PRESET:-full} (full: 512x512, SD 2.1-base UNets, bf16)" \
+    240 $python bench/sample_pcdm.py --preset="${SAMPLE_PRESET:-full}" --steps=2
+fi
 
 {
   echo
