@@ -18,7 +18,6 @@ from typing import Dict, Optional
 
 import diffusers
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 

@@ -1,10 +1,10 @@
-"""PCDMs networks against PyTorch references (fp32, tiny random configs): the stage-1 prior (a torch model
-built here from diffusers' BasicTransformerBlock / Timesteps / TimestepEmbedding in the token order of the
-reference notes), the pose encoder (diffusers' ControlNetConditioningEmbedding), the projector and the pose
-MLP (torch.nn.Sequential with the original layer indices), the stage-2 and stage-3 UNet paths (diffusers'
-UNet2DConditionModel, stage 2 with a conv_in forward hook adding the pose features) fed the packed canvas
-inputs. Weights go torch -> Flax through load_pcdm_checkpoint. Also: the canvas packing against hand-built
-arrays, the init, and full-size parameter counts against torch modules on the meta device."""
+"""PCDMs networks against PyTorch references (fp32, tiny random configs): the stage-1 prior (the torch model of
+tests/pcdm_torch_reference.py, from diffusers' BasicTransformerBlock / Timesteps / TimestepEmbedding), the pose
+encoder (diffusers' ControlNetConditioningEmbedding), the projector and the pose MLP (torch.nn.Sequential with the
+original layer indices), the stage-2 and stage-3 UNet paths (diffusers' UNet2DConditionModel, stage 2 with a
+conv_in forward hook adding the pose features) fed the packed canvas inputs. Weights go torch -> Flax through
+load_pcdm_checkpoint. Also: the canvas packing against hand-built arrays, the init, and full-size parameter counts
+against torch modules on the meta device."""
 
 import functools
 
@@ -90,9 +90,6 @@ def load_through_checkpoint(reference, stage, directory):
     torch.save({"module": reference.state_dict()}, path)
     modules, expected = tiny_modules(stage)
     return modules, load_pcdm_checkpoint(str(path), stage, expected)
-
-
-
 
 
 def _sd(module):
