@@ -14,8 +14,6 @@ Prints both numbers and the ratio ours / PyTorch; append the line to bench/RESUL
 from __future__ import annotations
 
 import argparse
-import time
-
 import sys
 from pathlib import Path
 
@@ -31,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configs.pcdm_common import DEMO_LATENT_CHANNELS, demo_unet  # noqa: E402
 from pgpis_jax.models.unet import UNet2DConditionModel  # noqa: E402
 from pgpis_jax.weights.pytorch import state_dict_to_params  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 _DEMO_STAGE2_UNET = {k: v for k, v in demo_unet(2 * DEMO_LATENT_CHANNELS + 1, class_embedding=True).config.items()
                      if k != "_class_name"}
@@ -57,19 +56,6 @@ PRESETS = {
 }
 
 
-def _timed(fn, steps: int) -> float:
-    """Median seconds per call of fn() (which must block until done) over `steps` calls, after two warm-up calls
-    (the median keeps a shared machine's stray slow calls out of the number)."""
-    fn()
-    fn()
-    seconds = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        seconds.append(time.perf_counter() - start)
-    return float(np.median(seconds))
-
-
 def bench_torch(model, inputs, dtype, steps):
     device = next(model.parameters()).device
     sample, timestep, context, target, labels = (None if a is None else torch.from_numpy(a).to(device)
@@ -94,7 +80,7 @@ def bench_torch(model, inputs, dtype, steps):
             model(sample, timestep, context, class_labels=labels)
         sync()
 
-    return _timed(train_step, steps), _timed(forward, steps)
+    return median_seconds(train_step, steps), median_seconds(forward, steps)
 
 
 def bench_jax(module, params, inputs, steps):
@@ -119,7 +105,7 @@ def bench_jax(module, params, inputs, steps):
     def run_train():
         holder["state"] = jax.block_until_ready(train_step(holder["state"]))
 
-    return _timed(run_train, steps), _timed(lambda: jax.block_until_ready(forward(params)), steps)
+    return median_seconds(run_train, steps), median_seconds(lambda: jax.block_until_ready(forward(params)), steps)
 
 
 def main():

@@ -20,17 +20,17 @@ right half.
 
 from __future__ import annotations
 
+import functools
 from typing import Dict, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pgpis_jax.diffusion import guidance
 from pgpis_jax.errors import UserError
 from pgpis_jax.methods.common import features, latents
 from pgpis_jax.methods.common.stage import dropped, first_test_examples, per_example_keys
-from pgpis_jax.methods.pcdm import formats, pipeline
+from pgpis_jax.methods.pcdm import formats, guided, pipeline
 from pgpis_jax.methods.pcdm.latent_stage import SOURCE_TOKENS, TARGET_EMBEDDING, LatentStage
 from pgpis_jax.models.pcdm import PoseEncoder, join_canvas, pack_inpaint_input, split_canvas
 
@@ -66,8 +66,7 @@ class PCDMInpaint(LatentStage):
 
     def conditions(self, params, tokens, global_embedding, pose):
         """(context [B, N+1, E] = projected DINOv2 tokens [B, N, D] and the global token, pose features)."""
-        projected = self.project_tokens(params, tokens)
-        context = jnp.concatenate([projected, global_embedding[:, None].astype(projected.dtype)], axis=1)
+        context = with_global_token(self.project_tokens(params, tokens), global_embedding)
         return context, self.pose_proj.apply({"params": params["pose_proj"]}, pose)
 
     # ------------------------------------------------------------------------------------------ training
@@ -105,17 +104,24 @@ class PCDMInpaint(LatentStage):
         batch = source_image.shape[0]
         canvas = join_canvas(source_image, source_image)
         masked_latent = self.latents(params, masked_canvas(canvas), jax.random.split(vae_key, batch))
-        context, pose_features = self.conditions(params, self.encoders.encode(params, "source_tokens", source_dino),
-                                                 global_embedding, pose)
-        cond = (masked_latent, context, global_embedding.astype(jnp.float32), pose_features)
-        uncond = (masked_latent, jnp.zeros_like(context), jnp.zeros_like(cond[2]), pose_features)
-        model_fn = guidance.guided(lambda x, t, c: self.denoise(params, x, t, c),
-                                   [uncond, cond] if guidance_scale > 1.0 else [cond],
-                                   lambda u, c: guidance.pcdm(u, c, guidance_scale, guidance_rescale))
+        projected = self.source_tokens(params, source_dino)
+        pose_features = self.pose_proj.apply({"params": params["pose_proj"]}, pose)
         x_T = jax.random.normal(noise_key, masked_latent.shape, jnp.float32)
-        x0 = self.objective.sampler.sample(model_fn, x_T, step_key, num_inference_steps=num_inference_steps)
+        x0 = self.sample_latents(params, masked_latent, projected, global_embedding, pose_features, x_T, step_key,
+                                 num_inference_steps, guidance_scale, guidance_rescale)
         _, target = split_canvas(self.codec.decode(params.get("vae"), x0))
         return jnp.clip(target, -1.0, 1.0)
+
+    def sample_latents(self, params, masked_latent, projected_tokens, global_embedding, pose_features, x_T, rng,
+                       num_inference_steps: int, guidance_scale: float, guidance_rescale: float = 0.0):
+        """The denoising loop of `generate` from encoded conditions: canvas latents [B, h, 2w, C] from x_T (that
+        shape), the masked canvas's latent (that shape), projected DINOv2 tokens [B, N, E], global embeddings
+        [B, E] and pose features [B, h, 2w, F]."""
+        context = with_global_token(projected_tokens, global_embedding)
+        cond = (masked_latent, context, global_embedding.astype(jnp.float32), pose_features)
+        uncond = (masked_latent, jnp.zeros_like(context), jnp.zeros_like(cond[2]), pose_features)
+        return guided.sample(self.objective.sampler, functools.partial(self.denoise, params), cond, uncond, x_T, rng,
+                             num_inference_steps, guidance_scale, guidance_rescale)
 
     def preview_batch(self, num: int) -> Optional[Dict[str, np.ndarray]]:
         batch = first_test_examples(self.config, num)
@@ -131,6 +137,11 @@ class PCDMInpaint(LatentStage):
                                   s.num_inference_steps, s.guidance_scale)
         row = jnp.concatenate([source, target_pose, generated, target], axis=2)
         return jnp.clip((row + 1.0) / 2.0, 0.0, 1.0)
+
+
+def with_global_token(projected_tokens, global_embedding):
+    """The cross-attention context [B, N+1, E]: projected tokens [B, N, E], then the global embedding [B, E]."""
+    return jnp.concatenate([projected_tokens, global_embedding[:, None].astype(projected_tokens.dtype)], axis=1)
 
 
 def masked_canvas(canvas):

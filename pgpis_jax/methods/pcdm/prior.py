@@ -18,19 +18,19 @@ use a zero embedding instead, ../shared/reference/pcdms.md.)
 
 from __future__ import annotations
 
+import functools
 from typing import Dict, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pgpis_jax.diffusion import guidance
 from pgpis_jax.methods.common import features
 from pgpis_jax.methods.common.encoders import EncoderUse, FrozenEncoders
 from pgpis_jax.methods.common.networks import load_pretrained
 from pgpis_jax.methods.common.objective import DiffusionObjective
 from pgpis_jax.methods.common.stage import Stage, dropped, per_example_keys
-from pgpis_jax.methods.pcdm import formats
+from pgpis_jax.methods.pcdm import formats, guided
 from pgpis_jax.models.pcdm import PriorTransformer
 from pgpis_jax.trainer.precision import Policy
 
@@ -112,15 +112,23 @@ class PCDMPrior(Stage):
         """Predicted target embeddings [B, E] (de-normalised) from CLIP-normalised source pixels
         [B, 224, 224, 3] and pose coordinates [B, 36]; guided when guidance_scale > 1 (module docstring)."""
         noise_key, step_key = jax.random.split(rng)
-        cond = (self.encoders.encode(params, "source_embedding", source_clip), source_pose, target_pose)
-        branches = [cond]
-        if guidance_scale > 1.0:
-            null_embedding = self.encoders.encode(params, "source_embedding", jnp.zeros_like(source_clip))
-            branches = [(null_embedding, jnp.zeros_like(source_pose), jnp.zeros_like(target_pose)), cond]
-        model_fn = guidance.guided(lambda x, t, c: self.predict(params, x, t, c), branches,
-                                   lambda u, c: guidance.pcdm(u, c, guidance_scale))
-        x_T = jax.random.normal(noise_key, cond[0].shape, jnp.float32)
-        x0 = self.objective.sampler.sample(model_fn, x_T, step_key, num_inference_steps=num_inference_steps)
+        source_embedding = self.encoders.encode(params, "source_embedding", source_clip)
+        null_embedding = self.encoders.encode(params, "source_embedding", jnp.zeros_like(source_clip)) \
+            if guidance_scale > 1.0 else None
+        x_T = jax.random.normal(noise_key, source_embedding.shape, jnp.float32)
+        return self.sample_embedding(params, source_embedding, null_embedding, source_pose, target_pose, x_T,
+                                     step_key, num_inference_steps, guidance_scale)
+
+    def sample_embedding(self, params, source_embedding, null_embedding, source_pose, target_pose, x_T, rng,
+                         num_inference_steps: int, guidance_scale: float):
+        """The denoising loop of `generate` from encoded conditions: de-normalised target embeddings [B, E] from
+        x_T [B, E], the source's CLIP embedding [B, E], the embedding of an all-zero source input [B, E] (the
+        unconditional branch with zeroed pose coordinates; None when unguided) and pose coordinates [B, 36]."""
+        uncond = None if null_embedding is None else \
+            (null_embedding, jnp.zeros_like(source_pose), jnp.zeros_like(target_pose))
+        x0 = guided.sample(self.objective.sampler, functools.partial(self.predict, params),
+                           (source_embedding, source_pose, target_pose), uncond, x_T, rng, num_inference_steps,
+                           guidance_scale)
         return self.denormalize(x0)
 
     def preview_batch(self, num: int) -> Optional[Dict[str, np.ndarray]]:

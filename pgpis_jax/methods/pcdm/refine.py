@@ -16,17 +16,17 @@ original's), CFG only when scale > 1.
 
 from __future__ import annotations
 
+import functools
 from typing import Dict, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pgpis_jax.diffusion import guidance
 from pgpis_jax.errors import UserError
 from pgpis_jax.methods.common import features, latents
 from pgpis_jax.methods.common.stage import dropped, per_example_keys
-from pgpis_jax.methods.pcdm import formats
+from pgpis_jax.methods.pcdm import formats, guided
 from pgpis_jax.methods.pcdm.latent_stage import LatentStage
 from pgpis_jax.models.pcdm import pack_refine_input
 
@@ -75,14 +75,19 @@ class PCDMRefine(LatentStage):
         latent (the original's); CFG only when guidance_scale > 1."""
         vae_key, noise_key, step_key = jax.random.split(rng, 3)
         coarse_latent = self.latents(params, coarse_image, jax.random.split(vae_key, coarse_image.shape[0]))
-        cond = (coarse_latent, self.source_tokens(params, source_dino))
-        uncond = jax.tree.map(jnp.zeros_like, cond)
-        model_fn = guidance.guided(lambda x, t, c: self.denoise(params, x, t, c),
-                                   [uncond, cond] if guidance_scale > 1.0 else [cond],
-                                   lambda u, c: guidance.pcdm(u, c, guidance_scale, guidance_rescale))
         x_T = jax.random.normal(noise_key, coarse_latent.shape, jnp.float32)
-        x0 = self.objective.sampler.sample(model_fn, x_T, step_key, num_inference_steps=num_inference_steps)
+        x0 = self.sample_latents(params, coarse_latent, self.source_tokens(params, source_dino), x_T, step_key,
+                                 num_inference_steps, guidance_scale, guidance_rescale)
         return jnp.clip(self.codec.decode(params.get("vae"), x0), -1.0, 1.0)
+
+    def sample_latents(self, params, coarse_latent, projected_tokens, x_T, rng, num_inference_steps: int,
+                       guidance_scale: float, guidance_rescale: float = 0.0):
+        """The denoising loop of `generate` from encoded conditions: latents [B, h, w, C] from x_T (that shape),
+        the coarse image's latent (that shape) and projected DINOv2 tokens [B, N, E]."""
+        cond = (coarse_latent, projected_tokens)
+        return guided.sample(self.objective.sampler, functools.partial(self.denoise, params), cond,
+                             jax.tree.map(jnp.zeros_like, cond), x_T, rng, num_inference_steps, guidance_scale,
+                             guidance_rescale)
 
     def preview_batch(self, num: int) -> Optional[Dict[str, np.ndarray]]:
         return None
