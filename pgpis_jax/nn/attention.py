@@ -15,10 +15,11 @@ Implementations:
            supported (and differentiated).
   auto     chosen when called: splash on TPU (xla for a call with a bias or dropout), cudnn on GPU with
            bfloat16/float16 inputs, on CPU chunked over CPU_BLOCK_SIZE-token blocks for key sequences of at
-           least CPU_CHUNKED_MIN_KEYS (its blocks stay in cache: about 2x faster than xla at 1,024 tokens, forward
+           least CPU_CHUNKED_MIN_KEYS (its blocks stay in cache: 2-3x faster than xla at 1,024 tokens, forward
            and backward), else xla (see resolve_implementation).
 
-Every kernel scales the queries (in float32, then back to their dtype) rather than the logits.
+xla, splash and chunked scale the queries (in float32, then back to their dtype) rather than the logits; cudnn
+takes the scale itself.
 """
 
 from __future__ import annotations
