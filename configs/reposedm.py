@@ -129,13 +129,13 @@ def demo(config):
     Demo settings, not the paper's (README, RePoseDM): the texture encoder's image (the warped source; B1: the source)
     also concatenated to the UNet's input, x0 prediction without L_vlb, the learning rate's decay for the last
     quarter, no classifier-free guidance (w = 1), gradient guidance at scale 300 for t < 300."""
-    config.total_steps = 400
+    config.total_steps = 300
     config.batch_size = 16
     config.log_every_steps = 100
-    config.checkpoint_every_steps = 400
+    config.checkpoint_every_steps = 300
     config.optimizer.learning_rate = 1e-3
     config.optimizer.schedule = "step_decay"
-    config.lr_schedule = common.lr_schedule_config(warmup_steps=50, warmup_start_factor=0.1, decay_boundaries=(300,),
+    config.lr_schedule = common.lr_schedule_config(warmup_steps=50, warmup_start_factor=0.1, decay_boundaries=(225,),
                                                    decay_factor=0.1)
     config.ema.decay = 0.0
     config.diffusion.both_directions = False
@@ -149,7 +149,7 @@ def demo(config):
     config.diffusion.train_scheduler.prediction_type = "sample"
     config.loss.vlb_weight = 0.0
     config.sampling.scheduler.prediction_type = "sample"
-    config.sampling.num_inference_steps = 20
+    config.sampling.num_inference_steps = 10
     # x0 clipped to [-1, 1] at each step (PIDM's DDPM does, its DDIM does not)
     config.sampling.scheduler.clip_sample = True
     # w = 2 pushes the pose map's colours into the figures (SSIM 0.657, w = 1: 0.737). Gradient scale 1 lowered the

@@ -262,3 +262,36 @@ def test_readers_of_a_multi_host_run_are_launched_by_their_own_flags(tmp_path):
         assert config.distributed.to_dict() == single
         rest = {k: v for k, v in config.to_dict().items() if k != "distributed"}
         assert rest == {k: v for k, v in json.loads(saved.to_json()).items() if k != "distributed"}
+
+
+def test_checksums_host_and_device_paths_agree_and_match_a_hand_computed_case():
+    """The NumPy path (arrays in CPU memory) and the jitted device path give the same uint32 sums for every dtype
+    a state holds; [1.0, 2.0] in float32: bit patterns 0x3F800000 and 0x40000000, so the sum is 0x7F800000 and
+    the position-weighted sum 0x3F800000 * 1 + 0x40000000 * 3 = 4286578688 (below 2^32)."""
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    rng = np.random.default_rng(0)
+    state = {"f32": rng.standard_normal((3, 5, 7)).astype(np.float32),
+             "bf16": jnp.asarray(rng.standard_normal((11, 13)), jnp.bfloat16),
+             "i32": rng.integers(-2**31, 2**31 - 1, size=(64,), dtype=np.int32),
+             "u8": rng.integers(0, 255, size=(9, 4), dtype=np.uint8),
+             "bool": rng.random((17,)) > 0.5, "scalar": np.float32(-3.25), "empty": np.zeros((0, 4), np.float32),
+             "hand": np.array([1.0, 2.0], np.float32)}
+    state = jax.tree.map(lambda x: jax.device_put(jnp.asarray(x), NamedSharding(mesh, P())), state)
+    on_host = ckpt_lib.checksums(state)
+    on_device = jax.tree.map(lambda v: [int(x) for x in np.asarray(v)],
+                             jax.device_get(ckpt_lib._checksums_fn(mesh)(state)))
+    assert on_host == {f"['{k}']": v for k, v in on_device.items()}
+    assert on_host["['hand']"] == [0x7F800000, 4286578688]
+
+
+def test_host_checksum_chunks_continue_the_positions(monkeypatch):
+    """Chunked NumPy passes weight each element by its position in the whole array, not in its chunk."""
+    x = np.random.default_rng(1).integers(0, 2**32 - 1, size=(1000,), dtype=np.uint32)
+    whole = ckpt_lib._host_leaf_checksum(x)
+    monkeypatch.setattr(ckpt_lib, "HOST_CHUNK", 7)
+    assert list(ckpt_lib._host_leaf_checksum(x)) == list(whole)
+    positions = np.arange(1000, dtype=np.uint64) * 2 + 1
+    assert int(whole[1]) == int(np.sum(x.astype(np.uint64) * positions) % 2**32)

@@ -268,11 +268,39 @@ def _checksums_fn(mesh):
     return jax.jit(lambda state: jax.tree.map(_leaf_checksum, state), out_shardings=NamedSharding(mesh, P()))
 
 
+HOST_CHUNK = 1 << 22   # elements per NumPy pass of `_host_leaf_checksum` (bounds its scratch to 32 MiB)
+
+
+def _host_leaf_checksum(x: np.ndarray) -> np.ndarray:
+    """`_leaf_checksum` in NumPy: uint32 [sum of the bit patterns, sum of pattern * (2 position + 1)], wrapping."""
+    x = np.asarray(x)
+    flat = x.reshape(-1)
+    words = flat.astype(np.uint32) if x.dtype == np.bool_ else flat.view(f"uint{8 * x.dtype.itemsize}")
+    total = weighted = 0
+    for start in range(0, words.size, HOST_CHUNK):
+        chunk = words[start:start + HOST_CHUNK].astype(np.uint32)
+        weights = np.arange(start, start + chunk.size, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+        total = (total + int(np.sum(chunk, dtype=np.uint32))) % 2**32
+        weighted = (weighted + int(np.sum(chunk * weights, dtype=np.uint32))) % 2**32
+    return np.array([total, weighted], np.uint32)
+
+
+def _in_host_memory(leaf) -> bool:
+    """A NumPy array, or a jax.Array whose every shard is on this process's CPU devices."""
+    if not isinstance(leaf, jax.Array):
+        return True
+    return leaf.is_fully_addressable and all(d.platform == "cpu" for d in leaf.sharding.device_set)
+
+
 def checksums(state: Any) -> Dict[str, List[int]]:
-    """{key path: [sum of the bit patterns, position-weighted sum]} (uint32, wrapping) for every array,
-    computed on the devices and returned replicated (so every process can read them)."""
-    mesh = next(leaf.sharding.mesh for leaf in jax.tree.leaves(state) if isinstance(leaf.sharding, NamedSharding))
-    values = jax.device_get(_checksums_fn(mesh)(state))
+    """{key path: [sum of the bit patterns, position-weighted sum]} (uint32, wrapping) for every array. Arrays in
+    this process's CPU memory are summed by NumPy (no compile: a jitted checksum of a few hundred arrays takes
+    10-20 s to compile on CPU); otherwise on the devices, returned replicated (so every process can read them)."""
+    if all(_in_host_memory(leaf) for leaf in jax.tree.leaves(state)):
+        values = jax.tree.map(_host_leaf_checksum, state)
+    else:
+        mesh = next(leaf.sharding.mesh for leaf in jax.tree.leaves(state) if isinstance(leaf.sharding, NamedSharding))
+        values = jax.device_get(_checksums_fn(mesh)(state))
     return {jax.tree_util.keystr(kp): [int(v) for v in np.asarray(leaf)]
             for kp, leaf in jax.tree_util.tree_flatten_with_path(values)[0]}
 
