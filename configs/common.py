@@ -43,6 +43,8 @@ def base_config(method):
     config.grad = ml_collections.ConfigDict(dict(
         clip_norm=0.0,            # global-norm clipping of the trainable gradients; 0 = off
         accumulation_steps=1,     # micro-batches per update (batch_size / accumulation_steps each)
+        max_per_device_batch=0,   # > 0: at most this many rows per device in a micro-batch; the accumulation
+                                  # steps are derived from the device count (accumulation_steps stays 1)
     ))
     # Regexes matched against the whole "/"-joined parameter path (e.g. "unet/up_blocks_1/attn2/to_k/kernel").
     # A parameter is trained if it matches a `trainable` pattern and no `frozen` pattern; frozen parameters get

@@ -26,7 +26,7 @@ POSITIVE_INTEGERS = ("batch_size", "total_steps", "log_every_steps", "checkpoint
 POSITIVE_NUMBERS = ("optimizer.learning_rate", "optimizer.eps")
 NON_NEGATIVE_NUMBERS = ("logging.sample_every_steps", "grad.clip_norm", "optimizer.weight_decay",
                         "lr_schedule.warmup_steps", "sampling.guidance_scale", "diffusion.noise_offset",
-                        "debug.nan_at_step", "debug.step_delay_seconds")
+                        "debug.nan_at_step", "debug.step_delay_seconds", "grad.max_per_device_batch")
 # Numbers in [0, 1].
 FRACTIONS = ("sampling.guidance_rescale", "lr_schedule.warmup_start_factor", "optimizer.b1", "optimizer.b2")
 SCHEDULER_KEYS = ("sampling.scheduler", "diffusion.train_scheduler")

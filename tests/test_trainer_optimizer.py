@@ -122,6 +122,36 @@ def test_batch_not_divisible_by_micro_batches_is_an_error():
         Stepper(toy(**{"grad.accumulation_steps": 3}))
 
 
+@pytest.mark.parametrize("batch, devices, limit, expected", [
+    (32, 1, 4, 8), (32, 1, 5, 8), (32, 1, 32, 1), (32, 1, 100, 1), (32, 4, 4, 2), (32, 8, 4, 1), (24, 2, 5, 3),
+    (24, 2, 1, 12)])
+def test_max_per_device_batch_derives_the_fewest_even_micro_batches(batch, devices, limit, expected):
+    """Hand-worked: 32 rows on 4 devices are 8 a device; at most 4 a device takes 2 micro-batches. 24 on 2 devices
+    are 12 a device; at most 5 takes 3 micro-batches of 4 (2 would leave 6)."""
+    from types import SimpleNamespace
+
+    from pgpis_jax.trainer import step as step_lib
+
+    config = toy(**{"batch_size": batch, "grad.max_per_device_batch": limit})
+    mesh = SimpleNamespace(shape={"data": devices, "fsdp": 1})
+    assert step_lib.accumulation_steps(config, mesh) == expected
+
+
+def test_max_per_device_batch_trains_as_one_big_batch_and_excludes_accumulation_steps():
+    one, limited = Stepper(toy()), Stepper(toy(**{"grad.max_per_device_batch": 8}))
+    for _ in range(2):
+        batch = one.batch()
+        m1, m8 = one.step(batch), limited.step(batch)
+        assert abs(m1["loss"] - m8["loss"]) < 1e-6
+    assert max_abs_diff(one.params(), limited.params()) < 1e-6
+    jaxpr = jax.make_jaxpr(limited.setup.train_step)(limited.state, limited.host.to_global(batch))
+    assert limited.config.batch_size == 32
+    assert [e.params["length"] for e in jaxpr.eqns if e.primitive.name == "scan"] == [4]   # 32 rows, 8 at a time
+    with pytest.raises(UserError, match=r"max_per_device_batch=8 derives the accumulation steps: leave "
+                                        r"config.grad.accumulation_steps at 1 \(got 2\)"):
+        Stepper(toy(**{"grad.max_per_device_batch": 8, "grad.accumulation_steps": 2}))
+
+
 def test_clipping_scales_the_gradient_to_the_clip_norm():
     free, clipped = Stepper(toy()), Stepper(toy(**{"grad.clip_norm": 0.01}))
     batch = free.batch()

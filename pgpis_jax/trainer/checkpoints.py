@@ -72,7 +72,8 @@ LOCATION_KEYS = ("data.data_dir", "data.features_dir")
 # (run length, logging, checkpointing, the mesh - restoring reshards -, how the step is computed on a device -
 # rematerialisation, the attention kernel -, inference-only `sampling` and where the data lives).
 RESUMABLE_KEYS = ("total_steps", "log_every_steps", "checkpoint_every_steps", "checkpoint", "logging", "debug",
-                  "distributed", "mesh", "sampling", "remat", "model.attention_implementation") + LOCATION_KEYS
+                  "distributed", "mesh", "sampling", "remat", "model.attention_implementation",
+                  "grad.max_per_device_batch") + LOCATION_KEYS
 # Config keys a command that only reads a run (sample, eval) may also set differently: how it evaluates and its
 # batch size do not change what the trained networks are.
 INFERENCE_KEYS = RESUMABLE_KEYS + ("eval", "batch_size")

@@ -125,7 +125,7 @@ def train(method, config, workdir: str) -> str:
     report = report_lib.parameter_report(s)
     metrics_lib.console(f"mesh {mesh_lib.describe(mesh)}, {jax.process_count()} process(es); parameters: "
                         f"{report['trainable']:,} trainable, {report['frozen']:,} frozen; global batch "
-                        f"{config.batch_size} in {config.grad.accumulation_steps} micro-batch(es); precision "
+                        f"{config.batch_size} in {step_lib.accumulation_steps(config, mesh)} micro-batch(es); precision "
                         f"{config.precision.param_dtype} params / {config.precision.compute_dtype} compute")
     metrics_lib.console(report_lib.format_report(report))
     created_by_others = _entries(workdir)

@@ -5,8 +5,9 @@ leaves, or {}), "rng": uint32 key data}. checkpoints.split_state saves it as sep
 params, ema, opt_state and {step, rng} per checkpoint step, the frozen params once per run. One update:
 
     rng       = fold_in(key(state.rng), state.step)
-    grads     = d loss / d trainable params, the mean over config.grad.accumulation_steps micro-batches
-                (lax.scan; micro-batch j holds rows j, j+k, j+2k, ... so every device keeps its rows)
+    grads     = d loss / d trainable params, the mean over k micro-batches (`accumulation_steps`: config.grad.
+                accumulation_steps, or derived from config.grad.max_per_device_batch; lax.scan; micro-batch j
+                holds rows j, j+k, j+2k, ... so every device keeps its rows)
     updates   = optax (clip, Adam/AdamW, schedule) on the trainable params; frozen ones pass through
     ema       = decay * ema + (1 - decay) * params
     metrics   = loss, grad_norm (before clipping), learning_rate (of this update), method aux scalars
@@ -53,8 +54,26 @@ def init_rest_fn(opt: Optimizer, use_ema: bool) -> Callable:
     return init
 
 
+def accumulation_steps(config, mesh) -> int:
+    """Micro-batches per update. config.grad.accumulation_steps, unless config.grad.max_per_device_batch = n > 0:
+    then the fewest micro-batches that split config.batch_size evenly over the batch-axis devices with at most n
+    rows per device each (so one config fits a device's memory on any number of devices)."""
+    limit = int(config.grad.get("max_per_device_batch", 0))
+    if limit <= 0:
+        return int(config.grad.accumulation_steps)
+    if config.grad.accumulation_steps != 1:
+        raise UserError(f"config.grad.max_per_device_batch={limit} derives the accumulation steps: leave "
+                        f"config.grad.accumulation_steps at 1 (got {config.grad.accumulation_steps})")
+    ways = mesh_lib.batch_devices(mesh, config)
+    per_device = config.batch_size // ways
+    if config.batch_size % ways:
+        raise UserError(f"config.batch_size {config.batch_size} must be divisible by the {ways} devices of the batch "
+                        f"axes {tuple(config.mesh.batch_axes)}")
+    return next(k for k in range(1, per_device + 1) if per_device % k == 0 and per_device // k <= limit)
+
+
 def check_batch_split(config, mesh) -> None:
-    k = config.grad.accumulation_steps
+    k = accumulation_steps(config, mesh)
     ways = mesh_lib.batch_devices(mesh, config)
     if k < 1:
         raise UserError(f"config.grad.accumulation_steps must be >= 1, got {k}")
@@ -65,7 +84,7 @@ def check_batch_split(config, mesh) -> None:
 
 def make_train_step(method, opt: Optimizer, config, mesh) -> Callable[[State, Mapping], Tuple[State, Dict]]:
     """The (unjitted) train step for `method`; see the module docstring."""
-    k = int(config.grad.accumulation_steps)
+    k = accumulation_steps(config, mesh)
     decay = float(config.ema.decay)
     nan_at_step = int(config.debug.nan_at_step)
 
