@@ -4,6 +4,9 @@ Arguments of every PCDMs config (comma-separated, e.g. `:res=512,released`):
   demo      tiny random networks, a pixel-shuffle autoencoder and `synthetic_people` at 64x64 (2-core CPU)
   market    Market-1501 (128x64 stored, 128x128 squashed canvases)
   res=512   DeepFashion 512x352 (default 256x176); PCDMs squashes every image to a square of that height
+  device_memory=16|32|80   per-device settings of stages 2 and 3 for a device of that many GB (TPU v5e, v4,
+            A100 / H100): rows per device (the global batch kept, by accumulation), remat, the state sharded or
+            not; chosen from bench/RESULTS.md's memory plan (DEVICE_MEMORY_PLANS)
   released  the released scripts' settings instead of the paper's (learning rates, batch sizes, gradient
             clipping, UniPC / UnCLIP samplers; ../shared/reference/pcdms.md Sec. 5), and DINOv2's position table
             resized as transformers 4.32 did (`position_interpolation="scale_factor"`), with which the released
@@ -85,7 +88,33 @@ def sd21_unet(in_channels, class_embedding):
 
 
 def parse(arg):
-    return common.parse_arg(arg, demo=False, market=False, res=256, released=False)
+    return common.parse_arg(arg, demo=False, market=False, res=256, released=False, device_memory=0)
+
+
+# `device_memory=<GB>`: (stage, res, GB) -> (rows per device and micro-batch, mesh fsdp). From the compiled memory of
+# the full-size train steps (bench/RESULTS.md, memory plan: fp32 parameters, AdamW moments and compute, pixel inputs,
+# XLA's CPU compiler): the largest measured batch (1, 2, 4, 8) whose peak stays within 90 % of the device's memory.
+# Remat stays off: on that compiler it lowered no peak by more than 2 %, for 9-12 % more FLOPs. 16 GB cannot hold the
+# 14-17 GiB fp32 state, so it is sharded over all devices there (fsdp = -1; measured with 8).
+DEVICE_MEMORY_PLANS = {
+    ("pcdm_inpaint", 256, 80): (8, 1), ("pcdm_inpaint", 256, 32): (4, 1), ("pcdm_inpaint", 256, 16): (2, -1),
+    ("pcdm_inpaint", 512, 80): (8, 1), ("pcdm_inpaint", 512, 32): (1, 1), ("pcdm_inpaint", 512, 16): (1, -1),
+    ("pcdm_refine", 256, 80): (8, 1), ("pcdm_refine", 256, 32): (8, 1), ("pcdm_refine", 256, 16): (8, -1),
+    ("pcdm_refine", 512, 80): (8, 1), ("pcdm_refine", 512, 32): (4, 1), ("pcdm_refine", 512, 16): (2, -1),
+}
+
+
+def apply_device_memory(config, method: str, arg) -> None:
+    """Sets config.grad.max_per_device_batch, config.mesh and config.remat from DEVICE_MEMORY_PLANS."""
+    key = (method, arg.res, arg.device_memory)
+    known = sorted({gb for (_, _, gb) in DEVICE_MEMORY_PLANS})
+    if arg.demo or arg.market or key not in DEVICE_MEMORY_PLANS:
+        raise ValueError(f"device_memory={arg.device_memory}: planned for stages 2 and 3 (pcdm_inpaint, pcdm_refine) "
+                         f"on DeepFashion at res=256 or res=512 (not demo or market), {', '.join(map(str, known))} GB")
+    rows, fsdp = DEVICE_MEMORY_PLANS[key]
+    config.grad.max_per_device_batch = rows
+    config.mesh.data, config.mesh.fsdp = (1, -1) if fsdp == -1 else (-1, 1)
+    config.remat = "none"
 
 
 def pcdm_config(method, arg, total_steps, batch_size):
@@ -128,6 +157,8 @@ def pcdm_config(method, arg, total_steps, batch_size):
         config.data.pipeline = dict(clip_size=DEMO_ENCODER_SIZE)
         config.model.image_encoder = demo_clip()
         config.model.dinov2 = demo_dinov2()
+    if arg.device_memory:
+        apply_device_memory(config, method, arg)
     return config, arg
 
 

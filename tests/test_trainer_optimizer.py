@@ -107,14 +107,19 @@ def test_group_pattern_matching_nothing_is_an_error():
 
 # --- gradient accumulation, clipping ---------------------------------------------------------------------
 
-def test_accumulated_micro_batches_equal_one_big_batch():
-    one, four = Stepper(toy()), Stepper(toy(**{"grad.accumulation_steps": 4}))
+@pytest.mark.parametrize("overrides", [{"grad.accumulation_steps": 4}, {"grad.max_per_device_batch": 8}])
+def test_accumulated_micro_batches_equal_one_big_batch(overrides):
+    """4 micro-batches of the toy's 32 rows, given as a count or as at most 8 rows on the one device."""
+    one, four = Stepper(toy()), Stepper(toy(**overrides))
     for _ in range(3):
         batch = one.batch()
         m1, m4 = one.step(batch), four.step(batch)
         assert abs(m1["loss"] - m4["loss"]) < 1e-6
         assert abs(m1["grad_norm"] - m4["grad_norm"]) < 1e-6 * max(1.0, m1["grad_norm"])
     assert max_abs_diff(one.params(), four.params()) < 1e-6
+    assert four.config.batch_size == 32
+    jaxpr = jax.make_jaxpr(four.setup.train_step)(four.state, four.host.to_global(batch))
+    assert [e.params["length"] for e in jaxpr.eqns if e.primitive.name == "scan"] == [4]
 
 
 def test_batch_not_divisible_by_micro_batches_is_an_error():
@@ -137,16 +142,7 @@ def test_max_per_device_batch_derives_the_fewest_even_micro_batches(batch, devic
     assert step_lib.accumulation_steps(config, mesh) == expected
 
 
-def test_max_per_device_batch_trains_as_one_big_batch_and_excludes_accumulation_steps():
-    one, limited = Stepper(toy()), Stepper(toy(**{"grad.max_per_device_batch": 8}))
-    for _ in range(2):
-        batch = one.batch()
-        m1, m8 = one.step(batch), limited.step(batch)
-        assert abs(m1["loss"] - m8["loss"]) < 1e-6
-    assert max_abs_diff(one.params(), limited.params()) < 1e-6
-    jaxpr = jax.make_jaxpr(limited.setup.train_step)(limited.state, limited.host.to_global(batch))
-    assert limited.config.batch_size == 32
-    assert [e.params["length"] for e in jaxpr.eqns if e.primitive.name == "scan"] == [4]   # 32 rows, 8 at a time
+def test_max_per_device_batch_excludes_accumulation_steps():
     with pytest.raises(UserError, match=r"max_per_device_batch=8 derives the accumulation steps: leave "
                                         r"config.grad.accumulation_steps at 1 \(got 2\)"):
         Stepper(toy(**{"grad.max_per_device_batch": 8, "grad.accumulation_steps": 2}))
