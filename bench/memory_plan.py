@@ -76,7 +76,7 @@ def compiled_memory(stage: str, res: int, batch: int, remat: str, kernel: str, c
     config.remat = remat
     config.model.attention_implementation = kernel
     method = methods.get_method(config.method).build(config, saved_networks=DeclaredNetworks(config))
-    mesh = mesh_lib.make_mesh(config)
+    mesh = mesh_lib.make_mesh(config, jax.devices()[:fsdp])   # per device also on a host with more
     s = loop.setup(method, config, mesh)
     batch_sharding = NamedSharding(mesh, P(tuple(config.mesh.batch_axes)))
     start = time.perf_counter()

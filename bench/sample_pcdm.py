@@ -82,8 +82,8 @@ def main():
     b = preset["batch"]
     shapes = {name: value.shape for name, value in conditions.items()}
     print(f"device: jax {jax.devices()[0].device_kind}, torch {device} ({torch.get_num_threads()} threads); "
-          f"preset {args.preset} (configs/pcdm_*.py:{preset['arg']}), {preset['dtype']}: batch {b}, {NUM_INFERENCE_STEPS} DDIM steps per "
-          f"stage, guidance {GUIDANCE_SCALE}; embedding {shapes['prior_noise'][1:]}, canvas latent "
+          f"preset {args.preset} (configs/pcdm_*.py:{preset['arg']}), {preset['dtype']}: batch {b}, "
+          f"{NUM_INFERENCE_STEPS} DDIM steps per stage, guidance {GUIDANCE_SCALE}; embedding {shapes['prior_noise'][1:]}, canvas latent "
           f"{shapes['canvas_noise'][1:]}, refine latent {shapes['refine_noise'][1:]}, "
           f"{shapes['inpaint_tokens'][1]} tokens")
     print("ours vs pytorch, relative error: " + ", ".join(f"{name} {error:.1e}" for name, error in errors.items()))

@@ -123,9 +123,10 @@ def train(method, config, workdir: str) -> str:
     mesh = mesh_lib.make_mesh(config)
     s = setup(method, config, mesh)
     report = report_lib.parameter_report(s)
+    micro_batches = step_lib.accumulation_steps(config, mesh)
     metrics_lib.console(f"mesh {mesh_lib.describe(mesh)}, {jax.process_count()} process(es); parameters: "
                         f"{report['trainable']:,} trainable, {report['frozen']:,} frozen; global batch "
-                        f"{config.batch_size} in {step_lib.accumulation_steps(config, mesh)} micro-batch(es); precision "
+                        f"{config.batch_size} in {micro_batches} micro-batch(es); precision "
                         f"{config.precision.param_dtype} params / {config.precision.compute_dtype} compute")
     metrics_lib.console(report_lib.format_report(report))
     created_by_others = _entries(workdir)
