@@ -10,7 +10,7 @@ FPDM_DEMO_WORKDIR ?= runs/fpdm_demo
 CFLD_DEMO_WORKDIR ?= runs/cfld_demo
 REPOSEDM_DEMO_WORKDIR ?= runs/reposedm_demo
 
-.PHONY: install demo demo-fpdm demo-cfld demo-reposedm toy-demo test clean
+.PHONY: install demo demo-fpdm demo-cfld demo-reposedm toy-demo test test-slow test-all clean
 
 install: $(INSTALLED)
 
@@ -43,8 +43,18 @@ demo-reposedm: $(INSTALLED)
 toy-demo: $(INSTALLED)
 	$(PY) demo.py --config=configs/toy_mixture.py --workdir=runs/toy_demo
 
+# The suite in three selections: `test` all but the end-to-end tests marked slow (under 10 minutes on 2 cores),
+# `test-slow` those alone, `test-all` both (what CI runs). worksteal: an idle worker takes tests queued on the busy one.
+PYTEST := JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=10
+
 test: $(INSTALLED)
-	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m pytest -q -n $(TEST_WORKERS) --durations=10
+	$(PYTEST) -m "not slow"
+
+test-slow: $(INSTALLED)
+	$(PYTEST) -m slow
+
+test-all: $(INSTALLED)
+	$(PYTEST)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

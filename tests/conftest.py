@@ -1,8 +1,11 @@
-"""Shared test set-up: float32 JAX on CPU, deterministic torch."""
+"""Shared test set-up: float32 JAX on CPU in the suite's environment (tests/environment.py), deterministic torch."""
 
 import os
 
+from tests import environment
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+environment.apply()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -9,7 +9,8 @@ import subprocess
 import sys
 from typing import List, Sequence
 
-from tests.trainer_utils import CACHE_ENV, ROOT, env
+from tests.environment import CACHE_ENV
+from tests.trainer_utils import ROOT, env
 
 TIMEOUT = 600
 

@@ -195,6 +195,7 @@ def test_attention_module_matches_xla(implementation):
         assert error <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_unet_with_chunked_attention_matches_xla():
     config = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
                   norm_num_groups=8, cross_attention_dim=16, attention_head_dim=(2, 4), use_linear_projection=True,

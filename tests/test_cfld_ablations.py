@@ -252,6 +252,7 @@ def test_b2_clip_prompt_matches_the_original_and_keeps_its_clip_frozen():
 # ---------------------------------------------------------------------------------------- full-size counts
 
 
+@pytest.mark.slow
 def test_full_size_ablation_parameter_counts():
     """The parameter report of configs/cfld.py:B1 and :B2 (eval_shape) against counts by hand: B1's HGA with
     8 / 4 / 2 strided input convs and 768-wide outputs and no PRD (its null prompt 64 x 768); B2 without Swin and
@@ -291,6 +292,7 @@ def test_full_size_ablation_parameter_counts():
 # ------------------------------------------------------------------------------------------ the method
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ablation", ["B1", "B2"])
 def test_the_method_trains_what_the_ablation_trains(ablation):
     """The ablation on test_cfld_methods' tiny config: gradients of one training batch reach the networks the

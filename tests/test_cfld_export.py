@@ -27,6 +27,8 @@ from tests.test_cfld_methods import _run, listing, tiny_config
 from tests.test_cfld_models import TorchBuildModel, TorchUNetWrapper, install_appearance_processors, perturb
 from tests.test_pcdm_methods import _write_keypoints
 
+pytestmark = pytest.mark.slow   # end-to-end (README, Tests: `make test` leaves these out)
+
 TOLERANCE = 1e-5
 
 

@@ -94,6 +94,7 @@ def _flat(tree):
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+@pytest.mark.slow
 def test_only_up_block_cross_attention_keys_and_values_train_in_the_unet(run):
     """The optimizer's trainable UNet leaves are the hand-listed attn2.to_k / to_v of the up block; from the
     checkpoint of step 1 to that of step 2 exactly those UNet leaves change, and every conditioner network (and the
@@ -121,6 +122,7 @@ def _scaled_linear_alphas_cumprod():
     return np.cumprod(1.0 - betas)
 
 
+@pytest.mark.slow
 def test_training_batch_is_self_reconstruction_with_cubic_timesteps_and_the_learned_null_prompt(run):
     """One loss_fn call on 192 random pairs with the UNet call recorded (it returns zeros): the 384 latents are
     the codes of [sources ; targets]; x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps with SD 1.5's schedule and eps
@@ -194,6 +196,7 @@ def test_training_batch_is_self_reconstruction_with_cubic_timesteps_and_the_lear
         assert (np.abs(bias).reshape(2 * pairs, -1).max(axis=1) > 0).all()  # trained HGA: never zeroed
 
 
+@pytest.mark.slow
 def test_cumulative_guidance_is_equation_7_on_separately_computed_branches(pipe):
     """w_pose = w_app = 2: eps = u + 2 (d - u) + 2 (f - d) per step, with u = (null prompt, no pose, no HGA),
     d = (null prompt, pose, no HGA), f = everything, each branch run on its own here."""
@@ -232,6 +235,7 @@ def listing(folder):
     return sorted((root, tuple(sorted(files))) for root, _, files in os.walk(folder))
 
 
+@pytest.mark.slow
 def test_sample_py_on_the_run_directory(run, tmp_path):
     """sample.py --workdir=RUN --split=test: every held-out pair as <source>_to_<target>.png at the output size;
     nothing written into the run."""
@@ -257,6 +261,7 @@ def _write_keypoints(path, shift):
     np.savetxt(path, points + [shift, 0])
 
 
+@pytest.mark.slow
 def test_appearance_editing_interpolation_ends_and_masked_style_transfer(run, pipe, tmp_path):
     """Style interpolation: weight 0 is plain sampling of source A, weight 1 of source B, 0.5 neither. Masked style
     transfer: an all-white mask is plain sampling in the reference's pose; where the mask is black every step

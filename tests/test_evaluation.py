@@ -411,6 +411,7 @@ def _random_inception_params(module, rng):
     return jax.tree_util.tree_map_with_path(leaf, abstract)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")
 def test_real_inception_features_give_fid_zero_for_a_folder_against_itself(tmp_path):
     """One tiny run of the Flax Inception-v3 (random weights; no weight files offline) through score_folders."""

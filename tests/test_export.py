@@ -92,6 +92,7 @@ def _flat(tree):
     return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+@pytest.mark.slow
 def test_original_export_loads_strictly_bit_identical_and_imports_back_bit_identical(released, tmp_path):
     """Every stage's export loads strictly into its PyTorch statement, equal bit for bit to the weights that went in;
     the stage-2 export (all three of its networks) imports back to bit-identical parameters."""
@@ -127,6 +128,7 @@ def _unet_inputs(unet_config, class_embedding):
     return inputs
 
 
+@pytest.mark.slow
 def test_diffusers_export_loads_with_diffusers_and_transformers_and_matches_ours(released, tmp_path):
     for stage, (module, _, run) in released.items():
         before = listing(run)
@@ -180,6 +182,7 @@ def test_diffusers_export_loads_with_diffusers_and_transformers_and_matches_ours
                                  for name in params}
 
 
+@pytest.mark.slow
 def test_failed_exports_and_imports_write_nothing(released, tmp_path):
     _, inpaint_file, inpaint_run = released["inpaint"]
     prior_file = released["prior"][1]
@@ -219,6 +222,7 @@ def _run(*args):
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_command_line_export_and_sampling_of_imported_runs(released, tmp_path):
     """export.py as the README shows it (a second export to the same output and an import into an existing workdir
     are one-line errors), then sample.py on the imported stage-1 and stage-2 runs; neither changes the runs."""
@@ -251,6 +255,7 @@ def test_command_line_export_and_sampling_of_imported_runs(released, tmp_path):
     assert listing(run) == before
 
 
+@pytest.mark.slow
 def test_inspect_reports_the_full_size_counts_without_weights():
     """The stage-2 UNet (SD 2.1-base, 9 input channels, projection class embedding) and the prior at full size, and
     the same counts from diffusers' UNet and the PyTorch prior statement on the meta device."""

@@ -120,6 +120,7 @@ def toy_run(tmp_path_factory):
 
 # ------------------------------------------------------------------------------------------------ the trainer
 
+@pytest.mark.slow
 def test_bad_config_values_fail_in_one_line_before_anything_is_written(toy_run, tmp_path):
     """Non-positive sizes, unknown names, a batch that does not split over the devices, sampling settings: one line
     each, nothing written (a fresh workdir is not even created, an existing run is untouched); a fresh run that
@@ -173,6 +174,7 @@ def test_preemption_saves_and_exits_with_its_own_status(tmp_path):
     assert step >= 3 and f"preempted: saved a checkpoint at step {step} " in result.stdout
 
 
+@pytest.mark.slow
 def test_disk_full_while_saving_is_one_line_keeps_the_last_checkpoint_and_leaves_nothing_half_written(tmp_path):
     """A 3 MiB file system holds the run's first checkpoint (about 1.9 MiB) but not its second: one line saying
     what is left and how much to free, the incomplete step removed; with room again the same command resumes."""
@@ -193,6 +195,7 @@ def test_disk_full_while_saving_is_one_line_keeps_the_last_checkpoint_and_leaves
         assert "resumed from checkpoint step 2 " in result.stdout and committed_steps(str(workdir)) == [2, 4, 6]
 
 
+@pytest.mark.slow
 def test_unwritable_workdirs_are_one_line_and_readers_need_no_write_access(toy_run, tmp_path):
     """A file given as --workdir, a read-only run (train.py refuses it in one line; sample.py samples it: readers
     write nothing into a run), a read-only --output_dir."""
@@ -428,6 +431,7 @@ def _keypoints(path, shift=0.0, bad_line=None, text=None):
     return path
 
 
+@pytest.mark.slow
 def test_sample_checks_its_inputs_before_loading_and_training_refuses_other_data(pcdm_run, tmp_path):
     """Single mode reads the photo and both poses before any checkpoint (shown with a copy of the run that has none:
     the input error comes first; with --joints_outside_image=clip the count is printed and only then the missing
@@ -469,6 +473,7 @@ def test_sample_checks_its_inputs_before_loading_and_training_refuses_other_data
     assert _listing(run, bare, tmp_path / "out") == before
 
 
+@pytest.mark.slow
 def test_sampling_beside_training_leaves_it_unharmed_and_the_data_may_move(pcdm_run, tmp_path):
     """train.py resumes the run with its data in another folder and checkpoints every step; meanwhile sample.py
     samples the test split twice, with other sampling settings into two output directories (and the data in a

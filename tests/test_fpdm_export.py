@@ -28,6 +28,8 @@ from tests.test_fpdm_methods import _write_keypoints, tiny_configs
 from tests.test_fpdm_models import (_DINOV2_4X_NAMES, TorchCombiner, TorchFusionMLP, TorchSourceProjector,
                                     _lightning_checkpoint, perturb, torch_fpdm_unet)
 
+pytestmark = pytest.mark.slow   # end-to-end (README, Tests: `make test` leaves these out)
+
 TOLERANCE = 1e-5
 
 

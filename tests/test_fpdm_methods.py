@@ -140,6 +140,7 @@ def _flat(tree):
     return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+@pytest.mark.slow
 def test_stage2_trains_on_the_stage1_run_and_stage1_validates(runs):
     """Stage 2's frozen fusion model is the stage-1 run's, bit for bit, and it records the CLIP config the stage-1 run
     recorded; stage 1's validation covers every test pair."""
@@ -160,6 +161,7 @@ def test_stage2_trains_on_the_stage1_run_and_stage1_validates(runs):
     assert results["val_loss"] > 0
 
 
+@pytest.mark.slow
 def test_condition_drops_are_per_batch_with_the_configured_rates(runs):
     from pgpis_jax.methods.common.run import load_trained
 
@@ -177,6 +179,7 @@ def test_condition_drops_are_per_batch_with_the_configured_rates(runs):
     assert 0 < drops.sum() < 64
 
 
+@pytest.mark.slow
 def test_demo_source_tokens_keep_the_source_brightness(runs):
     """The demo's random frozen DINOv2 (LayerNorm eps 1): a flat image and the same twice as far from the mean
     colour give tokens of different norms; with eps 1e-6 the final LayerNorm gives both the same norm."""
@@ -196,6 +199,7 @@ def test_demo_source_tokens_keep_the_source_brightness(runs):
     assert abs(norm_ratio(encoder.clone(layer_norm_eps=1e-6)) - 1.0) < 1e-3
 
 
+@pytest.mark.slow
 def test_three_branch_guidance_is_fpdm_rule_on_separately_computed_branches(runs):
     """w = 2: v = u + 2 (src - u) + 2 (global - src) per step, each branch computed on its own here (uncond: zero
     pose, context and fusion; src: zero fusion); w = 1 samples the global branch alone."""
@@ -235,6 +239,7 @@ def _write_keypoints(path, shift):
     np.savetxt(path, points + [shift, 0])
 
 
+@pytest.mark.slow
 def test_sample_a_split_evaluate_with_fpdm_names_and_one_image(runs, tmp_path):
     """sample.py's split mode writes the original's `<source>_2_<target>.png` names; eval.py's config mode scores
     them against the reference targets through the fpdm protocol's pairing (96 pairs); single mode from a photo

@@ -9,11 +9,14 @@ import signal
 import time
 
 import numpy as np
+import pytest
 
 from pgpis_jax.methods.common.features import FeatureDataset
 from pgpis_jax.methods.common.run import load_trained
 from tests import multihost
 from tests.trainer_utils import committed_steps, logged_steps, max_abs_diff
+
+pytestmark = pytest.mark.slow   # end-to-end (README, Tests: `make test` leaves these out)
 
 TOY = "--config=configs/toy_denoiser.py:demo"
 

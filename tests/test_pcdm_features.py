@@ -72,6 +72,7 @@ def _pixel_rows(config, count):
     return {k: v for k, v in batch.items() if k not in ("mask", "source_name", "target_name")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage, tiny_vae", [("prior", False), ("inpaint", True), ("refine", False)])
 def test_loss_on_features_equals_loss_on_pixels(stage, tiny_vae, demo_data, coarse_dir, tmp_path):
     options = {"coarse_dir": coarse_dir} if stage == "refine" else {}

@@ -86,6 +86,7 @@ def _tiny_unet_config(in_channels):
                 norm_num_groups=32, use_linear_projection=True)
 
 
+@pytest.mark.slow
 def test_stage2_warm_start_keeps_pretrained_weights_and_declared_fresh_ones(tmp_path):
     """SD-like UNet saved by diffusers with 4 input channels -> our 9-channel stage-2 UNet with a projection
     class embedding: conv_in's kernel and the class embedding stay fresh, conv_in's bias and every other tensor
@@ -156,6 +157,7 @@ def _write_keypoints(path, shift):
     np.savetxt(path, points + [shift, 0])
 
 
+@pytest.mark.slow
 def test_prior_and_inpaint_train_then_sample_from_the_run_directories_alone(demo_data, tmp_path):
     """Train two tiny stages; sample a split (best of two, reference names, resume) and one image from the run
     directories without --config, the second with the dataset moved away; nothing is written into the runs, and a
@@ -279,6 +281,7 @@ def _demo_prior(guidance_scale):
     return config, stage, stage.init(jax.random.key(3))
 
 
+@pytest.mark.slow
 def test_prior_guidance_is_the_cfg_combination_of_separately_computed_branches():
     """w = 2: x0 = u + 2 (c - u) per step, u from the CLIP embedding of a zero source input and zeroed poses (as
     training drops them), each branch computed on its own here; w = 1 samples the conditional branch alone."""

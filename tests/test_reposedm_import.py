@@ -42,6 +42,7 @@ def _stage_with_random_params(arg):
     return stage, abstract, jax.tree.map(lambda leaf: rng.normal(size=leaf.shape).astype(np.float32), abstract)
 
 
+@pytest.mark.slow
 def test_a_pidm_checkpoint_becomes_a_b1_run_whose_export_gives_back_its_tensors(tmp_path):
     unet = {k: tuple(v) if isinstance(v, (list, tuple)) else v
             for k, v in dict(tiny_config("", "demo,B1").model.unet.config).items() if k != "position_encoding"}

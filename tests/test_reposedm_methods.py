@@ -110,6 +110,7 @@ def _epsilon_by_hand(prediction_type, prediction, x_t, alpha_bar):
     return (x_t - np.sqrt(alpha_bar) * prediction) / np.sqrt(1 - alpha_bar)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("drop_rate, prediction_type", [(0.0, "epsilon"), (1.0, "sample")])
 def test_loss_is_simple_plus_vlb_plus_warp_plus_heatmap_terms(trained, drop_rate, prediction_type):
     """loss_fn on a fixed batch = mean over examples of the mean squared error of the prediction (epsilon as PIDM,
@@ -162,6 +163,7 @@ def test_loss_is_simple_plus_vlb_plus_warp_plus_heatmap_terms(trained, drop_rate
     assert vlb_term.mean() > 0 and warp_term.mean() > 0 and heatmap_term.mean() > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
 def test_guided_epsilon_is_cfg_of_branches_plus_the_pose_distance_gradient(trained, prediction_type):
     """model_fn(y_t, t) = eps_u + w (eps_c - eps_u) + w s sqrt(1 - abar_t) g / max(1, rms(g)), with the branches
@@ -211,6 +213,7 @@ def test_guided_epsilon_is_cfg_of_branches_plus_the_pose_distance_gradient(train
     np.testing.assert_allclose(guided(x_t, t), as_output(expected), **tolerance)
 
 
+@pytest.mark.slow
 def test_gradient_guidance_with_scale_zero_equals_sampling_without_it(trained):
     """The same DDIM run with the gradient computed and scaled by 0 (a traced scale) and without gradient guidance
     is bit-identical; a positive scale changes the samples."""
@@ -230,6 +233,7 @@ def _write_keypoints(path):
     np.savetxt(path, points)
 
 
+@pytest.mark.slow
 def test_sample_split_eval_and_one_image_from_the_run_alone(run, tmp_path):
     """sample.py's split mode writes generated/ and warped/ for all 96 test pairs at the run's size; single mode from a photo and a keypoint file; a pose image is refused with one line. Nothing is written into
     the run."""
@@ -257,6 +261,7 @@ def test_sample_split_eval_and_one_image_from_the_run_alone(run, tmp_path):
     assert sorted(os.walk(run)) == before
 
 
+@pytest.mark.slow
 def test_pidm_export_loads_strictly_into_the_torch_statements(run, trained, tmp_path):
     """export.py --format=pidm: pidm_checkpoint.pt loads with strict=True into the PyTorch statement of PIDM's
     BeatGANsAutoencModel (tests/test_pidm_models.py) and alignment.safetensors into that of the alignment

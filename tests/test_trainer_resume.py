@@ -72,6 +72,7 @@ def _error_lines(stderr):
     return [line for line in stderr.splitlines() if line.startswith("train.py: error")]
 
 
+@pytest.mark.slow
 def test_sigterm_then_sigkill_then_restart_log_the_same_losses_as_an_uninterrupted_run(reference, tmp_path):
     """train.py preempted (SIGTERM: saves at the current step, exits with PREEMPTED_EXIT_CODE 75), resumed and
     killed (SIGKILL) after its next checkpoint, resumed again: every resumed segment logs the uninterrupted run's

@@ -7,7 +7,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.trainer_utils import ROOT, env
+
+pytestmark = pytest.mark.slow   # end-to-end (README, Tests: `make test` leaves these out)
 
 
 def test_sharded_steps_equal_one_device_and_follow_the_rules():

@@ -337,6 +337,7 @@ def test_fresh_layers_keep_their_init_through_keep_fresh():
     assert np.count_nonzero(flat(merged)["class_embedding/linear_1/bias"]) == 4 * 64  # time_embed_dim
 
 
+@pytest.mark.slow
 def test_remat_gives_identical_outputs_and_gradients():
     _, module, params = _models("sd15")
     sample, timesteps, context, _ = _inputs("sd15")

@@ -1,15 +1,12 @@
 """Helpers of the trainer tests: toy configs, a few in-process steps, train.py in a subprocess.
 
-Compiled programs are shared through JAX's persistent compilation cache (in this process and in the
-train.py subprocesses), so the many identical toy train steps compile once per machine.
+Subprocesses run in the suite's environment (tests/environment.py).
 """
 
-import getpass
 import glob
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 import jax
@@ -22,24 +19,6 @@ from pgpis_jax.trainer.data import HostData
 from pgpis_jax.trainer.metrics import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CACHE_DIR = os.path.join(tempfile.gettempdir(), f"pgpis_jax_test_compilation_cache_{getpass.getuser()}")
-CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": CACHE_DIR, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-
-
-def _use_compilation_cache():
-    jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    try:  # the cache is set up at the first compilation; set it up again with the directory
-        from jax.experimental.compilation_cache import compilation_cache
-
-        compilation_cache.reset_cache()
-    except Exception:  # noqa: BLE001 - only a speed-up
-        pass
-
-
-_use_compilation_cache()
 
 
 def toy(**overrides):
@@ -99,7 +78,7 @@ def train_cmd(workdir, **overrides):
 
 
 def env(**extra):
-    return dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", **CACHE_ENV, **extra)
+    return dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", **extra)
 
 
 def run_train(workdir, timeout=240, **overrides):
