@@ -5,6 +5,9 @@ import numpy as np
 import torch
 
 TOLERANCE = 1e-4
+# jax.jit(..., compiler_options=FAST_COMPILE): XLA's CPU backend optimisations cost more compile time than they save
+# on the tests' tiny models.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def nhwc(tensor: torch.Tensor) -> np.ndarray:

@@ -11,6 +11,7 @@ from pgpis_jax.models.encoders.swin import SwinModel
 from pgpis_jax.models.unet import UNet2DConditionModel
 from pgpis_jax.nn.attention import (CPU_BLOCK_SIZE, CPU_CHUNKED_MIN_KEYS, Attention, dot_product_attention,
                                    resolve_implementation)
+from tests.parity import FAST_COMPILE
 
 TOLERANCE = 1e-5
 BATCH, HEADS, HEAD_DIM = 2, 2, 40
@@ -19,8 +20,6 @@ BATCH, HEADS, HEAD_DIM = 2, 2, 40
 LENGTHS = {"self": (230, 230), "cross": (200, 300)}
 CHUNK = 64
 SPLASH_BLOCK = 128
-# XLA's CPU backend optimisations cost more compile time than they save on the tiny UNet.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def _qkv(query_length, key_length, seed=0, dtype=jnp.float32):

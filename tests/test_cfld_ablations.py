@@ -24,8 +24,8 @@ from pgpis_jax.models.unet import UNet2DConditionModel
 from pgpis_jax.weights.cfld_checkpoint import (CLIP_PREFIX, conditioner_params_from_state_dict,
                                                conditioner_state_dict, unet_params_from_state_dict)
 from pgpis_jax.weights.pytorch import state_dict_to_params
-from tests.parity import check_close, nhwc
-from tests.test_cfld_models import (FAST_COMPILE, TINY_HGA, TINY_POSE, TINY_SWIN, TINY_UNET, TorchAppearanceEncoder,
+from tests.parity import FAST_COMPILE, check_close, nhwc
+from tests.test_cfld_models import (TINY_HGA, TINY_POSE, TINY_SWIN, TINY_UNET, TorchAppearanceEncoder,
                                     TorchPoseEncoder, TorchSwin, TorchUNetWrapper, _jit, _numpy_state, _random,
                                     install_appearance_processors, perturb)
 

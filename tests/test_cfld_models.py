@@ -30,10 +30,9 @@ from pgpis_jax.weights.cfld_checkpoint import (CONDITIONER_FILE, UNET_FILE, cond
                                                unet_state_dict)
 from pgpis_jax.weights.files import read_torch_state_dict
 from pgpis_jax.weights.pytorch import state_dict_to_params
-from tests.parity import check_close, nhwc
+from tests.parity import FAST_COMPILE, check_close, nhwc
 from tests.torch_init import compare_with_torch_init
 
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 # Swin stages 16x16 (window 4, shifted), 8x8 (window 4, shifted), 4x4 (= window, no shift), 2x2 (window clipped
 # to 2); widths 8, 16, 32, 64. The first three stages match the UNet's 16 / 8 / 4 latent grids, as in CFLD.
@@ -383,8 +382,6 @@ def tiny_models():
 def _jit(module, method=None):
     apply = functools.partial(module.apply, method=method) if method else module.apply
     return jax.jit(apply, compiler_options=FAST_COMPILE)
-
-
 
 
 def _random(shape, seed, low=None):

@@ -16,10 +16,9 @@ from safetensors.numpy import load_file
 from pgpis_jax.models.encoders.clip_vision import CLIPVisionModel
 from pgpis_jax.weights.encoder_checkpoints import clip_vision_params_from_state_dict
 from pgpis_jax.weights.pytorch import check_params_match
+from tests.parity import FAST_COMPILE
 
 TOLERANCE = 1e-4
-# XLA's CPU backend optimisations cost more compile time than they save on these tiny models.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 _VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
                patch_size=8, projection_dim=24)

@@ -23,10 +23,9 @@ from pgpis_jax.models.encoders.dinov2 import DropPath, Dinov2Model, interpolate_
 from pgpis_jax.weights.encoder_checkpoints import dinov2_params_from_state_dict
 from pgpis_jax.weights.pytorch import check_params_match
 from pgpis_jax.weights.transformers_io import module_from_transformers_config
+from tests.parity import FAST_COMPILE
 
 TOLERANCE = 1e-4
-# XLA's CPU backend optimisations cost more compile time than they save on these tiny models.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 _TINY = dict(image_size=28, patch_size=7, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
 CONFIGS = {

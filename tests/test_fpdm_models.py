@@ -33,11 +33,10 @@ from pgpis_jax.weights.fpdm_checkpoint import (diffusion_params_from_state_dict,
                                                fusion_params_from_state_dict, fusion_state_dict_from_params,
                                                load_fusion_checkpoint, read_lightning_state_dict)
 from pgpis_jax.weights.pytorch import check_params_match, state_dict_to_params
+from tests.parity import FAST_COMPILE
 from tests.torch_init import compare_with_torch_init
 
 TOLERANCE = 1e-4
-# XLA's CPU backend optimisations cost more compile time than they save on these tiny models.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 FEATURE_DIM = 16  # the tiny CLIP projection_dim = the fusion width
 TINY_COMBINER = dict(feature_dim=FEATURE_DIM, projection_dim=12, hidden_dim=10)

@@ -25,12 +25,10 @@ from pgpis_jax.models.unet import UNet2DConditionModel
 from pgpis_jax.nn.transformer import BasicTransformerBlock
 from pgpis_jax.weights.pcdm_checkpoint import load_pcdm_checkpoint
 from pgpis_jax.weights.pytorch import check_params_match, state_dict_to_params
-from tests.parity import check_close, nhwc
+from tests.parity import FAST_COMPILE, check_close, nhwc
 from tests.pcdm_torch_reference import TorchMLP, TorchPrior, TorchStage, perturb
 from tests.torch_init import compare_with_torch_init
 
-# XLA's CPU backend optimisations cost more compile time than they save on these tiny models.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 TINY_PRIOR = dict(embedding_dim=16, num_layers=2, num_attention_heads=2, attention_head_dim=8, pose_dim=36,
                   pose_hidden=12)

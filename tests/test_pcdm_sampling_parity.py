@@ -5,11 +5,10 @@ equal work."""
 
 import jax
 
+from tests.parity import FAST_COMPILE
 from tests.pcdm_sampling_reference import (build_stages, compare, our_params, random_conditions, sample_ours,
                                            sample_torch, torch_conditions, torch_networks)
 
-# XLA's CPU backend optimisations cost more compile time than they save on these tiny models.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 STEPS = 4
 GUIDANCE_SCALE = 2.0
 

@@ -21,10 +21,9 @@ from pgpis_jax.errors import UserError
 from pgpis_jax.models.pidm import PIDMUNet, pack_unet_input
 from pgpis_jax.weights.pidm_checkpoint import (load_pidm_checkpoint, pidm_params_to_state_dict,
                                                pidm_state_dict_to_params, unused_key_reason)
-from tests.parity import check_close, nhwc
+from tests.parity import FAST_COMPILE, check_close, nhwc
 from tests.torch_init import compare_with_torch_init
 
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 # Widths 32, 64, 96: every lateral concatenation is a multiple of 32 (PIDM's GroupNorm needs it), groups of
 # 1 to 6 channels; attention at 8 and 4 (levels 1 and 2) of a 16-pixel image_size.
 TINY = dict(image_size=16, in_channels=23, model_channels=32, out_channels=6, num_res_blocks=2,
@@ -251,9 +250,6 @@ def tiny_torch_pidm(config=TINY, seed=0):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-
 
 
 def _modules(config):

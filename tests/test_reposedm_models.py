@@ -18,9 +18,9 @@ from pgpis_jax.errors import UserError
 from pgpis_jax.models.reposedm import (RecurrentPoseAlignment, compose_flows, local_correlation, region_attention,
                                        warp)
 from pgpis_jax.weights.reposedm_checkpoint import alignment_params_to_state_dict, alignment_state_dict_to_params
+from tests.parity import FAST_COMPILE
 
 TOLERANCE = 1e-4
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 # Grid 8 x 8 on 32 x 32 images (stride 4); three iterations: global, 5 x 5, 3 x 3 windows.
 TINY = dict(features=32, stem_channels=16, stage_channels=(16, 24), heads=2, kernels=(0, 5, 3), radius=2)
 # The reference defaults (DeepFashion 256: stride 8, grid 32 x 32).

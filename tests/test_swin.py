@@ -21,10 +21,9 @@ from pgpis_jax.nn.attention import dot_product_attention
 from pgpis_jax.weights.encoder_checkpoints import (load_swin_checkpoint, resize_relative_position_bias_table,
                                                    swin_params_from_state_dict)
 from pgpis_jax.weights.pytorch import check_params_match
+from tests.parity import FAST_COMPILE
 
 TOLERANCE = 1e-4
-# XLA's CPU backend optimisations cost more compile time than they save on these tiny models.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 _TINY = dict(image_size=32, patch_size=2, embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4)
 CONFIGS = {

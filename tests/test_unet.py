@@ -18,11 +18,10 @@ from pgpis_jax.nn.attention import CrossAttentionResidual
 from pgpis_jax.nn.embeddings import get_timestep_embedding
 from pgpis_jax.weights.partial import merge_pretrained
 from pgpis_jax.weights.pytorch import check_params_match, state_dict_to_params
+from tests.parity import FAST_COMPILE
 from tests.torch_init import compare_with_torch_init, flat
 
 TOLERANCE = 1e-4
-# XLA's CPU backend optimisations cost more compile time than they save on these tiny models.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 CONTEXT_DIM = 16
 
 _BASE = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
