@@ -12,7 +12,6 @@ from pgpis_jax.trainer import step as step_lib
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "RESULTS.md"
 USABLE = 0.9   # of a device's memory, as the plan's comment says
-GIB = {16: 16, 32: 32, 80: 80}   # TPU v5e 16 GiB, v4 32 GiB, A100 / H100 80 GiB of HBM
 
 
 def measured_peaks():
@@ -29,12 +28,12 @@ def measured_peaks():
 
 @pytest.mark.parametrize("key", sorted(pcdm_common.DEVICE_MEMORY_PLANS, key=str))
 def test_each_plan_is_the_largest_measured_batch_that_fits(key):
-    stage, res, gb = key
+    stage, res, gb = key   # gb: GiB of HBM (TPU v5e 16, v4 32, A100 / H100 80)
     plan = pcdm_common.DEVICE_MEMORY_PLANS[key]
     peaks = measured_peaks()
     sharded = gb == 16
     fitting = [batch for (s, r, batch, sh), peak in peaks.items()
-               if (s, r, sh) == (stage, res, sharded) and peak <= USABLE * GIB[gb]]
+               if (s, r, sh) == (stage, res, sharded) and peak <= USABLE * gb]
     larger = [batch for (s, r, batch, sh) in peaks if (s, r, sh) == (stage, res, sharded)
               and batch > max(fitting, default=0)]
     assert plan == (max(fitting), -1 if sharded else 1)
