@@ -35,10 +35,6 @@ SAMPLE_KEY_SALT = 0x5A3F1E
 # Exit status of train.py after SIGTERM or a preemption notice, once the checkpoint of the current step is saved
 # (EX_TEMPFAIL: a temporary failure; rerunning the same command resumes).
 PREEMPTED_EXIT_CODE = 75
-# Compiler options, per platform, of the parameter initialisation, a program that runs once: on CPU, LLVM at
-# optimisation level 0 compiles a tiny RePoseDM stage's init in 8 s instead of 20 s (its threefry initialisers are
-# most of the program); its values differed from level 2's by at most 1.5e-8 (weights of scale up to 1).
-INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 0}}
 
 
 @dataclasses.dataclass
@@ -85,10 +81,8 @@ def _initial_keys(config):
 
 def initial_params(s: Setup, method, config):
     """The parameters a fresh run starts from, created already sharded: jit(init, out_shardings=...) with the
-    run's seed (compiled with INIT_COMPILER_OPTIONS), then the method's warm start, in param_dtype."""
-    options = INIT_COMPILER_OPTIONS.get(s.mesh.devices.flat[0].platform)
-    params = jax.jit(s.init_params, out_shardings=s.param_shardings, compiler_options=options)(
-        _initial_keys(config)[0])
+    run's seed, then the method's warm start, in param_dtype."""
+    params = jax.jit(s.init_params, out_shardings=s.param_shardings)(_initial_keys(config)[0])
     warm = method.warm_start(params)
     if warm is not params:
         params = jax.device_put(s.policy.cast_params(warm), s.param_shardings)
