@@ -23,9 +23,17 @@ What it does, per host (`process_index` / `process_count` default to `jax.proces
 - Per record, in parallel (`num_parallel_calls`, deterministic order): JPEG/PNG decode, resize (bicubic with
   antialiasing, rounded to uint8 levels as PIL's output is), pose rendering (`pgpis_jax.poses`, on the host
   through `tf.numpy_function`), the layout's augmentation with stateless random numbers seeded by
-  (epoch seed, position in the epoch), normalisation; then batching and `prefetch`.
+  (epoch seed, position in the epoch); then batching and `prefetch`.
+- **Encoded batches.** tf.data produces the compact form of each batch: image fields as uint8 levels (every
+  resized image is rounded to levels anyway; the layout's `levels` names each field's kind of
+  `pgpis_jax.levels`), and pose maps as their parts: CFLD's `<role>_pose_skeleton` (uint8 [P, P, 3]),
+  `<role>_pose_rows` and `<role>_pose_columns` (the Gaussian factors, float32 [P, 18]); PIDM's
+  `<role>_pose_skeleton` (uint8 [S, S, 3]) and `<role>_pose_limb_rows` (int16 [17, S, 2], `poses.pidm_pose_parts`).
+  `decode_batch` turns them into the batches tabled below, with NumPy or JAX, bit for bit the same. By default
+  `next()` decodes on the host; with `encoded=True` (training) it returns the compact form, a quarter of the
+  bytes or less, and `device_decode` is the JAX function the trainer runs inside the jitted step.
 
-Keypoints are (x, y) pixels (see `pgpis_jax.poses`), -1 = missing. Images are NHWC float32.
+Keypoints are (x, y) pixels (see `pgpis_jax.poses`), -1 = missing. Images (decoded) are NHWC float32.
 
 ## Batches (the one place they are documented)
 
@@ -77,20 +85,21 @@ optional keypoints follow with left and right joints swapped);
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from pgpis_jax import poses
+from pgpis_jax import levels, poses
 from pgpis_jax.errors import UserError
-from pgpis_jax.preprocessing import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,
-                                     shortest_edge_size)
+from pgpis_jax.preprocessing import shortest_edge_size
+from pgpis_jax.skeleton_resize import SparseResize
 
 try:   # the pipeline runs on the host CPU; keep TensorFlow off any accelerator JAX uses
     tf.config.set_visible_devices([], "GPU")
@@ -118,28 +127,19 @@ def decode(encoded, hw):
 
 
 def resize(image, hw):
-    """uint8 or float [0, 255] image -> float32 [0, 255] of size `hw`, rounded to integer levels as a PIL resize
-    of a uint8 image is. Bicubic (Keys, a = -0.5, as PIL), with the kernel widened by the scale factor when a
-    side shrinks (antialiasing, as PIL does); same size: unchanged."""
-    image = tf.cast(image, tf.float32)
+    """uint8 image -> uint8 levels of size `hw`, rounded (half to even) and saturated as a PIL resize of a uint8
+    image is. Bicubic (Keys, a = -0.5, as PIL), with the kernel widened by the scale factor when a side shrinks
+    (antialiasing, as PIL does); same size: unchanged."""
     size = tuple(image.shape[-3:-1])
     if size == tuple(hw):
         return image
     shrinks = None in size or any(o < i for o, i in zip(hw, size))
-    out = tf.image.resize(image, hw, method="bicubic", antialias=shrinks)
-    return tf.round(tf.clip_by_value(out, 0.0, 255.0))
+    return to_levels(tf.image.resize(image, hw, method="bicubic", antialias=shrinks))
 
 
-def to_signed(image):
-    return image / 127.5 - 1.0
-
-
-def to_unit(image):
-    return image / 255.0
-
-
-def normalize(image, mean, std):
-    return (image / 255.0 - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+def to_levels(image):
+    """float32 [0, 255] (a resize output) -> uint8 levels: rounded half to even, saturated."""
+    return tf.saturate_cast(tf.round(image), tf.uint8)
 
 
 def _numpy(fn, inputs, shape, dtype=tf.float32):
@@ -168,10 +168,34 @@ def _flip_keypoints_np(kp, offset):
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """A batch layout: `defaults` options, and `make(options, stored_hw, train)` -> preprocess(example, seed)."""
+    """A batch layout: `defaults` options, `make(options, stored_hw, train)` -> preprocess(example, seed) of the
+    encoded batch, and `levels`: {field: kind of `pgpis_jax.levels`} of its uint8 level fields."""
     name: str
     defaults: dict
     make: Callable
+    levels: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+CFLD_POSE_PARTS = ("skeleton", "rows", "columns")     # <role>_pose_<part>: `poses.cfld_pose_parts`
+PIDM_POSE_PARTS = ("skeleton", "limb_rows")           # <role>_pose_<part>: `poses.pidm_pose_parts`
+
+
+def decode_batch(layout: str, batch: Mapping, xp=np) -> dict:
+    """An encoded batch of `layout` -> the batch this module's table documents: level fields to their values,
+    pose parts to pose maps; other fields unchanged. `xp`: numpy, or jax.numpy under jit (the same values; CFLD
+    heatmap values below 1.2e-38 become 0 where the device flushes denormals)."""
+    out = dict(batch)
+    for key, kind in LAYOUTS[layout].levels.items():
+        if key in out:
+            out[key] = levels.from_levels(out[key], kind, xp)
+    for role in ("source", "target"):
+        if f"{role}_pose_limb_rows" in out:
+            parts = [out.pop(f"{role}_pose_{name}") for name in PIDM_POSE_PARTS]
+            out[f"{role}_pose"] = poses.pidm_pose_map_from_parts(*parts, xp=xp)
+        elif f"{role}_pose_rows" in out:
+            parts = [out.pop(f"{role}_pose_{name}") for name in CFLD_POSE_PARTS]
+            out[f"{role}_pose"] = poses.cfld_pose_map_from_parts(*parts, xp=xp)
+    return out
 
 
 def _pairs(o, stored, train):
@@ -184,16 +208,15 @@ def _pairs(o, stored, train):
         kp = poses.resize_keypoints(kp, stored, hw)
         if flip:
             kp = _flip_keypoints_np(kp, hw[1] - 1)
-        pose = poses.draw_skeleton(kp, hw, style, stickwidth=sw, radius=radius).astype(np.float32) / np.float32(255)
-        return kp, pose
+        return kp, poses.draw_skeleton(kp, hw, style, stickwidth=sw, radius=radius)
 
     def preprocess(ex, seed):
         flip = (_uniform(seed, 0) < o["flip_prob"]) if train else tf.constant(False)
         out = {}
         for role in ("source", "target"):
-            image = to_signed(resize(ex[f"{role}_image"], hw))
+            image = resize(ex[f"{role}_image"], hw)
             out[f"{role}_image"] = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
-            kp, pose = tf.numpy_function(both, [ex[f"{role}_keypoints"], flip], (tf.float32, tf.float32),
+            kp, pose = tf.numpy_function(both, [ex[f"{role}_keypoints"], flip], (tf.float32, tf.uint8),
                                          stateful=False)
             kp.set_shape((poses.NUM_KEYPOINTS, 2))
             pose.set_shape((*hw, 3))
@@ -203,7 +226,8 @@ def _pairs(o, stored, train):
 
 
 def _clip(image, size):
-    return normalize(resize(image, _size(size)), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    """The image squashed to the CLIP input size, as levels."""
+    return resize(image, _size(size))
 
 
 def _pcdm_prior(o, stored, train):
@@ -225,11 +249,11 @@ def _pcdm_inpaint(o, stored, train):
 
     def skeleton(kp):
         kp = poses.resize_keypoints(kp, stored, s)
-        return poses.draw_skeleton(kp, s, "pcdms", stickwidth=sw, radius=sw).astype(np.float32) / 127.5 - 1.0
+        return poses.draw_skeleton(kp, s, "pcdms", stickwidth=sw, radius=sw)
 
     def preprocess(ex, seed):
-        images = [to_signed(resize(ex[k], s)) for k in IMAGE_KEYS]
-        pose_maps = [_numpy(skeleton, [ex[f"{r}_keypoints"]], (*s, 3)) for r in ("source", "target")]
+        images = [resize(ex[k], s) for k in IMAGE_KEYS]
+        pose_maps = [_numpy(skeleton, [ex[f"{r}_keypoints"]], (*s, 3), tf.uint8) for r in ("source", "target")]
         return {"image": tf.concat(images, axis=1), "pose": tf.concat(pose_maps, axis=1),
                 "source_dino": _clip(ex["source_image"], o["clip_size"]),
                 "target_clip": _clip(ex["target_image"], o["clip_size"])}
@@ -254,8 +278,8 @@ def _pcdm_refine(o, stored, train):
     def preprocess(ex, seed):
         path = tf.strings.join([coarse_dir, pair_stem(ex["source_name"], ex["target_name"]), ".png"])
         coarse = tf.io.decode_png(tf.io.read_file(path), channels=3)
-        return {"target_image": to_signed(resize(ex["target_image"], s)),
-                "coarse_image": to_signed(resize(tf.cast(coarse, tf.float32), s)),
+        return {"target_image": resize(ex["target_image"], s),
+                "coarse_image": resize(coarse, s),
                 "source_dino": _clip(ex["source_image"], o["clip_size"])}
     return preprocess
 
@@ -263,30 +287,46 @@ def _pcdm_refine(o, stored, train):
 def _cfld(o, stored, train):
     s, c, p = _size(o["image_size"]), _size(o["condition_size"]), _size(o["pose_size"])
 
-    def pose_map(kp):
-        return poses.cfld_pose_map(poses.resize_keypoints(kp, stored, p), p, sigma=o["sigma"])
+    def pose_parts(kp):
+        return poses.cfld_pose_parts(poses.resize_keypoints(kp, stored, p), p, sigma=o["sigma"])
 
     def preprocess(ex, seed):
-        out = {k: to_signed(resize(ex[k], s)) for k in IMAGE_KEYS}
-        cond = to_signed(resize(ex["source_image"], c))
+        out = {k: resize(ex[k], s) for k in IMAGE_KEYS}
+        cond = resize(ex["source_image"], c)
         if train:
             flip = _uniform(seed, 0) < o["flip_prob"]
             cond = tf.cond(flip, lambda: tf.image.flip_left_right(cond), lambda: cond)
         out["condition_image"] = cond
         for role in ("source", "target"):
-            out[f"{role}_pose"] = _numpy(pose_map, [ex[f"{role}_keypoints"]], (*p, 21))
+            parts = tf.numpy_function(pose_parts, [ex[f"{role}_keypoints"]], (tf.uint8, tf.float32, tf.float32),
+                                      stateful=False)
+            for name, part, shape in zip(CFLD_POSE_PARTS, parts, [(*p, 3), (p[0], 18), (p[1], 18)]):
+                part.set_shape(shape)
+                out[f"{role}_pose_{name}"] = part
         if o["reference"]:
-            out["reference_image"] = to_signed(tf.cast(ex["target_image"], tf.float32))
+            out["reference_image"] = ex["target_image"]
         return out
     return preprocess
+
+
+def _skeleton_resizes(canvas, sizes, key):
+    """`SparseResize` from the pose canvas to each of `sizes`: a skeleton is mostly black, so this equals `resize`
+    bit for bit at a fraction of its cost; a canvas that is not larger on both sides is a UserError naming `key`."""
+    for size in sizes:
+        if not all(c > s for c, s in zip(canvas, size)):
+            raise UserError(f"batch layout option pose_canvas {canvas} must be larger than {key} {size} on both "
+                            f"sides (config.data.pipeline)")
+    return [SparseResize(canvas, size) for size in sizes]
 
 
 def _fpdm(o, stored, train):
     out_hw, canvas = _size(o["image_size"]), _size(o["pose_canvas"])
     dino, clip = _size(o["dino_size"]), o["clip_size"]
     ch, cw = canvas
+    to_image_size, to_clip_size = _skeleton_resizes(canvas, [out_hw, _size(clip)], "image_size and clip_size")
 
-    def pose_image(kp, noise, flip):
+    def pose_levels(kp, noise, flip):
+        """The target skeleton drawn on the canvas, as levels at the image size and at the CLIP size."""
         kp = poses.resize_keypoints(kp, stored, canvas)
         lost = poses.missing(kp)
         kp = kp + noise
@@ -297,7 +337,8 @@ def _fpdm(o, stored, train):
         kp[:, 1] = np.where(kp[:, 1] > ch, ch - 1, kp[:, 1])
         if flip:
             kp = _flip_keypoints_np(kp, cw)
-        return poses.draw_skeleton(kp, canvas, "pidm", stickwidth=o["stickwidth"], radius=o["radius"])
+        skeleton = poses.draw_skeleton(kp, canvas, "pidm", stickwidth=o["stickwidth"], radius=o["radius"])
+        return to_image_size(skeleton), to_clip_size(skeleton)
 
     def preprocess(ex, seed):
         src, tgt = ex["source_image"], ex["target_image"]
@@ -320,10 +361,11 @@ def _fpdm(o, stored, train):
         target = resize(tgt, out_hw)
         source = tf.cond(flip, lambda: tf.image.flip_left_right(source), lambda: source)
         target = tf.cond(flip, lambda: tf.image.flip_left_right(target), lambda: target)
-        pose = _numpy(pose_image, [tgt_kp, noise, flip], (ch, cw, 3), tf.uint8)
-        return {"target_image": to_signed(target), "target_pose": to_unit(resize(pose, out_hw)),
-                "source_dino": normalize(source, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
-                "source_clip": _clip(source, clip), "target_pose_clip": _clip(pose, clip)}
+        pose, pose_clip = tf.numpy_function(pose_levels, [tgt_kp, noise, flip], (tf.uint8, tf.uint8), stateful=False)
+        pose.set_shape((*out_hw, 3))
+        pose_clip.set_shape((clip, clip, 3))
+        return {"target_image": target, "target_pose": pose, "source_dino": source,
+                "source_clip": _clip(source, clip), "target_pose_clip": pose_clip}
     return preprocess
 
 
@@ -333,30 +375,32 @@ def _fpdm_fusion(o, stored, train):
     clip, canvas = int(o["clip_size"]), _size(o["pose_canvas"])
     resized = shortest_edge_size(*stored, clip)
     top, left = (resized[0] - clip) // 2, (resized[1] - clip) // 2
+    to_clip_size, = _skeleton_resizes(canvas, [(clip, clip)], "clip_size")
 
-    def pose_image(kp):
+    def pose_levels(kp):
         kp = poses.resize_keypoints(kp, stored, canvas)
-        return poses.draw_skeleton(kp, canvas, "pidm", stickwidth=o["stickwidth"], radius=o["radius"])
+        skeleton = poses.draw_skeleton(kp, canvas, "pidm", stickwidth=o["stickwidth"], radius=o["radius"])
+        return to_clip_size(skeleton)
 
     def center_cropped(image):
-        image = resize(image, resized)[top:top + clip, left:left + clip]
-        return normalize(image, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        return resize(image, resized)[top:top + clip, left:left + clip]
 
     def preprocess(ex, seed):
-        pose = _numpy(pose_image, [ex["target_keypoints"]], (*canvas, 3), tf.uint8)
         return {"source_clip": center_cropped(ex["source_image"]), "target_clip": center_cropped(ex["target_image"]),
-                "target_pose_clip": _clip(pose, clip)}
+                "target_pose_clip": _numpy(pose_levels, [ex["target_keypoints"]], (clip, clip, 3), tf.uint8)}
     return preprocess
 
 
 def _reposedm(o, stored, train):
     s = _size(o["image_size"])
 
-    def keypoints_and_map(kp, scale_y, scale_x, top, left, flip):
+    def keypoints_and_pose_parts(kp, scale_y, scale_x, top, left, flip):
         kp = poses.resize_keypoints(kp, stored, s)
         kp = poses.crop_keypoints(poses.affine_keypoints(kp, scale_x, scale_y), top, left)
-        pose = poses.pidm_pose_map(kp, s, stickwidth=o["stickwidth"], radius=o["radius"])
-        return (_flip_keypoints_np(kp, s[1] - 1) if flip else kp).astype(np.float32), pose
+        parts = poses.pidm_pose_parts(kp, s, stickwidth=o["stickwidth"], radius=o["radius"])
+        if flip:
+            return _flip_keypoints_np(kp, s[1] - 1), *poses.flip_pidm_pose_parts(*parts)
+        return kp, *parts
 
     def preprocess(ex, seed):
         out = {}
@@ -370,16 +414,18 @@ def _reposedm(o, stored, train):
                 big = tf.cast(tf.round(scale * np.array(s, np.float32)), tf.int32)
                 top = tf.floor(_uniform(seed, 2 + 3 * k) * tf.cast(big[0] - s[0] + 1, tf.float32))
                 left = tf.floor(_uniform(seed, 3 + 3 * k) * tf.cast(big[1] - s[1] + 1, tf.float32))
-                grown = tf.round(tf.clip_by_value(tf.image.resize(image, big, method="bicubic"), 0.0, 255.0))
-                image = tf.image.crop_to_bounding_box(grown, tf.cast(top, tf.int32), tf.cast(left, tf.int32), *s)
+                grown = tf.image.resize(image, big, method="bicubic")
+                image = to_levels(tf.image.crop_to_bounding_box(grown, tf.cast(top, tf.int32), tf.cast(left, tf.int32),
+                                                                *s))
                 scale_y, scale_x = tf.cast(big[0], tf.float32) / s[0], tf.cast(big[1], tf.float32) / s[1]
-            kp, pose = tf.numpy_function(keypoints_and_map, [ex[f"{role}_keypoints"], scale_y, scale_x, top, left,
-                                                             flip], (tf.float32, tf.float32), stateful=False)
+            kp, skeleton, limb_rows = tf.numpy_function(
+                keypoints_and_pose_parts, [ex[f"{role}_keypoints"], scale_y, scale_x, top, left, flip],
+                (tf.float32, tf.uint8, tf.int16), stateful=False)
             kp.set_shape((poses.NUM_KEYPOINTS, 2))
-            pose.set_shape((*s, 20))
-            image = to_signed(image)
+            skeleton.set_shape((*s, 3))
+            limb_rows.set_shape((len(poses.LIMBS), s[0], 2))
             out[f"{role}_image"] = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
-            out[f"{role}_pose"] = tf.cond(flip, lambda: tf.image.flip_left_right(pose), lambda: pose)
+            out[f"{role}_pose_skeleton"], out[f"{role}_pose_limb_rows"] = skeleton, limb_rows
             if o["keypoints"]:
                 out[f"{role}_keypoints"] = kp
         return out
@@ -388,18 +434,24 @@ def _reposedm(o, stored, train):
 
 LAYOUTS = {layout.name: layout for layout in (
     Layout("pairs", dict(image_size=None, pose_style="pcdms", stickwidth=None, radius=None, flip_prob=0.0),
-           _pairs),
-    Layout("pcdm_prior", dict(clip_size=224), _pcdm_prior),
-    Layout("pcdm_inpaint", dict(image_size=512, clip_size=224, stickwidth=None), _pcdm_inpaint),
-    Layout("pcdm_refine", dict(image_size=512, clip_size=224, coarse_dir=""), _pcdm_refine),
+           _pairs, dict(source_image="signed", target_image="signed", source_pose="unit", target_pose="unit")),
+    Layout("pcdm_prior", dict(clip_size=224), _pcdm_prior, dict(source_clip="clip", target_clip="clip")),
+    Layout("pcdm_inpaint", dict(image_size=512, clip_size=224, stickwidth=None), _pcdm_inpaint,
+           dict(image="signed", pose="signed", source_dino="clip", target_clip="clip")),
+    Layout("pcdm_refine", dict(image_size=512, clip_size=224, coarse_dir=""), _pcdm_refine,
+           dict(target_image="signed", coarse_image="signed", source_dino="clip")),
     Layout("cfld", dict(image_size=512, condition_size=256, pose_size=256, sigma=6.0, flip_prob=0.5, reference=False),
-           _cfld),
+           _cfld, dict(source_image="signed", target_image="signed", condition_image="signed",
+                       reference_image="signed")),
     Layout("fpdm", dict(image_size=(512, 352), pose_canvas=(550, 375), dino_size=512, clip_size=224,
                         stickwidth=4, radius=4, identity_pair_prob=0.05, low_res_prob=0.5, low_res_size=256,
-                        keypoint_noise=1.0, flip_prob=0.5), _fpdm),
-    Layout("fpdm_fusion", dict(clip_size=224, pose_canvas=(1101, 750), stickwidth=4, radius=4), _fpdm_fusion),
+                        keypoint_noise=1.0, flip_prob=0.5), _fpdm,
+           dict(target_image="signed", target_pose="unit", source_dino="imagenet", source_clip="clip",
+                target_pose_clip="clip")),
+    Layout("fpdm_fusion", dict(clip_size=224, pose_canvas=(1101, 750), stickwidth=4, radius=4), _fpdm_fusion,
+           dict(source_clip="clip", target_clip="clip", target_pose_clip="clip")),
     Layout("reposedm", dict(image_size=256, stickwidth=4, radius=4, scale_jitter=0.05, flip_prob=0.5, keypoints=False),
-           _reposedm),
+           _reposedm, dict(source_image="signed", target_image="signed")),
 )}
 
 
@@ -449,7 +501,7 @@ class InputPipeline:
 
     def __init__(self, dataset, *, batch_size, split="train", layout="pairs", options=None, data_dir=None,
                  train=True, seed=0, shuffle_buffer_size=4096, process_index=None, process_count=None,
-                 num_parallel_calls=tf.data.AUTOTUNE, prefetch=2, include_names=None, state=None):
+                 num_parallel_calls=tf.data.AUTOTUNE, prefetch=2, include_names=None, encoded=False, state=None):
         if process_index is None or process_count is None:
             import jax
             process_index = jax.process_index() if process_index is None else process_index
@@ -471,6 +523,7 @@ class InputPipeline:
         self.shuffle_buffer_size = int(shuffle_buffer_size)
         self.num_parallel_calls, self.prefetch = num_parallel_calls, prefetch
         self.include_names = (not self.train) if include_names is None else bool(include_names)
+        self.encoded = bool(encoded)
 
         n = self.num_split_examples = self.builder.info.splits[split].num_examples
         start, stop = process_index * n // process_count, (process_index + 1) * n // process_count
@@ -562,27 +615,34 @@ class InputPipeline:
 
     @property
     def element_spec(self) -> dict:
-        """{key: tf.TensorSpec} of one batch (leading dimension host_batch_size)."""
+        """{key: tf.TensorSpec} of one encoded batch (leading dimension host_batch_size)."""
         return self.epoch_dataset(0).element_spec
 
     # -- iteration --------------------------------------------------------------------------------------
     def __iter__(self):
         return self
 
-    def _padding(self, batch=None):
+    @property
+    def device_decode(self):
+        """For a pipeline made with `encoded=True`: the JAX function (traceable under jit) from its batches to
+        the documented ones, which the trainer applies on the devices; None otherwise."""
+        if not self.encoded:
+            return None
+        import jax.numpy as jnp
+        return functools.partial(decode_batch, self.layout, xp=jnp)
+
+    def _empty_batch(self):
+        """An encoded batch of no examples (for an evaluation host whose records have run out)."""
         if self._template is None:
-            spec = self.element_spec
-            self._template = {k: (s.shape[1:], s.dtype) for k, s in spec.items()}
-        hb = self.host_batch_size
-        have = 0 if batch is None else len(batch["mask"])
-        out = {}
-        for k, (shape, dtype) in self._template.items():
-            if dtype == tf.string:
-                pad = np.array([b""] * (hb - have), dtype=object)
-            else:
-                pad = np.zeros((hb - have, *shape), dtype.as_numpy_dtype)
-            out[k] = pad if batch is None else np.concatenate([batch[k], pad], axis=0)
-        return out
+            self._template = {k: (s.shape[1:], object if s.dtype == tf.string else s.dtype.as_numpy_dtype)
+                              for k, s in self.element_spec.items()}
+        return {k: np.zeros((0, *shape), dtype) for k, (shape, dtype) in self._template.items()}
+
+    def _padded(self, batch):
+        """`batch` filled up to host_batch_size with zeros (b"" for names; `mask` False)."""
+        count = self.host_batch_size - len(batch["mask"])
+        return {k: np.concatenate([v, np.full((count, *v.shape[1:]), b"" if v.dtype == object else 0, v.dtype)])
+                for k, v in batch.items()}
 
     def __next__(self) -> dict:
         while True:
@@ -596,10 +656,11 @@ class InputPipeline:
                 if self.train:
                     self._epoch, self._step, self._iterator = self._epoch + 1, 0, None
                     continue
-                batch = self._padding()
-            else:
-                if len(batch["mask"]) < self.host_batch_size:
-                    batch = self._padding(batch)
+                batch = self._empty_batch()
+            if not self.encoded:
+                batch = decode_batch(self.layout, batch)
+            if len(batch["mask"]) < self.host_batch_size:
+                batch = self._padded(batch)
             self._step += 1
             return batch
 

@@ -23,6 +23,9 @@ boundary pixels can differ from OpenCV's polygon and anti-aliased rasterisation 
 | `draw_skeleton(kp, hw, "cfld")` | CFLD `pose_utils` | uint8 RGB; bones = 2-px lines in dim colours, joints = discs r=3 on top |
 | `cfld_pose_map` | CFLD (21 channels) | float32 [0,1]: skeleton/255 + 18 Gaussian heatmaps, sigma 6 |
 | `pidm_pose_map` | PIDM (20 channels) | float32 [0,1]: skeleton/255 + 17 limb L1-distance maps |
+
+Both maps also come as parts (`cfld_pose_parts`, `pidm_pose_parts`: the skeleton and a few values per row),
+which `*_from_parts` expand with NumPy or, on the devices, with JAX to the same bits.
 | `gaussian_heatmaps` | CFLD | float32 [0,1], 18 channels, peak 1 at the truncated joint position |
 """
 
@@ -32,6 +35,8 @@ import functools
 import math
 
 import numpy as np
+
+from pgpis_jax import levels
 
 NUM_KEYPOINTS = 18
 MISSING = -1.0
@@ -199,12 +204,13 @@ def _disc(hw, cx, cy, radius):
 def _ellipse(hw, cx, cy, half_length, half_width, angle_deg):
     """Filled ellipse as `cv2.ellipse2Poly(center, (half_length, half_width), angle)` outlines it."""
     a, b = max(float(half_length), 0.5), max(float(half_width), 0.5)
-    reach = max(a, b) + 1
-    box = _box(hw, cx - reach, cy - reach, cx + reach, cy + reach)
+    t = math.radians(angle_deg)
+    reach_x = math.hypot(a * math.cos(t), b * math.sin(t)) + 1      # the rotated ellipse's half extents, + 1 px
+    reach_y = math.hypot(a * math.sin(t), b * math.cos(t)) + 1
+    box = _box(hw, cx - reach_x, cy - reach_y, cx + reach_x, cy + reach_y)
     if box is None:
         return None
     ys, xs, sl = box
-    t = math.radians(angle_deg)
     dx, dy = xs - cx, ys - cy
     u = dx * math.cos(t) + dy * math.sin(t)
     v = -dx * math.sin(t) + dy * math.cos(t)
@@ -243,13 +249,25 @@ def _paint(canvas, shape, colour):
         canvas[sl][mask] = colour
 
 
+@functools.lru_cache(maxsize=None)
+def _blend_table(colour, alpha):
+    """uint8 [256, 3]: (1 - alpha) * level + alpha * colour (RGB tuple) in float64, rounded and saturated as
+    cv2.addWeighted, for every level (rows) and channel (columns)."""
+    mixed = (1.0 - alpha) * np.arange(256, dtype=np.float64)[:, None] + alpha * np.asarray(colour, np.float64)
+    table = np.clip(np.round(mixed), 0, 255).astype(np.uint8)
+    table.setflags(write=False)
+    return table
+
+
 def _blend(canvas, shape, colour, alpha):
-    """canvas = (1 - alpha) * canvas + alpha * colour on the shape, rounded and saturated as cv2.addWeighted."""
+    """canvas = (1 - alpha) * canvas + alpha * colour on the shape (`_blend_table`, looked up per pixel)."""
     if shape is not None:
         mask, sl = shape
         region = canvas[sl]
-        mixed = (1.0 - alpha) * region[mask].astype(np.float64) + alpha * np.asarray(colour, np.float64)
-        region[mask] = np.clip(np.round(mixed), 0, 255).astype(np.uint8)
+        table = _blend_table(tuple(int(c) for c in colour), float(alpha))
+        for c in range(3):
+            channel = region[..., c]
+            channel[mask] = table[channel[mask], c]
 
 
 def _check(keypoints, hw):
@@ -342,95 +360,80 @@ def gaussian_heatmaps(keypoints, hw, sigma=6.0) -> np.ndarray:
     Computed separably: float32(exp(-dy^2 / 2 sigma^2)) * float32(exp(-dx^2 / 2 sigma^2)).
     """
     kp, hw, vis = _check(keypoints, hw)
-    gy, gx = _gaussian_factors(kp, vis, hw, sigma)
-    return gy[:, None, :] * gx[None, :, :]
+    return _heatmaps_from_factors(*_gaussian_factors(kp, vis, hw, sigma))
+
+
+def _heatmaps_from_factors(rows, columns, xp=np):
+    """[..., H, 18] x [..., W, 18] -> [..., H, W, 18]; products below float32's smallest normal (1.2e-38) are 0,
+    as accelerators and TensorFlow's threads flush them, so that every path gives the same bits."""
+    heatmaps = rows[..., :, None, :] * columns[..., None, :, :]
+    return xp.where(heatmaps < np.finfo(np.float32).tiny, xp.float32(0), heatmaps)
+
+
+def cfld_pose_parts(keypoints, hw=(256, 256), sigma=6.0):
+    """The compact form of `cfld_pose_map`, as training batches carry it: the "cfld" skeleton uint8 [H, W, 3] and
+    the Gaussian factors float32 [H, 18] (rows) and [W, 18] (columns) of `gaussian_heatmaps`."""
+    kp, hw, vis = _check(keypoints, hw)
+    rows, columns = _gaussian_factors(kp, vis, hw, sigma)
+    return draw_skeleton(kp, hw, "cfld"), rows, columns
+
+
+def cfld_pose_map_from_parts(skeleton, rows, columns, xp=np):
+    """`cfld_pose_parts` ([..., H, W, 3], [..., H, 18], [..., W, 18]) -> the map float32 [..., H, W, 21];
+    `xp`: numpy, or jax.numpy under jit (the same bits)."""
+    return xp.concatenate([levels.from_levels(skeleton, "unit", xp), _heatmaps_from_factors(rows, columns, xp)],
+                          axis=-1)
 
 
 def cfld_pose_map(keypoints, hw=(256, 256), sigma=6.0) -> np.ndarray:
     """CFLD's 21-channel pose tensor `[H, W, 21]` float32 in [0, 1]: skeleton ("cfld" style) / 255, then the 18
     Gaussian heatmaps. CFLD draws at 256x256 from keypoints of the 256x176 frame (x scaled by 256/176)."""
-    kp, hw, vis = _check(keypoints, hw)
-    rows, columns = _gaussian_factors(kp, vis, hw, sigma)
-    skeleton_first = ((0, 0), (3, 0))      # one product over all 21 channels, the first 3 then overwritten
-    out = np.pad(rows, skeleton_first)[:, None, :] * np.pad(columns, skeleton_first)[None, :, :]
-    _write_scaled(out[..., :3], draw_skeleton(kp, hw, "cfld"), 255)
+    return cfld_pose_map_from_parts(*cfld_pose_parts(keypoints, hw, sigma))
+
+
+_FAR = 1 << 20   # the horizontal distance of a row a limb does not touch, in the integer distance transform
+_SATURATED = 765   # the L1 distance (3 pixels a level, 255 levels) at which a PIDM limb map reaches 1
+_LIMB_MAP_VALUES = np.arange(_SATURATED + 1, dtype=np.float32) / np.float32(_SATURATED)
+
+
+def _limb_rows(shape, hw) -> np.ndarray:
+    """int16 [H, 2]: the first and last column of a limb shape (mask, slices) on each canvas row, (W, -1) on rows
+    it misses (all rows for None). A limb ellipse meets a row in one interval, so these columns describe it."""
+    h, w = hw
+    out = np.tile(np.array([w, -1], np.int16), (h, 1))
+    if shape is not None:
+        mask, (row_slice, col_slice) = shape
+        hit = mask.any(axis=1)
+        first = col_slice.start + np.argmax(mask, axis=1)
+        last = col_slice.start + mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
+        rows = np.arange(row_slice.start, row_slice.stop)[hit]
+        out[rows, 0], out[rows, 1] = first[hit], last[hit]
     return out
 
 
-_FAR = 1 << 20   # "no limb pixel on this row / in this map" in the integer distance transform
-_SATURATED = 765   # the L1 distance (3 pixels a level, 255 levels) at which a PIDM limb map reaches 1
+def _running_min(values, axis, reverse, xp):
+    """Running minimum along `axis` (from the end when `reverse`), in NumPy or JAX."""
+    if xp is np:
+        values = np.flip(values, axis) if reverse else values
+        out = np.minimum.accumulate(values, axis=axis)
+        return np.flip(out, axis) if reverse else out
+    import jax
+    return jax.lax.cummin(values, axis=axis % values.ndim, reverse=reverse)
 
 
-def _l1_distance(masks) -> np.ndarray:
-    """Exact city-block distance from every pixel to the nearest True pixel of each mask `[..., H, W]`
-    (int32; >= 2**20 where a mask is empty). cv2.distanceTransform(DIST_L1, 3) of the inverted mask computes
-    the same. Separable: a row pass gives the horizontal distance f, then d(y) = min_y' f(y') + |y - y'| by
-    running minima in both directions."""
-    masks = np.asarray(masks, bool)
-    h, w = masks.shape[-2:]
-    cols = np.arange(w, dtype=np.int32)
-    left = np.maximum.accumulate(np.where(masks, cols, -_FAR), axis=-1)
-    right = np.minimum.accumulate(np.where(masks, cols, 2 * _FAR)[..., ::-1], axis=-1)[..., ::-1]
-    f = np.minimum(cols - left, right - cols)
-    rows = np.arange(h, dtype=np.int32)[:, None]
-    down = rows + np.minimum.accumulate(f - rows, axis=-2)
-    up = np.minimum.accumulate((f + rows)[..., ::-1, :], axis=-2)[..., ::-1, :] - rows
-    return np.minimum(down, up)
-
-
-def _write_l1_distance(plane, shape) -> None:
-    """Writes into `plane` (float32 `[H, W]`) min(`_l1_distance`, 765) of a shape (mask, slices) as the shape
-    helpers return it; 765 (`_SATURATED`) everywhere for None or an empty mask.
-
-    When the shape's True pixels form one interval per row over a contiguous band of rows (a rasterised convex
-    shape), running minima are needed only on the shape's bounding box: left and right of the box the distance
-    grows by one per column from the box's edge columns, above and below by one per row from its edge rows.
-    Other masks go through `_l1_distance` on the whole canvas."""
-    h, w = plane.shape
-    if shape is None or not shape[0].any():
-        plane[...] = _SATURATED
-        return
-    mask, (row_slice, col_slice) = shape
-    rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
-    box = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-    left = np.argmax(box, axis=1)
-    right = box.shape[1] - 1 - np.argmax(box[:, ::-1], axis=1)
-    if rows.size != box.shape[0] or (box.sum(axis=1) != right - left + 1).any():
-        full = np.zeros((h, w), bool)
-        full[row_slice, col_slice] = mask
-        np.minimum(_l1_distance(full), _SATURATED, out=plane, casting="unsafe")
-        return
-    x = np.arange(box.shape[1])
-    f = np.maximum(np.maximum(left[:, None] - x, x - right[:, None]), 0)
-    r = np.arange(box.shape[0])[:, None]
-    inside = np.minimum(r + np.minimum.accumulate(f - r, axis=0),
-                        np.minimum.accumulate((f + r)[::-1], axis=0)[::-1] - r).astype(np.float32)
-    y0, y1 = row_slice.start + rows[0], row_slice.start + rows[-1]
-    x0, x1 = col_slice.start + cols[0], col_slice.start + cols[-1]
-    plane[y0:y1 + 1, x0:x1 + 1] = inside
-    np.add(inside[:, :1], np.arange(x0, 0, -1, dtype=np.float32), out=plane[y0:y1 + 1, :x0])
-    np.add(inside[:, -1:], np.arange(1, w - x1, dtype=np.float32), out=plane[y0:y1 + 1, x1 + 1:])
-    np.add(plane[y0], np.arange(y0, 0, -1, dtype=np.float32)[:, None], out=plane[:y0])
-    np.add(plane[y1], np.arange(1, h - y1, dtype=np.float32)[:, None], out=plane[y1 + 1:])
-    if h + w - 2 > _SATURATED:      # only on a canvas this large can a distance exceed 765
-        np.minimum(plane, np.float32(_SATURATED), out=plane)
-
-
-def _write_limb_maps(maps, limb_shapes) -> None:
-    """PIDM's limb maps into `maps` (float32 `[H, W, 17]`, may be a view): min(L1 distance, 765) / 765.
-
-    Each map is computed in one contiguous `[H, W]` plane and divided into its channel from there: NumPy's loops
-    over a whole `[H, W, 17]` channel-last array would run 17 elements at a time."""
-    plane = np.empty(maps.shape[:2], np.float32)
-    for li, shape in enumerate(limb_shapes):
-        _write_l1_distance(plane, shape)
-        np.divide(plane, np.float32(_SATURATED), out=maps[..., li])
-
-
-def _write_scaled(out, image, divisor) -> None:
-    """out[..., c] = image[..., c] / divisor in float32, channel by channel (see `_write_limb_maps`)."""
-    for c in range(image.shape[-1]):
-        np.divide(image[..., c], np.float32(divisor), out=out[..., c], dtype=np.float32)
+def limb_maps_from_rows(limb_rows, width, xp=np):
+    """PIDM's limb maps float32 [..., H, W, 17] from limb rows int [..., 17, H, 2] (`pidm_pose_parts`):
+    min(L1 distance to the limb, 765) / 765, exactly cv2.distanceTransform(DIST_L1) of the inverted limb mask,
+    divided as PIDM does. Separable: h = the distance to the limb's interval on each row, then
+    d(y) = min_y' h(y') + |y - y'| by running minima down and up the rows. `xp`: numpy or jax.numpy (bit-equal)."""
+    first, last = limb_rows[..., 0:1].astype(xp.int32), limb_rows[..., 1:2].astype(xp.int32)
+    x = xp.arange(width, dtype=xp.int32)
+    horizontal = xp.where(first <= last, xp.maximum(xp.maximum(first - x, x - last), 0), _FAR)
+    y = xp.arange(horizontal.shape[-2], dtype=xp.int32)[:, None]
+    down = y + _running_min(horizontal - y, -2, False, xp)
+    up = _running_min(horizontal + y, -2, True, xp) - y
+    distance = xp.minimum(xp.minimum(down, up), _SATURATED)
+    return xp.moveaxis(xp.asarray(_LIMB_MAP_VALUES)[distance], -3, -1)
 
 
 def limb_distance_maps(keypoints, hw, stickwidth=4) -> np.ndarray:
@@ -439,21 +442,36 @@ def limb_distance_maps(keypoints, hw, stickwidth=4) -> np.ndarray:
     0 on the limb, rising by 1/765 per pixel; a limb with a missing end (or entirely off the canvas) is the
     constant 1.0 (OpenCV's distance transform of an image without zero pixels saturates)."""
     kp, hw, vis = _check(keypoints, hw)
-    maps = np.empty((*hw, len(LIMBS)), np.float32)
-    _write_limb_maps(maps, _limb_ellipses(kp, vis, stickwidth, hw))
-    return maps
+    rows = np.stack([_limb_rows(shape, hw) for shape in _limb_ellipses(kp, vis, stickwidth, hw)])
+    return limb_maps_from_rows(rows, hw[1])
 
 
-def pidm_pose_map(keypoints, hw=(256, 256), stickwidth=4, radius=4) -> np.ndarray:
-    """PIDM's 20-channel pose map `[H, W, 20]` float32 in [0, 1]: "pidm" skeleton / 255 and 17 limb maps."""
+def pidm_pose_parts(keypoints, hw=(256, 256), stickwidth=4, radius=4):
+    """The compact form of `pidm_pose_map`, as training batches carry it: the "pidm" skeleton uint8 [H, W, 3] and
+    the limb rows int16 [17, H, 2] (`limb_maps_from_rows`)."""
     kp, hw, vis = _check(keypoints, hw)
     limb_shapes = _limb_ellipses(kp, vis, stickwidth, hw)
     skeleton = np.zeros((*hw, 3), np.uint8)
     _draw_pidm(skeleton, kp, vis, limb_shapes, radius)
-    out = np.empty((*hw, 3 + len(LIMBS)), np.float32)
-    _write_scaled(out[..., :3], skeleton, 255)
-    _write_limb_maps(out[..., 3:], limb_shapes)
-    return out
+    return skeleton, np.stack([_limb_rows(shape, hw) for shape in limb_shapes])
+
+
+def flip_pidm_pose_parts(skeleton, limb_rows):
+    """The parts of the left-right mirrored pose map (`pidm_pose_parts` of one pose)."""
+    width = skeleton.shape[1]
+    return skeleton[:, ::-1], (width - 1 - limb_rows[..., ::-1]).astype(np.int16)
+
+
+def pidm_pose_map_from_parts(skeleton, limb_rows, xp=np):
+    """`pidm_pose_parts` ([..., H, W, 3], [..., 17, H, 2]) -> the map float32 [..., H, W, 20] (numpy or
+    jax.numpy, bit-equal)."""
+    return xp.concatenate([levels.from_levels(skeleton, "unit", xp),
+                           limb_maps_from_rows(limb_rows, skeleton.shape[-2], xp)], axis=-1)
+
+
+def pidm_pose_map(keypoints, hw=(256, 256), stickwidth=4, radius=4) -> np.ndarray:
+    """PIDM's 20-channel pose map `[H, W, 20]` float32 in [0, 1]: "pidm" skeleton / 255 and 17 limb maps."""
+    return pidm_pose_map_from_parts(*pidm_pose_parts(keypoints, hw, stickwidth, radius))
 
 
 def scaled_width(reference_width, canvas_size, reference_size):

@@ -167,31 +167,32 @@ def test_normalize_for_the_pcdms_prior():
     assert batch.shape == (2, 36)
 
 
-def test_l1_distance_equals_brute_force():
+@pytest.mark.parametrize("xp", ["numpy", "jax"])
+def test_limb_maps_from_rows_equal_brute_force_l1_distances(xp):
+    """Thin and thick ellipses, on and off the canvas (rows the limb misses inside and around it), NumPy and JAX
+    under jit, against the brute-force distance to every limb pixel."""
+    import jax
+    import jax.numpy as jnp
+
     rng = np.random.default_rng(0)
-    mask = rng.uniform(size=(13, 17)) < 0.05
-    mask[3, 4] = True
-    ys, xs = np.nonzero(mask)
+    hw = (13, 17)
     yy, xx = np.mgrid[0:13, 0:17]
-    brute = np.min(np.abs(yy[..., None] - ys) + np.abs(xx[..., None] - xs), axis=-1)
-    np.testing.assert_array_equal(poses._l1_distance(mask), brute)
-    plane = np.empty((13, 17), np.float32)
-    poses._write_l1_distance(plane, (mask, (slice(0, 13), slice(0, 17))))     # not convex: the general path
-    np.testing.assert_array_equal(plane, brute)
-    # the fast path for one limb (one interval per row) agrees, thin and thick ellipses, on and off the canvas
-    for _ in range(40):
-        shape = poses._ellipse((13, 17), rng.uniform(-4, 21), rng.uniform(-4, 17), rng.uniform(0, 12),
-                               rng.uniform(0.5, 4), rng.uniform(-180, 180))
-        poses._write_l1_distance(plane, shape)
-        mask = np.zeros((13, 17), bool)
+    shapes = [poses._ellipse(hw, rng.uniform(-4, 21), rng.uniform(-4, 17), rng.uniform(0, 12), rng.uniform(0.5, 4),
+                             rng.uniform(-180, 180)) for _ in range(40)] + [None]
+    rows = np.stack([poses._limb_rows(shape, hw) for shape in shapes])
+    maps = (np.asarray(jax.jit(lambda r: poses.limb_maps_from_rows(r, 17, jnp))(rows)) if xp == "jax"
+            else poses.limb_maps_from_rows(rows, 17))
+    assert maps.shape == (13, 17, 41) and maps.dtype == np.float32
+    for k, shape in enumerate(shapes):
+        mask = np.zeros(hw, bool)
         if shape is not None:
             mask[shape[1]] = shape[0]
         if mask.any():
             ys, xs = np.nonzero(mask)
             brute = np.min(np.abs(yy[..., None] - ys) + np.abs(xx[..., None] - xs), axis=-1)
-            np.testing.assert_array_equal(plane, brute)
+            np.testing.assert_array_equal(maps[..., k], brute.astype(np.float32) / np.float32(765))
         else:
-            np.testing.assert_array_equal(plane, 765)
+            np.testing.assert_array_equal(maps[..., k], 1.0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -314,9 +315,10 @@ def test_renderers_equal_full_canvas_references(hw):
             widths = dict(thickness=width) if style == "cfld" else dict(stickwidth=width)
             np.testing.assert_array_equal(poses.draw_skeleton(kp, hw, style, radius=radius, **widths),
                                           _ref_skeleton(kp, hw, style, width, radius), err_msg=style)
-        # separable heatmaps round both factors to float32 before their product: within float32 rounding
+        # separable heatmaps round both factors to float32 before their product: within float32 rounding, and
+        # values below float32's smallest normal are 0
         heatmaps = poses.gaussian_heatmaps(kp, hw, sigma=2.5)
-        np.testing.assert_allclose(heatmaps, _ref_heatmaps(kp, hw, 2.5), rtol=1e-6, atol=1e-38)
+        np.testing.assert_allclose(heatmaps, _ref_heatmaps(kp, hw, 2.5), rtol=1e-6, atol=np.finfo(np.float32).tiny)
         cfld = poses.cfld_pose_map(kp, hw, sigma=2.5)
         np.testing.assert_array_equal(cfld[..., :3], _ref_skeleton(kp, hw, "cfld", 2, 3) / np.float32(255))
         np.testing.assert_array_equal(cfld[..., 3:], heatmaps)
@@ -327,6 +329,31 @@ def test_renderers_equal_full_canvas_references(hw):
             np.testing.assert_array_equal(pidm[..., :3], _ref_skeleton(kp, hw, "pidm", stickwidth, radius) /
                                           np.float32(255))
             np.testing.assert_array_equal(pidm[..., 3:], maps)
+
+
+def test_pose_parts_decode_under_jit_as_on_the_host():
+    """Batches of parts decoded by JAX under jit equal the host maps bit for bit (CFLD heatmap values below
+    float32's smallest normal are 0 on both); a flip of the PIDM parts is the flip of the map."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(3)
+    hw = (40, 32)
+    kps = list(_random_poses(rng, hw, 4)) + [KP[:, :] * np.float32(0.6)]
+    cfld = [poses.cfld_pose_parts(kp, hw, sigma=2.5) for kp in kps]
+    batch = [np.stack(part) for part in zip(*cfld)]
+    decoded = np.asarray(jax.jit(lambda *p: poses.cfld_pose_map_from_parts(*p, xp=jnp))(*batch))
+    host = np.stack([poses.cfld_pose_map(kp, hw, sigma=2.5) for kp in kps])
+    np.testing.assert_array_equal(decoded, host)
+
+    pidm = [poses.pidm_pose_parts(kp, hw, stickwidth=3, radius=2) for kp in kps]
+    flipped = [poses.flip_pidm_pose_parts(*parts) for parts in pidm]
+    for parts, want in [(pidm, np.stack([poses.pidm_pose_map(kp, hw, 3, 2) for kp in kps])),
+                        (flipped, np.stack([poses.pidm_pose_map(kp, hw, 3, 2)[:, ::-1] for kp in kps]))]:
+        batch = [np.stack(part) for part in zip(*parts)]
+        np.testing.assert_array_equal(
+            np.asarray(jax.jit(lambda *p: poses.pidm_pose_map_from_parts(*p, xp=jnp))(*batch)), want)
+        np.testing.assert_array_equal(poses.pidm_pose_map_from_parts(*batch), want)
 
 
 def test_pidm_pose_map():

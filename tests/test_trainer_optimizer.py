@@ -69,6 +69,38 @@ def test_schedule_config_errors(overrides, fragment):
         opt_lib.learning_rate_schedule(toy(**overrides))
 
 
+# --- encoded batches -------------------------------------------------------------------------------------
+
+class _QuarterScaleImages:
+    """The toy iterator with its images sent as 4 x the value and a `device_decode` that divides by 4 (exact in
+    float32), as the input pipeline sends uint8 levels."""
+
+    def __init__(self, iterator):
+        self._iterator = iterator
+
+    def __next__(self):
+        batch = dict(next(self._iterator))
+        batch["image"] = batch["image"] * np.float32(4)
+        return batch
+
+    @staticmethod
+    def device_decode(batch):
+        return {**batch, "image": batch["image"] / 4}
+
+
+def test_the_iterators_device_decode_runs_inside_the_step():
+    """Steps on encoded batches equal steps on the plain batches bit for bit (losses and parameters), and an
+    encoded batch without its decode trains on other values."""
+    config = toy(**{"batch_size": 4})
+    plain, encoded = Stepper(config), Stepper(config, wrap_iterator=_QuarterScaleImages)
+    losses = [(plain.step()["loss"], encoded.step()["loss"]) for _ in range(3)]
+    assert all(a == b for a, b in losses), losses
+    assert max_abs_diff(plain.params(), encoded.params()) == 0.0
+    undecoded = Stepper(config)
+    batch = undecoded.batch()
+    assert undecoded.step({**batch, "image": batch["image"] * np.float32(4)})["loss"] != losses[0][0]
+
+
 # --- frozen groups ---------------------------------------------------------------------------------------
 
 def test_frozen_groups_have_no_optimizer_state_and_do_not_change():

@@ -43,13 +43,13 @@ def overrides_as_flags(overrides):
 class Stepper:
     """The trainer's own setup / sharded init / jitted donated step on this process's devices."""
 
-    def __init__(self, config):
+    def __init__(self, config, wrap_iterator=lambda iterator: iterator):
         self.config = config
         self.method = toy_denoiser.build(config)
         self.mesh = mesh_lib.make_mesh(config)
         self.setup = loop.setup(self.method, config, self.mesh)
         self.state = loop.init_state(self.setup, self.method, config)
-        self.host = HostData(self.method.train_iterator(0, 1), self.mesh, config)
+        self.host = HostData(wrap_iterator(self.method.train_iterator(0, 1)), self.mesh, config)
         self._step = None
 
     def batch(self):
@@ -58,7 +58,8 @@ class Stepper:
     def step(self, host_batch=None):
         host_batch = self.batch() if host_batch is None else host_batch
         if self._step is None:
-            self._step = step_lib.jit_train_step(self.setup.train_step, self.setup.state_shardings,
+            train_step = step_lib.with_device_decode(self.setup.train_step, self.host.device_decode)
+            self._step = step_lib.jit_train_step(train_step, self.setup.state_shardings,
                                                  self.host.shardings(host_batch), self.mesh)
         self.state, metrics = self._step(self.state, self.host.to_global(host_batch))
         return jax.device_get(metrics)

@@ -35,6 +35,10 @@ class DataIterator(Protocol):
     `get_state()` returns the position (JSON-serialisable, or bytes) after the batches returned so far and
     `set_state(state)` restores it, so that a resumed run sees the same batches. An iterator without them
     is fast-forwarded by skipping the batches already consumed (slow for long runs, but exact).
+
+    Optionally `device_decode`: a JAX function (or None) from the batches `next()` returns to the batches
+    `loss_fn` reads; the trainer applies it inside the jitted step, so compact encodings (uint8 levels, pose
+    map parts) cross to the devices and are expanded there.
     """
 
     def __next__(self) -> Dict[str, np.ndarray]: ...

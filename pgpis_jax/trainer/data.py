@@ -3,7 +3,8 @@
 Each process reads its own share of the global batch (config.batch_size // process_count examples);
 `jax.make_array_from_process_local_data` assembles the shares into one array sharded over the mesh's
 batch axes. The position is the iterator's own `get_state()` when it has one, else the number of batches
-consumed (a resumed run then skips that many).
+consumed (a resumed run then skips that many). An iterator's `device_decode` (the input pipeline's uint8 levels
+and pose-map parts to the documented batch) is applied by the train step on the devices.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class HostData:
         self._consumed = 0
         self._has_state = callable(getattr(iterator, "get_state", None)) and callable(
             getattr(iterator, "set_state", None))
-        self._shardings: Dict[str, Any] = {}
+        self.device_decode = getattr(iterator, "device_decode", None)
         count = jax.process_count()
         if config.batch_size % count:
             raise UserError(f"config.batch_size {config.batch_size} is not divisible by the {count} processes")

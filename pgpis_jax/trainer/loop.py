@@ -211,7 +211,8 @@ def _segment(method, config, workdir: str, s: Setup, checkpoints, outputs: _Outp
     host_batch = host.next_host_batch()
     batch = host.to_global(host_batch)
     t0 = time.perf_counter()
-    jitted = step_lib.jit_train_step(s.train_step, s.state_shardings, host.shardings(host_batch), s.mesh)
+    train_step = step_lib.with_device_decode(s.train_step, host.device_decode)
+    jitted = step_lib.jit_train_step(train_step, s.state_shardings, host.shardings(host_batch), s.mesh)
     compiled = jitted.lower(state, batch).compile()
     compile_seconds = time.perf_counter() - t0
     metrics_lib.console(f"compiled the train step in {compile_seconds:.1f}s")

@@ -143,6 +143,18 @@ def make_train_step(method, opt: Optimizer, config, mesh) -> Callable[[State, Ma
     return train_step
 
 
+def with_device_decode(train_step, decode):
+    """The train step on batches that travel encoded (e.g. uint8 levels; `InputPipeline.device_decode`): `decode`
+    runs first, inside the same jit, on the sharded global batch. None: the step unchanged."""
+    if decode is None:
+        return train_step
+
+    def decoded_train_step(state: State, batch: Mapping) -> Tuple[State, Dict]:
+        return train_step(state, decode(batch))
+
+    return decoded_train_step
+
+
 def jit_train_step(train_step, state_shardings, batch_shardings, mesh):
     """One jitted step with explicit shardings; the state argument is donated."""
     return jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),

@@ -98,7 +98,7 @@ class Stage(Method):
             return features.FeatureIterator(self.features, self.config.batch_size, process_index, process_count,
                                             self.config.seed)
         return input_pipeline.from_config(self.config, split="train", train=True, process_index=process_index,
-                                          process_count=process_count)
+                                          process_count=process_count, encoded=True)
 
     def training_inputs(self, params, batch, drops) -> Dict[str, Any]:
         """The features of a training batch with condition dropout applied; drops: {pixel input: bool [B]}."""
