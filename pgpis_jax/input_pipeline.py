@@ -309,24 +309,34 @@ def _cfld(o, stored, train):
     return preprocess
 
 
-def _skeleton_resizes(canvas, sizes, key):
-    """`SparseResize` from the pose canvas to each of `sizes`: a skeleton is mostly black, so this equals `resize`
-    bit for bit at a fraction of its cost; a canvas that is not larger on both sides is a UserError naming `key`."""
-    for size in sizes:
-        if not all(c > s for c, s in zip(canvas, size)):
-            raise UserError(f"batch layout option pose_canvas {canvas} must be larger than {key} {size} on both "
-                            f"sides (config.data.pipeline)")
-    return [SparseResize(canvas, size) for size in sizes]
+def _skeletons_at(canvas, sizes):
+    """(draw, inputs) -> levels uint8 [*size, 3] at each of `sizes` of the skeleton `draw(*inputs)` (NumPy, uint8
+    [*canvas, 3]): where a size is smaller on both sides, `SparseResize` (built here, eagerly) in the same NumPy
+    call (a skeleton is mostly black; it equals `resize` bit for bit at a fraction of its cost), else `resize`."""
+    sparse = {i: SparseResize(canvas, size) for i, size in enumerate(sizes) if all(c > t for c, t in zip(canvas, size))}
+
+    def levels_at(draw, inputs):
+        def draw_and_shrink(*args):
+            skeleton = draw(*args)
+            return [skeleton] + [sparse[i](skeleton) for i in sorted(sparse)]
+
+        skeleton, *shrunk = tf.numpy_function(draw_and_shrink, inputs, [tf.uint8] * (1 + len(sparse)),
+                                              stateful=False)
+        skeleton.set_shape((*canvas, 3))
+        shrunk = dict(zip(sorted(sparse), shrunk))
+        for i, part in shrunk.items():
+            part.set_shape((*sizes[i], 3))
+        return [shrunk[i] if i in shrunk else resize(skeleton, size) for i, size in enumerate(sizes)]
+    return levels_at
 
 
 def _fpdm(o, stored, train):
     out_hw, canvas = _size(o["image_size"]), _size(o["pose_canvas"])
     dino, clip = _size(o["dino_size"]), o["clip_size"]
     ch, cw = canvas
-    to_image_size, to_clip_size = _skeleton_resizes(canvas, [out_hw, _size(clip)], "image_size and clip_size")
+    pose_levels = _skeletons_at(canvas, [out_hw, _size(clip)])
 
-    def pose_levels(kp, noise, flip):
-        """The target skeleton drawn on the canvas, as levels at the image size and at the CLIP size."""
+    def pose_image(kp, noise, flip):
         kp = poses.resize_keypoints(kp, stored, canvas)
         lost = poses.missing(kp)
         kp = kp + noise
@@ -337,8 +347,7 @@ def _fpdm(o, stored, train):
         kp[:, 1] = np.where(kp[:, 1] > ch, ch - 1, kp[:, 1])
         if flip:
             kp = _flip_keypoints_np(kp, cw)
-        skeleton = poses.draw_skeleton(kp, canvas, "pidm", stickwidth=o["stickwidth"], radius=o["radius"])
-        return to_image_size(skeleton), to_clip_size(skeleton)
+        return poses.draw_skeleton(kp, canvas, "pidm", stickwidth=o["stickwidth"], radius=o["radius"])
 
     def preprocess(ex, seed):
         src, tgt = ex["source_image"], ex["target_image"]
@@ -361,9 +370,7 @@ def _fpdm(o, stored, train):
         target = resize(tgt, out_hw)
         source = tf.cond(flip, lambda: tf.image.flip_left_right(source), lambda: source)
         target = tf.cond(flip, lambda: tf.image.flip_left_right(target), lambda: target)
-        pose, pose_clip = tf.numpy_function(pose_levels, [tgt_kp, noise, flip], (tf.uint8, tf.uint8), stateful=False)
-        pose.set_shape((*out_hw, 3))
-        pose_clip.set_shape((clip, clip, 3))
+        pose, pose_clip = pose_levels(pose_image, [tgt_kp, noise, flip])
         return {"target_image": target, "target_pose": pose, "source_dino": source,
                 "source_clip": _clip(source, clip), "target_pose_clip": pose_clip}
     return preprocess
@@ -375,19 +382,18 @@ def _fpdm_fusion(o, stored, train):
     clip, canvas = int(o["clip_size"]), _size(o["pose_canvas"])
     resized = shortest_edge_size(*stored, clip)
     top, left = (resized[0] - clip) // 2, (resized[1] - clip) // 2
-    to_clip_size, = _skeleton_resizes(canvas, [(clip, clip)], "clip_size")
+    pose_levels = _skeletons_at(canvas, [(clip, clip)])
 
-    def pose_levels(kp):
+    def pose_image(kp):
         kp = poses.resize_keypoints(kp, stored, canvas)
-        skeleton = poses.draw_skeleton(kp, canvas, "pidm", stickwidth=o["stickwidth"], radius=o["radius"])
-        return to_clip_size(skeleton)
+        return poses.draw_skeleton(kp, canvas, "pidm", stickwidth=o["stickwidth"], radius=o["radius"])
 
     def center_cropped(image):
         return resize(image, resized)[top:top + clip, left:left + clip]
 
     def preprocess(ex, seed):
         return {"source_clip": center_cropped(ex["source_image"]), "target_clip": center_cropped(ex["target_image"]),
-                "target_pose_clip": _numpy(pose_levels, [ex["target_keypoints"]], (clip, clip, 3), tf.uint8)}
+                "target_pose_clip": pose_levels(pose_image, [ex["target_keypoints"]])[0]}
     return preprocess
 
 

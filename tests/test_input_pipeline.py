@@ -326,9 +326,6 @@ def test_bad_arguments(builder):
         _pipeline(builder, layout="nope")
     with pytest.raises(UserError, match="unknown option 'size' of batch layout 'cfld'"):
         _pipeline(builder, layout="cfld", options=dict(size=3))
-    with pytest.raises(UserError, match=r"pose_canvas \(40, 37\) must be larger than image_size and clip_size "
-                                        r"\(48, 32\)"):
-        _pipeline(builder, layout="fpdm", options=dict(SMALL["fpdm"], pose_canvas=(40, 37)))
     with pytest.raises(UserError, match="batch_size 8 is not divisible by the 3 processes"):
         _pipeline(builder, process_count=3)
     with pytest.raises(UserError, match="fewer than one batch of 64"):
