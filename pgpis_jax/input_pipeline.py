@@ -182,8 +182,7 @@ PIDM_POSE_PARTS = ("skeleton", "limb_rows")           # <role>_pose_<part>: `pos
 
 def decode_batch(layout: str, batch: Mapping, xp=np) -> dict:
     """An encoded batch of `layout` -> the batch this module's table documents: level fields to their values,
-    pose parts to pose maps; other fields unchanged. `xp`: numpy, or jax.numpy under jit (the same values; CFLD
-    heatmap values below 1.2e-38 become 0 where the device flushes denormals)."""
+    pose parts to pose maps; other fields unchanged. `xp`: numpy, or jax.numpy under jit (the same bits)."""
     out = dict(batch)
     for key, kind in LAYOUTS[layout].levels.items():
         if key in out:
@@ -312,21 +311,23 @@ def _cfld(o, stored, train):
 def _skeletons_at(canvas, sizes):
     """(draw, inputs) -> levels uint8 [*size, 3] at each of `sizes` of the skeleton `draw(*inputs)` (NumPy, uint8
     [*canvas, 3]): where a size is smaller on both sides, `SparseResize` (built here, eagerly) in the same NumPy
-    call (a skeleton is mostly black; it equals `resize` bit for bit at a fraction of its cost), else `resize`."""
+    call (a skeleton is mostly black; it equals `resize` bit for bit at a fraction of its cost), else `resize` of
+    the drawn canvas (which then leaves the NumPy call too)."""
     sparse = {i: SparseResize(canvas, size) for i, size in enumerate(sizes) if all(c > t for c, t in zip(canvas, size))}
+    shapes = [(*sizes[i], 3) for i in sorted(sparse)]
+    if len(sparse) < len(sizes):
+        shapes.append((*canvas, 3))
 
     def levels_at(draw, inputs):
         def draw_and_shrink(*args):
             skeleton = draw(*args)
-            return [skeleton] + [sparse[i](skeleton) for i in sorted(sparse)]
+            return [sparse[i](skeleton) for i in sorted(sparse)] + [skeleton][:len(shapes) - len(sparse)]
 
-        skeleton, *shrunk = tf.numpy_function(draw_and_shrink, inputs, [tf.uint8] * (1 + len(sparse)),
-                                              stateful=False)
-        skeleton.set_shape((*canvas, 3))
-        shrunk = dict(zip(sorted(sparse), shrunk))
-        for i, part in shrunk.items():
-            part.set_shape((*sizes[i], 3))
-        return [shrunk[i] if i in shrunk else resize(skeleton, size) for i, size in enumerate(sizes)]
+        outputs = tf.numpy_function(draw_and_shrink, inputs, [tf.uint8] * len(shapes), stateful=False)
+        for output, shape in zip(outputs, shapes):
+            output.set_shape(shape)
+        shrunk = dict(zip(sorted(sparse), outputs))
+        return [shrunk[i] if i in shrunk else resize(outputs[-1], size) for i, size in enumerate(sizes)]
     return levels_at
 
 

@@ -291,6 +291,21 @@ def test_encoded_batches_decoded_on_the_device_are_the_documented_batches(builde
     assert _pipeline(builder, **common).device_decode is None
 
 
+def test_fpdm_pose_canvas_of_the_image_size_is_the_skeleton_itself(builder):
+    """A pose canvas the image size does not shrink (the demo's): target_pose is the drawn skeleton / 255, while
+    the CLIP size, smaller, still goes through the sparse resize."""
+    import tensorflow_datasets as tfds
+
+    options = dict(SMALL["fpdm"], pose_canvas=HW)
+    batch = next(_pipeline(builder, split="test", train=False, layout="fpdm", options=options))
+    stored = {(r["source_name"], r["target_name"]): r for r in tfds.as_numpy(builder.as_dataset(split="test"))}
+    for i in range(len(batch["mask"])):
+        kp = stored[(batch["source_name"][i], batch["target_name"][i])]["target_keypoints"]
+        skeleton = poses.draw_skeleton(kp, HW, "pidm", stickwidth=4, radius=4)
+        np.testing.assert_array_equal(batch["target_pose"][i], skeleton / np.float32(255))
+    assert batch["target_pose_clip"].shape == (8, 24, 24, 3) and batch["target_pose_clip"].std() > 0
+
+
 def test_fpdm_fusion_crops_the_photos_as_clip_image_processor(builder):
     """Stage 1's photos: the short side to the CLIP size, then the centre square (transformers' CLIPImageProcessor,
     pgpis_jax.preprocessing.clip_preprocess, which differs from TF's bicubic by a few grey levels), not squashed."""
