@@ -368,3 +368,16 @@ def test_a_registered_layout_is_read_by_name_and_a_taken_name_is_refused(builder
     np.testing.assert_allclose(batch["mean_colour"], expected, rtol=1e-4, atol=1e-3)
     with pytest.raises(ValueError, match="'mean_colour' is already registered"):
         input_pipeline.register_layout(input_pipeline.Layout("mean_colour", {}, make))
+
+
+def test_to_levels_rounds_half_to_even_and_saturates_as_numpy():
+    """Resize outputs -> levels: every half-step from -3 to 258 (ties go to the even level), the floats next to
+    them, out-of-range and random values, against NumPy's rint + clip."""
+    halves = np.arange(-6, 517, dtype=np.float32) / 2
+    values = np.concatenate([halves, np.nextafter(halves, np.float32(-1e9)), np.nextafter(halves, np.float32(1e9)),
+                             np.random.default_rng(0).uniform(-40, 300, 5000).astype(np.float32),
+                             np.float32([-1e30, 1e30, 254.49998, 0.49999997])])
+    expected = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    got = input_pipeline.to_levels(tf.constant(values)).numpy()
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, expected)

@@ -21,11 +21,12 @@ from pgpis_jax.trainer import mesh as mesh_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A tiny SD-style VAE (one downsampling), so that the posterior moments and their sampling are exercised.
+# A tiny SD-style VAE (8x downsampling as SD's, so the latents are the demo's 8x16), so that the posterior moments
+# and their sampling are exercised.
 TINY_VAE = dict(kind="sd", **pcdm_common.network(config=dict(
     _class_name="AutoencoderKL", in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
-    down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"], block_out_channels=[8, 16],
-    up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], norm_num_groups=8, sample_size=64,
+    down_block_types=["DownEncoderBlock2D"] * 4, block_out_channels=[8, 8, 16, 16],
+    up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=8, sample_size=64,
     scaling_factor=0.18215)))
 
 
@@ -58,10 +59,8 @@ def _config(stage, data_dir, **pipeline_options):
 def _with_tiny_vae(config):
     config.model.vae = ml_collections.ConfigDict(TINY_VAE)
     unet = config.model.unet.config
-    unet.sample_size, unet.out_channels = 32, 4
+    unet.out_channels = 4
     unet.in_channels = 2 * 4 + (1 if config.method == "pcdm_inpaint" else 0)
-    if config.method == "pcdm_inpaint":
-        config.model.pose_encoder.block_out_channels = (8, 16)   # one 2x downsampling, as the VAE
     return config
 
 
