@@ -17,6 +17,7 @@ from pgpis_jax.methods import toy_denoiser
 from pgpis_jax.trainer import loop, mesh as mesh_lib, step as step_lib
 from pgpis_jax.trainer.data import HostData
 from pgpis_jax.trainer.metrics import read_jsonl
+from tests import environment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,6 +80,10 @@ def train_cmd(workdir, **overrides):
 
 
 def env(**extra):
+    """The suite's environment for a subprocess, with `extra` variables; XLA_FLAGS in `extra` are added to the
+    suite's own (tests/environment.py)."""
+    if "XLA_FLAGS" in extra:
+        extra["XLA_FLAGS"] = environment.xla_flags(extra["XLA_FLAGS"])
     return dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", **extra)
 
 
