@@ -3,10 +3,10 @@ sample.py subprocess share it:
 
 - a persistent compilation cache, one directory per user on this machine, so that the same toy and demo programs
   compile once per machine, not once per test;
-- XLA's CPU backend at LLVM optimization level 2 instead of its default 3: about a fifth less compile CPU (the
-  demo's stage-2 `train.py`, 3 steps: 42 against 53 CPU s) for steps about 7 % slower. The HLO is the same; last
-  bits of float results may differ from level 3 (after 6 demo steps, parameters within 2.5e-5), so comparisons
-  between runs hold because every process of the suite uses the same level. Benchmarks and users keep the default.
+- XLA's CPU backend at optimization level 2 instead of its default 3: about a fifth less compile CPU (the demo's
+  stage-2 `train.py`, 6 steps: 42 against 53 CPU s) for steps about 7 % slower. Last bits of float results may
+  differ from level 3 (after those 6 steps, parameters within 2.5e-5), so comparisons between runs hold because
+  every process of the suite uses the same level. Benchmarks and users keep the default.
 """
 
 import getpass
