@@ -388,7 +388,7 @@ def test_a_resumed_split_run_regenerates_broken_outputs_and_refuses_other_settin
 
 # ------------------------------------------------------------------------------------------------ PCDMs runs
 
-PCDM = "configs/pcdm_inpaint.py:demo"
+PCDM = "tests/small_pcdm_config.py:inpaint"   # the demo stage with a one-level UNet
 
 
 def _tfds_copy(source, target, extra_bytes=0):
@@ -409,7 +409,7 @@ def _tfds_copy(source, target, extra_bytes=0):
 
 @pytest.fixture(scope="module")
 def pcdm_run(demo_data, tmp_path_factory):
-    """A PCDMs stage-2 demo run trained one step on a copy of the demo data (every step checkpointed, all kept);
+    """A PCDMs stage-2 run (PCDM) trained one step on a copy of the demo data (every step checkpointed, all kept);
     (run directory, its data_dir)."""
     root = tmp_path_factory.mktemp("pcdm")
     data = _tfds_copy(demo_data, root / "data")

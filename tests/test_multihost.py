@@ -32,9 +32,9 @@ def _assert_same_losses(a, b, steps, tolerance=1e-5):
 
 def test_pcdm_stage2_on_two_processes_trains_on_the_same_global_batches_as_one(demo_data, tmp_path):
     """2 processes x 2 devices and 1 process x 4 devices: the same losses at every step and the same parameters
-    (the demo stage with a two-level UNet, tests/multihost_pcdm_config.py)."""
-    args = ["--config=tests/multihost_pcdm_config.py", f"--config.data.data_dir={demo_data}", "--config.total_steps=3",
-            "--config.log_every_steps=1", "--config.checkpoint_every_steps=3"]
+    (the demo stage with a one-level UNet, tests/small_pcdm_config.py)."""
+    args = ["--config=tests/small_pcdm_config.py:inpaint", f"--config.data.data_dir={demo_data}",
+            "--config.total_steps=3", "--config.log_every_steps=1", "--config.checkpoint_every_steps=3"]
     multihost.run("train.py", [*args, f"--workdir={tmp_path / 'two'}"], processes=2, devices_per_process=2)
     multihost.run("train.py", [*args, f"--workdir={tmp_path / 'one'}"], processes=1, devices_per_process=4)
     _assert_same_losses(_losses(tmp_path / "two"), _losses(tmp_path / "one"), range(1, 4))

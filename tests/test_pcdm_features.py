@@ -11,13 +11,14 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import pcdm_common
+from configs import pcdm_common, pcdm_prior
 from pgpis_jax import input_pipeline, methods, trainer
 from pgpis_jax.errors import UserError
 from pgpis_jax.methods.common import features
 from pgpis_jax.methods.common.hosts import with_batch_size
 from pgpis_jax.methods.common.split_sampler import pair_stem, save_images
 from pgpis_jax.trainer import mesh as mesh_lib
+from tests import small_pcdm_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,9 +47,8 @@ def coarse_dir(demo_data, tmp_path_factory):
 
 
 def _config(stage, data_dir, **pipeline_options):
-    import importlib
-
-    config = importlib.import_module(f"configs.pcdm_{stage}").get_config("demo")
+    """The stage's demo config (stages 2 and 3 with the one-level UNet of tests/small_pcdm_config.py)."""
+    config = pcdm_prior.get_config("demo") if stage == "prior" else small_pcdm_config.get_config(stage)
     config.data.data_dir = data_dir
     config.data.pipeline = dict(config.data.pipeline, **pipeline_options)
     config.diffusion.condition_dropout = 0.5   # both dropout branches in one batch

@@ -16,6 +16,7 @@ from pgpis_jax.models.latent_codec import PixelShuffleCodec
 from pgpis_jax.weights.partial import merge_pretrained
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL_INPAINT = f"{REPO}/tests/small_pcdm_config.py:inpaint"   # the demo stage 2 with a one-level UNet
 
 
 def test_pixel_shuffle_codec_is_torch_pixel_unshuffle_and_exactly_invertible():
@@ -159,9 +160,9 @@ def _write_keypoints(path, shift):
 
 @pytest.mark.slow
 def test_prior_and_inpaint_train_then_sample_from_the_run_directories_alone(demo_data, tmp_path):
-    """Train two tiny stages; sample a split (best of two, reference names, resume) and one image from the run
-    directories without --config, the second with the dataset moved away; nothing is written into the runs, and a
-    failed call writes nothing at all."""
+    """Train two tiny stages (the prior's demo, stage 2 with a one-level UNet); sample a split (best of two, reference
+    names, resume) and one image from the run directories without --config, the second with the dataset moved away;
+    nothing is written into the runs, and a failed call writes nothing at all."""
     import shutil
 
     from skimage.metrics import structural_similarity
@@ -170,9 +171,10 @@ def test_prior_and_inpaint_train_then_sample_from_the_run_directories_alone(demo
     shutil.copytree(demo_data, data)
     common = [f"--config.data.data_dir={data}", "--config.total_steps=2", "--config.checkpoint_every_steps=2"]
     runs = {stage: tmp_path / "runs" / stage for stage in ("prior", "inpaint")}
+    configs = {"prior": f"{REPO}/configs/pcdm_prior.py:demo", "inpaint": SMALL_INPAINT}
     for stage, run in runs.items():
-        result = _run(os.path.join(REPO, "train.py"), f"--config={REPO}/configs/pcdm_{stage}.py:demo",
-                      f"--workdir={run}", *common, cwd=REPO)
+        result = _run(os.path.join(REPO, "train.py"), f"--config={configs[stage]}", f"--workdir={run}", *common,
+                      cwd=REPO)
         assert result.returncode == 0, result.stderr[-3000:]
         assert (run / "networks.json").exists() and (run / "frozen_params").exists()
     trained = _snapshot(*runs.values())
@@ -239,7 +241,7 @@ def test_prior_and_inpaint_train_then_sample_from_the_run_directories_alone(demo
         [*single[:3], f"--source_image={inputs / 'missing.png'}", *single[4:],
          f"--output={tmp_path / 'new' / 'c.png'}"],
         [*single, f"--output={tmp_path / 'single' / 'b.png'}"],
-        [*single, f"--output={tmp_path / 'new' / 'c.png'}", f"--config={REPO}/configs/pcdm_inpaint.py:demo",
+        [*single, f"--output={tmp_path / 'new' / 'c.png'}", f"--config={SMALL_INPAINT}",
          "--config.model.image_proj.hidden=32"],
     ]
     expected = ["missing.png: image not found", "b.png exists", "model.image_proj.hidden"]
