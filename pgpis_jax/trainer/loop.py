@@ -79,13 +79,27 @@ def _initial_keys(config):
     return jax.random.split(jax.random.key(config.seed))
 
 
-def initial_params(s: Setup, method, config):
+def initial_params(s: Setup, method, config, provided: Optional[Dict[str, Any]] = None):
     """The parameters a fresh run starts from, created already sharded: jit(init, out_shardings=...) with the
-    run's seed, then the method's warm start, in param_dtype."""
-    params = jax.jit(s.init_params, out_shardings=s.param_shardings)(_initial_keys(config)[0])
+    run's seed, then the method's warm start, in param_dtype.
+
+    `provided`: {top-level network: parameters} that take the place of fresh ones (an imported checkpoint's, in
+    the dtypes of `s.abstract_params`). Their initialisers are left out of the compiled init (the other networks
+    get the same values as without `provided`), and they are put back after the warm start, which may load
+    pretrained weights into any network."""
+    provided = dict(provided or {})
+    fresh = [name for name in s.abstract_params if name not in provided]
+
+    def init_fresh(rng):
+        params = s.init_params(rng)
+        return {name: params[name] for name in fresh}
+
+    params = jax.jit(init_fresh, out_shardings={name: s.param_shardings[name] for name in fresh})(
+        _initial_keys(config)[0])
+    params = dict(params, **provided) if provided else params
     warm = method.warm_start(params)
-    if warm is not params:
-        params = jax.device_put(s.policy.cast_params(warm), s.param_shardings)
+    if warm is not params or provided:
+        params = jax.device_put(s.policy.cast_params(dict(warm, **provided)), s.param_shardings)
     return params
 
 

@@ -181,9 +181,11 @@ def extract_split(build, config, directory: str, split: str = "train", batch_siz
     stage = build(config)
     mesh_lib.maybe_initialize_distributed(config)
     # this process's devices only: the parameters are the same on every process (the run's seed), and the batches
-    # are host-local
-    params = trainer.initial_params(trainer.setup(stage, config, mesh_lib.make_mesh(config, jax.local_devices())),
-                                    stage, config)
+    # are host-local. Only the frozen networks are initialised; zeros stand in for the others, which are not read.
+    setup = trainer.setup(stage, config, mesh_lib.make_mesh(config, jax.local_devices()))
+    unread = {name: jax.tree.map(lambda spec: np.zeros(spec.shape, spec.dtype), tree)
+              for name, tree in setup.abstract_params.items() if name not in stage.FROZEN}
+    params = trainer.initial_params(setup, stage, config, provided=unread)
     meta = {"method": config.method, "split": split, "storage_dtype": storage_dtype,
             "settings": settings(config, stage.FROZEN), "fingerprint": fingerprint(stage.frozen_params(params))}
     index_path = os.path.join(directory, INDEX)

@@ -27,15 +27,14 @@ from pgpis_jax.trainer import metrics as metrics_lib
 IMPORT_RECORD = "imported.json"
 
 
-def _replace_networks(params, imported, abstract, source: str):
-    """`params` with the top-level networks of `imported` put in their place, in the dtypes of `abstract`."""
-    unknown = sorted(set(imported) - set(params))
+def _in_stage_dtypes(imported, abstract, source: str):
+    """The top-level networks of `imported` in the dtypes of the stage's parameters `abstract`; a network the stage
+    does not have is an error naming the file."""
+    unknown = sorted(set(imported) - set(abstract))
     if unknown:
         raise UserError(f"{source}: holds networks {', '.join(unknown)} that this stage does not have")
-    replaced = dict(params)
-    for name, tree in imported.items():
-        replaced[name] = jax.tree.map(lambda value, spec: np.asarray(value, spec.dtype), tree, abstract[name])
-    return replaced
+    return {name: jax.tree.map(lambda value, spec: np.asarray(value, spec.dtype), tree, abstract[name])
+            for name, tree in imported.items()}
 
 
 def import_original(config, workdir: str, source: str, format_name: str = "original") -> str:
@@ -52,10 +51,8 @@ def import_original(config, workdir: str, source: str, format_name: str = "origi
     metrics_lib.quiet_library_logs()
     method = methods.get_method(config.method).build(config, needs_data=False)
     s = loop.setup(method, config, mesh_lib.make_mesh(config))
-    imported = fmt.read(source, s.abstract_params, method)
-    params = loop.initial_params(s, method, config)
-    params = jax.device_put(_replace_networks(jax.device_get(params), imported, s.abstract_params, source),
-                            s.param_shardings)
+    imported = _in_stage_dtypes(fmt.read(source, s.abstract_params, method), s.abstract_params, source)
+    params = loop.initial_params(s, method, config, provided=imported)
     rng_data = jax.random.key_data(jax.random.split(jax.random.key(config.seed))[1])
     state = jax.jit(s.init_rest, out_shardings=s.state_shardings)(params, rng_data)
 
