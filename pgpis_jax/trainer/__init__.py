@@ -1,5 +1,5 @@
 """The shared, method-agnostic trainer: mesh and sharding rules, optax, EMA, precision, orbax checkpoints,
-clu metrics, and the jitted donated train step. `train(method, config, workdir)` runs it; a method supplies
+metric writers, and the jitted donated train step. `train(method, config, workdir)` runs it; a method supplies
 what pgpis_jax.methods.base.Method describes.
 
 Modules (one idea each): tree (parameter paths), mesh, optimizer, ema, precision, step (state and update),

@@ -15,7 +15,6 @@ from typing import Any, Callable, Dict, Optional
 import jax
 import numpy as np
 from absl import logging
-from clu import metric_writers
 from etils import epath
 from jax.sharding import Mesh
 
@@ -250,7 +249,7 @@ def _run(config, workdir, s: Setup, state, start, host, batch, compiled, compile
     total = int(config.total_steps)
     mesh = s.mesh
     progress = metrics_lib.Progress(start, total, config.batch_size, mesh.devices.size)
-    writers = metric_writers.MultiWriter([writer, metrics_lib.ConsoleWriter(progress)])
+    writers = metrics_lib.Writers([writer, metrics_lib.ConsoleWriter(progress)])
     step = start
     window = []
     pending: Optional[tuple] = None

@@ -1,4 +1,5 @@
-"""What a run reports: clu metric writers, a console progress line with ETA, sample grids, NaN guard.
+"""What a run reports: metric writers (clu's TensorBoard writer, imported with TensorFlow only when a run writes
+TensorBoard events), a console progress line with ETA, sample grids, NaN guard.
 
 Process 0 writes TensorBoard events to <workdir>/tensorboard and every logged scalar to
 <workdir>/metrics.jsonl (one JSON object per log step, floats at full precision; a resumed run appends),
@@ -19,38 +20,18 @@ from typing import Any, Dict, Mapping, Optional
 import jax
 import numpy as np
 from absl import logging
-from clu import metric_writers
-from clu.metric_writers import interface
 from etils import epath
 
 from pgpis_jax.errors import UserError
 
 
-class _NoOpWriter(interface.MetricWriter):
-    """Base for writers that only handle some kinds of values."""
+class _NoOpWriter:
+    """Base for writers that only handle some kinds of values (the calls a run makes of its writers)."""
 
-    def write_summaries(self, step, values, metadata=None):
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
         pass
 
-    def write_scalars(self, step, scalars):
-        pass
-
-    def write_images(self, step, images):
-        pass
-
-    def write_videos(self, step, videos):
-        pass
-
-    def write_audios(self, step, audios, *, sample_rate):
-        pass
-
-    def write_texts(self, step, texts):
-        pass
-
-    def write_histograms(self, step, arrays, num_buckets=None):
-        pass
-
-    def write_hparams(self, hparams):
+    def write_images(self, step: int, images: Mapping[str, Any]):
         pass
 
     def flush(self):
@@ -58,6 +39,29 @@ class _NoOpWriter(interface.MetricWriter):
 
     def close(self):
         pass
+
+
+class Writers(_NoOpWriter):
+    """Every call passed on to each of `writers` in order."""
+
+    def __init__(self, writers):
+        self._writers = list(writers)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+        for writer in self._writers:
+            writer.write_scalars(step, scalars)
+
+    def write_images(self, step: int, images: Mapping[str, Any]):
+        for writer in self._writers:
+            writer.write_images(step, images)
+
+    def flush(self):
+        for writer in self._writers:
+            writer.flush()
+
+    def close(self):
+        for writer in self._writers:
+            writer.close()
 
 
 class JsonlWriter(_NoOpWriter):
@@ -120,7 +124,7 @@ def _tensorboard_writer(logdir: epath.Path):
     return SummaryWriter(str(logdir))
 
 
-def make_writer(workdir: str, config) -> metric_writers.MultiWriter:
+def make_writer(workdir: str, config) -> Writers:
     """TensorBoard + metrics.jsonl on process 0 (nothing on the others; the console line is separate)."""
     writers = []
     if jax.process_index() == 0:
@@ -129,7 +133,7 @@ def make_writer(workdir: str, config) -> metric_writers.MultiWriter:
             writers.append(_tensorboard_writer(root / "tensorboard"))
         if not str(workdir).startswith("gs://"):
             writers.append(JsonlWriter(root / "metrics.jsonl"))
-    return metric_writers.MultiWriter(writers)
+    return Writers(writers)
 
 
 def device_memory() -> Dict[str, float]:
