@@ -23,7 +23,8 @@ SIZE = 16
 
 
 def tiny_config(data_dir, arg="demo"):
-    """configs/reposedm.py:<arg> at 16x16: a two-level UNet (attention at 8), a 4x4 alignment grid, 2 steps."""
+    """configs/reposedm.py:<arg> at 16x16: a one-level UNet (attention at 16), one alignment stage (an 8x8 grid),
+    2 steps."""
     from configs import reposedm
 
     config = reposedm.get_config(arg)
@@ -35,9 +36,9 @@ def tiny_config(data_dir, arg="demo"):
     config.sampling.num_inference_steps = 2
     config.loss.vlb_weight = 0.5      # the demo's is 0; the loss test weighs the term
     config.sampling.gradient_t_max = 1000     # the demo's 300 would leave t = 500 unguided in the guidance test
-    config.model.unet.config.update(image_size=SIZE, channel_mult=(1, 2), attention_resolutions=(8,),
+    config.model.unet.config.update(image_size=SIZE, channel_mult=(1,), attention_resolutions=(16,),
                                     embed_channels=32, position_encoding=False)
-    config.model.alignment.config.update(stage_channels=(16, 24), kernels=(0, 3), radius=1)
+    config.model.alignment.config.update(stage_channels=(16,), kernels=(0, 3), radius=1)
     return config
 
 
