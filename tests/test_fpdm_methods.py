@@ -109,7 +109,7 @@ def test_parameter_report_of_both_full_size_configs():
 
 def tiny_configs(data_dir, fusion_workdir=""):
     """The `:demo` configs of both stages for 2-step runs, stage 2 with a one-level 32-channel UNet (cross-attention
-    down, mid and up blocks)."""
+    in its mid block only)."""
     from configs import fpdm_diffusion, fpdm_fusion
 
     stage1, stage2 = fpdm_fusion.get_config("demo"), fpdm_diffusion.get_config("demo")
@@ -118,7 +118,7 @@ def tiny_configs(data_dir, fusion_workdir=""):
         config.total_steps = config.checkpoint_every_steps = 2
         config.batch_size = 8
     stage2.model.unet.config.update(block_out_channels=[32], attention_head_dim=[1],
-                                    down_block_types=["CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D"])
+                                    down_block_types=["DownBlock2D"], up_block_types=["UpBlock2D"])
     stage2.model.fusion_model.workdir = fusion_workdir
     stage2.sampling.num_inference_steps = 2
     return stage1, stage2
