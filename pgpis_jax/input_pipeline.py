@@ -87,24 +87,46 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib
 import json
 import math
 from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from pgpis_jax import levels, poses
 from pgpis_jax.errors import UserError
 from pgpis_jax.preprocessing import shortest_edge_size
 from pgpis_jax.skeleton_resize import SparseResize
 
-try:   # the pipeline runs on the host CPU; keep TensorFlow off any accelerator JAX uses
-    tf.config.set_visible_devices([], "GPU")
-except (RuntimeError, ValueError):
-    pass
+
+
+class _ImportedOnUse:
+    """A module imported at its first attribute access: TensorFlow takes about 2 s to import, which commands that read
+    no data (export, inspect, sampling one image) do not pay. `on_import(module)` runs once, right after."""
+
+    def __init__(self, name: str, on_import: Callable = lambda module: None):
+        self._name, self._on_import, self._module = name, on_import, None
+
+    def __getattr__(self, attribute):
+        if self._module is None:
+            module = importlib.import_module(self._name)
+            self._on_import(module)
+            self._module = module
+        return getattr(self._module, attribute)
+
+
+def _host_only(tensorflow):
+    """The pipeline runs on the host CPU: keeps TensorFlow off any accelerator JAX uses."""
+    try:
+        tensorflow.config.set_visible_devices([], "GPU")
+    except (RuntimeError, ValueError):
+        pass
+
+
+tf = _ImportedOnUse("tensorflow", _host_only)
+tfds = _ImportedOnUse("tensorflow_datasets")
 
 IMAGE_KEYS = ("source_image", "target_image")
 
@@ -142,8 +164,8 @@ def to_levels(image):
     return tf.saturate_cast(tf.round(image), tf.uint8)
 
 
-def _numpy(fn, inputs, shape, dtype=tf.float32):
-    out = tf.numpy_function(fn, inputs, dtype, stateful=False)
+def _numpy(fn, inputs, shape, dtype="float32"):
+    out = tf.numpy_function(fn, inputs, tf.as_dtype(dtype), stateful=False)
     out.set_shape(shape)
     return out
 
@@ -252,7 +274,7 @@ def _pcdm_inpaint(o, stored, train):
 
     def preprocess(ex, seed):
         images = [resize(ex[k], s) for k in IMAGE_KEYS]
-        pose_maps = [_numpy(skeleton, [ex[f"{r}_keypoints"]], (*s, 3), tf.uint8) for r in ("source", "target")]
+        pose_maps = [_numpy(skeleton, [ex[f"{r}_keypoints"]], (*s, 3), "uint8") for r in ("source", "target")]
         return {"image": tf.concat(images, axis=1), "pose": tf.concat(pose_maps, axis=1),
                 "source_dino": _clip(ex["source_image"], o["clip_size"]),
                 "target_clip": _clip(ex["target_image"], o["clip_size"])}
@@ -508,7 +530,7 @@ class InputPipeline:
 
     def __init__(self, dataset, *, batch_size, split="train", layout="pairs", options=None, data_dir=None,
                  train=True, seed=0, shuffle_buffer_size=4096, process_index=None, process_count=None,
-                 num_parallel_calls=tf.data.AUTOTUNE, prefetch=2, include_names=None, encoded=False, state=None):
+                 num_parallel_calls=None, prefetch=2, include_names=None, encoded=False, state=None):
         if process_index is None or process_count is None:
             import jax
             process_index = jax.process_index() if process_index is None else process_index
@@ -528,7 +550,8 @@ class InputPipeline:
         self.host_batch_size = self.batch_size // process_count
         self.process_index, self.process_count = int(process_index), int(process_count)
         self.shuffle_buffer_size = int(shuffle_buffer_size)
-        self.num_parallel_calls, self.prefetch = num_parallel_calls, prefetch
+        self.num_parallel_calls = tf.data.AUTOTUNE if num_parallel_calls is None else num_parallel_calls
+        self.prefetch = prefetch
         self.include_names = (not self.train) if include_names is None else bool(include_names)
         self.encoded = bool(encoded)
 
