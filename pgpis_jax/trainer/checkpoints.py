@@ -306,22 +306,6 @@ def checksums(state: Any) -> Dict[str, List[int]]:
             for kp, leaf in jax.tree_util.tree_flatten_with_path(values)[0]}
 
 
-
-REPLICA_PARALLEL_MIN_SLICE_BYTES = 1 << 20
-
-
-def _write_small_arrays_whole():
-    """orbax writes a replicated array in slices, one per replica (parallel writes across hosts), each cut by an
-    eager slice op that compiles once per shape: several seconds at a run's first save for the hundreds of small
-    parameters a UNet has. Slicing only arrays whose slices reach 1 MiB keeps the parallel writes for large ones.
-    Replaces orbax's handler of jax.Array in its global registry by one with the same array metadata store (the
-    default handler's, so checkpoints keep their array_metadatas folders)."""
-    registered = ocp.type_handlers.get_type_handler(jax.Array)
-    ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
-        min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_SLICE_BYTES,
-        array_metadata_store=getattr(registered, "_array_metadata_store", None)), override=True)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Data positions of all processes
 
@@ -424,7 +408,6 @@ class Checkpoints:
         settings = config.checkpoint
         if settings.keep < 1:
             raise UserError(f"config.checkpoint.keep must be >= 1, got {settings.keep}")
-        _write_small_arrays_whole()
         handlers = {name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS}
         handlers.update({name: ocp.JsonCheckpointHandler() for name in ("data", "config", "meta")})
         if read_only:
