@@ -101,7 +101,6 @@ from pgpis_jax.preprocessing import shortest_edge_size
 from pgpis_jax.skeleton_resize import SparseResize
 
 
-
 class _ImportedOnUse:
     """A module imported at its first attribute access: TensorFlow takes about 2 s to import, which commands that read
     no data (export, inspect, sampling one image) do not pay. `on_import(module)` runs once, right after."""

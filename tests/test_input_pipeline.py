@@ -381,3 +381,20 @@ def test_to_levels_rounds_half_to_even_and_saturates_as_numpy():
     got = input_pipeline.to_levels(tf.constant(values)).numpy()
     assert got.dtype == np.uint8
     np.testing.assert_array_equal(got, expected)
+
+
+def test_tensorflow_is_imported_only_when_data_is_read():
+    """The method modules and the commands' code import without TensorFlow (input_pipeline loads it at first use),
+    and a pipeline built afterwards has it, with its GPUs hidden."""
+    import subprocess
+
+    code = ("import sys\n"
+            "import pgpis_jax.methods.pcdm.inpaint, pgpis_jax.methods.cfld.stage, pgpis_jax.methods.fpdm.diffusion\n"
+            "import pgpis_jax.methods.reposedm.stage, pgpis_jax.methods.common.run\n"
+            "assert 'tensorflow' not in sys.modules, 'tensorflow imported'\n"
+            "from pgpis_jax import input_pipeline\n"
+            "assert input_pipeline.tf.data.AUTOTUNE == -1 and 'tensorflow' in sys.modules\n"
+            "assert input_pipeline.tf.config.get_visible_devices('GPU') == []\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]
