@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-  -d .whl diffusers==0.42.1 importlib_metadata==10.2.0
+  -d .whl diffusers==0.42.1 importlib_metadata==10.2.0 ml_collections==1.1.0
 ls .whl

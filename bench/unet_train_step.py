@@ -6,7 +6,8 @@ Flax UNet and diffusers' PyTorch UNet with the same config and weights, in one r
     python bench/unet_train_step.py --preset=pcdm        # SD 2.1-base at PCDMs stage-2 shapes, bf16 (GPU)
 
 Attention runs with the configs' setting "auto" (pgpis_jax.nn.attention: chunked for long sequences on CPU,
-cuDNN on GPU in bf16); PyTorch with diffusers' default processor (scaled_dot_product_attention).
+cuDNN on GPU in bf16); PyTorch on a GPU with diffusers' default processor (scaled_dot_product_attention), on CPU
+with its classic one (set_default_attn_processor), as the CPU results in bench/RESULTS.md were measured.
 
 Prints both numbers and the ratio ours / PyTorch; append the line to bench/RESULTS.md by hand.
 """
@@ -120,7 +121,8 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     torch_model = TorchUNet(**preset["unet"]).to(device)
-    torch_model.set_default_attn_processor()
+    if device == "cpu":   # the classic processor the CPU results were measured with; on a GPU diffusers' default
+        torch_model.set_default_attn_processor()   # (SDPA: flash attention; the classic one runs out of memory)
     dtype = preset["dtype"]
     params = state_dict_to_params({k: v.float().cpu().numpy() for k, v in torch_model.state_dict().items()})
     module = UNet2DConditionModel.from_config(dict(preset["unet"]), dtype=jnp.dtype(dtype),
@@ -133,11 +135,15 @@ def main():
               rng.standard_normal((b, h, w, preset["unet"]["out_channels"])).astype(np.float32),
               rng.standard_normal((b, preset["unet"].get("projection_class_embeddings_input_dim") or 0))
               .astype(np.float32) if preset["unet"].get("class_embed_type") else None)
-    torch_train, torch_forward = bench_torch(torch_model, inputs, dtype, args.steps)
-    del torch_model
-    jax_train, jax_forward = bench_jax(module, jax.device_put(params), inputs, args.steps)
     print(f"device: jax {jax.devices()[0].device_kind}, torch {device}; preset {args.preset}: batch {b}, "
-          f"latent {h}x{w}x{preset['unet']['in_channels']}, {preset['tokens']} tokens, {dtype}")
+          f"latent {h}x{w}x{preset['unet']['in_channels']}, {preset['tokens']} tokens, {dtype}", flush=True)
+    torch_train, torch_forward = bench_torch(torch_model, inputs, dtype, args.steps)
+    print(f"pytorch: train step {b / torch_train:.2f} img/s, forward {b / torch_forward:.2f} img/s "
+          "(ours next, after its compiles)", flush=True)
+    del torch_model
+    if device == "cuda":
+        torch.cuda.empty_cache()   # JAX allocates on demand (bench/accelerator.sh) from what PyTorch gives back
+    jax_train, jax_forward = bench_jax(module, jax.device_put(params), inputs, args.steps)
     for label, ours, theirs in (("train step", jax_train, torch_train), ("forward", jax_forward, torch_forward)):
         print(f"{label:<11} ours {b / ours:8.2f} img/s   pytorch {b / theirs:8.2f} img/s   "
               f"ratio ours/pytorch {theirs / ours:.2f}")

@@ -156,24 +156,29 @@ def test_splash_refuses_a_bias_and_odd_blocks():
 
 
 def test_auto_resolution():
-    assert jax.default_backend() == "cpu"
-    assert resolve_implementation("auto", jnp.float32) == "xla"
-    assert resolve_implementation("auto", jnp.bfloat16) == "xla"
+    """The choice per platform, then "auto" on this machine's backend (the CPU in the suite; a GPU in
+    bench/accelerator.sh) against the kernel it must pick."""
+    assert resolve_implementation("auto", jnp.float32, platform="cpu") == "xla"
+    assert resolve_implementation("auto", jnp.bfloat16, platform="cpu") == "xla"
     assert resolve_implementation("auto", jnp.float32, platform="tpu") == "splash"
     assert resolve_implementation("auto", jnp.float32, platform="tpu", has_bias=True) == "xla"
     assert resolve_implementation("auto", jnp.bfloat16, platform="gpu") == "cudnn"
     assert resolve_implementation("auto", jnp.float32, platform="gpu") == "xla"
     assert resolve_implementation("auto", jnp.bfloat16, platform="gpu", dropout=True) == "xla"
     assert resolve_implementation("chunked", jnp.float32, platform="tpu") == "chunked"
-    assert resolve_implementation("auto", jnp.float32, key_length=CPU_CHUNKED_MIN_KEYS - 1) == "xla"
-    assert resolve_implementation("auto", jnp.float32, key_length=CPU_CHUNKED_MIN_KEYS) == "chunked"
-    assert resolve_implementation("auto", jnp.float32, key_length=4096, dropout=True) == "xla"
+    assert resolve_implementation("auto", jnp.float32, platform="cpu", key_length=CPU_CHUNKED_MIN_KEYS - 1) == "xla"
+    assert resolve_implementation("auto", jnp.float32, platform="cpu", key_length=CPU_CHUNKED_MIN_KEYS) == "chunked"
+    assert resolve_implementation("auto", jnp.float32, platform="cpu", key_length=4096, dropout=True) == "xla"
     assert resolve_implementation("auto", jnp.float32, platform="gpu", key_length=4096) == "xla"
-    q, k, v = _qkv(200, CPU_CHUNKED_MIN_KEYS - 1)
-    np.testing.assert_array_equal(dot_product_attention(q, k, v, "auto"), dot_product_attention(q, k, v, "xla"))
-    q, k, v = _qkv(300, CPU_CHUNKED_MIN_KEYS + 20)   # on CPU, long keys: chunked over CPU_BLOCK_SIZE blocks
-    np.testing.assert_array_equal(dot_product_attention(q, k, v, "auto"),
-                                  dot_product_attention(q, k, v, "chunked", block_size=CPU_BLOCK_SIZE))
+    q, k, v = _qkv(300, CPU_CHUNKED_MIN_KEYS + 20)
+    if jax.default_backend() == "gpu":
+        q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+        np.testing.assert_array_equal(dot_product_attention(q, k, v, "auto"), dot_product_attention(q, k, v, "cudnn"))
+    elif jax.default_backend() == "cpu":
+        short = _qkv(200, CPU_CHUNKED_MIN_KEYS - 1)
+        np.testing.assert_array_equal(dot_product_attention(*short, "auto"), dot_product_attention(*short, "xla"))
+        np.testing.assert_array_equal(dot_product_attention(q, k, v, "auto"),   # long keys: chunked over CPU blocks
+                                      dot_product_attention(q, k, v, "chunked", block_size=CPU_BLOCK_SIZE))
     with pytest.raises(ValueError, match="'flash' is not supported"):
         dot_product_attention(q, k, v, "flash")
 

@@ -361,14 +361,18 @@ def test_bad_pixel_values_and_sizes_raise():
 @pytest.mark.skipif(jax.default_backend() != "gpu",
                     reason="cuDNN flash attention needs an NVIDIA GPU; this machine has none")
 def test_cudnn_window_attention_matches_xla_in_bf16():
-    """The relative-position bias and the shifted-window mask reach cuDNN as an additive bias."""
+    """The relative-position bias and the shifted-window mask reach cuDNN as an additive bias: in bf16, cuDNN is
+    no further from the float32 model than XLA's einsum path in bf16 is (a bias left out would be O(1) off)."""
     _, _, _, module, params = _models("shifted")
-    pixels = jnp.asarray(_pixels().numpy().transpose(0, 2, 3, 1), jnp.bfloat16)
-    outputs = {}
+    pixels = _pixels().numpy().transpose(0, 2, 3, 1)
+    reference = np.asarray(module.apply({"params": params}, jnp.asarray(pixels))["last_hidden_state"])
+    errors = {}
     for implementation in ("xla", "cudnn"):
         bf16 = module.clone(dtype=jnp.bfloat16, attention_implementation=implementation)
-        outputs[implementation] = np.asarray(bf16.apply({"params": params}, pixels)["last_hidden_state"], np.float32)
-    np.testing.assert_allclose(outputs["cudnn"], outputs["xla"], atol=5e-2)
+        output = bf16.apply({"params": params}, jnp.asarray(pixels, jnp.bfloat16))["last_hidden_state"]
+        errors[implementation] = float(np.abs(np.asarray(output, np.float32) - reference).max())
+    print(f"max abs error against float32: {errors}")
+    assert errors["cudnn"] <= 2 * errors["xla"]
 
 
 def test_config_errors():
