@@ -108,12 +108,16 @@ class _ImportedOnUse:
     def __init__(self, name: str, on_import: Callable = lambda module: None):
         self._name, self._on_import, self._module = name, on_import, None
 
-    def __getattr__(self, attribute):
+    def load(self):
+        """The module, imported (and `on_import` run) now if that has not happened yet."""
         if self._module is None:
             module = importlib.import_module(self._name)
             self._on_import(module)
             self._module = module
-        return getattr(self._module, attribute)
+        return self._module
+
+    def __getattr__(self, attribute):
+        return getattr(self.load(), attribute)
 
 
 def _host_only(tensorflow):

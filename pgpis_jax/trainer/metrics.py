@@ -22,6 +22,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from pgpis_jax import input_pipeline
 from pgpis_jax.errors import UserError
 
 
@@ -113,12 +114,9 @@ def read_jsonl(path) -> Dict[int, Dict[str, float]]:
 
 
 def _tensorboard_writer(logdir: epath.Path):
-    try:  # TensorFlow (imported by clu's SummaryWriter) must not take the accelerators from JAX
-        import tensorflow as tf
-
-        tf.config.set_visible_devices([], "GPU")
-    except Exception:  # noqa: BLE001 - best effort; TF may already be initialised
-        pass
+    """clu's TensorBoard writer. TensorFlow, which clu imports, is loaded first through the input pipeline, which
+    keeps it off the accelerators JAX uses."""
+    input_pipeline.tf.load()
     from clu.metric_writers.summary_writer import SummaryWriter
 
     return SummaryWriter(str(logdir))
