@@ -46,9 +46,11 @@ step() {   # step <title> <seconds> <command...>: runs it with a time limit, its
   shift 2
   echo "### $title" | tee -a "$log"
   echo '```' >>"$log"
+  local start=$SECONDS
   timeout "$limit" "$@" 2>&1 | tee -a "$log"
   local status=${PIPESTATUS[0]}
   echo '```' >>"$log"
+  echo "($((SECONDS - start)) s of its ${limit} s)" | tee -a "$log"
   [ "$status" -eq 0 ] || { echo "(exit status $status)" | tee -a "$log"; failed=1; }
 }
 

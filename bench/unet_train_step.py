@@ -120,7 +120,8 @@ def main():
     preset = PRESETS[args.preset]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    torch_model = TorchUNet(**preset["unet"]).to(device)
+    with torch.device(device):   # built where it runs (on a GPU, not initialised on the CPU first)
+        torch_model = TorchUNet(**preset["unet"])
     if device == "cpu":   # the classic processor the CPU results were measured with; on a GPU diffusers' default
         torch_model.set_default_attn_processor()   # (SDPA: flash attention; the classic one runs out of memory)
     dtype = preset["dtype"]
