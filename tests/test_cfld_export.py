@@ -22,7 +22,7 @@ from pgpis_jax.methods.cfld.formats import CONDITIONER_SAFETENSORS
 from pgpis_jax.methods.common import exporting, importing
 from pgpis_jax.methods.common.run import load_trained
 from pgpis_jax.weights.cfld_checkpoint import CONDITIONER_FILE, UNET_FILE
-from tests.parity import nchw, nhwc
+from tests.parity import jitted, nchw, nhwc
 from tests.test_cfld_methods import _run, listing, tiny_config
 from tests.test_cfld_models import TorchBuildModel, TorchUNetWrapper, install_appearance_processors, perturb
 from tests.test_pcdm_methods import _write_keypoints
@@ -157,14 +157,14 @@ def test_diffusers_export_reloaded_in_pytorch_equals_ours(released, tmp_path):
 
     trained = load_trained(run, ("cfld",))
     stage, params = trained.method, trained.params
-    ours_prompt, ours_biases = stage.encode_appearance(params, image)
-    ours_residuals = stage.encode_pose(params, pose)
+    ours_prompt, ours_biases = jitted(stage.encode_appearance)(params, image)
+    ours_residuals = jitted(stage.encode_pose)(params, pose)
     _check(ours_prompt, prompt.numpy(), "prompt (Swin -> PRD)")
     for i, (ours, theirs) in enumerate(zip(ours_residuals, residuals, strict=True)):
         _check(ours, nhwc(theirs), f"pose residual {i}")
     for i, (ours, theirs) in enumerate(zip(ours_biases, ordered, strict=True)):
         _check(ours.query, theirs.numpy(), f"HGA query bias {i}")
-    _check(stage.denoise(params, latents, timesteps, (ours_prompt, ours_residuals, ours_biases)), nhwc(expected),
-           "UNet epsilon")
+    _check(jitted(stage.denoise)(params, latents, timesteps, (ours_prompt, ours_residuals, ours_biases)),
+           nhwc(expected), "UNet epsilon")
     contents = json.loads((tmp_path / "D" / exporting.MANIFEST).read_text())["contents"]
     assert "unet/" in contents and "vae/" not in contents

@@ -12,6 +12,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from pgpis_jax.weights.diffusers_io import SAFETENSORS_NAME, load_diffusers, save_diffusers
+from tests.parity import jitted
 
 UNET = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -44,7 +45,7 @@ def _torch_unet_output(model, inputs):
 
 def _jax_unet_output(module, params, inputs):
     sample, t, context, labels = inputs
-    return np.asarray(module.apply({"params": params}, sample, t, context, class_labels=labels))
+    return np.asarray(jitted(module.apply)({"params": params}, sample, t, context, class_labels=labels))
 
 
 def _image():
@@ -75,7 +76,7 @@ def test_vae_loads_exports_and_accepts_deprecated_attention_names(torch_models, 
     model.save_pretrained(tmp_path / "vae")
     expected = _torch_vae_output(model, _image())
     module, params = load_diffusers(str(tmp_path / "vae"))
-    np.testing.assert_allclose(module.apply({"params": params}, _image()), expected, atol=1e-4)
+    np.testing.assert_allclose(jitted(module.apply)({"params": params}, _image()), expected, atol=1e-4)
 
     save_diffusers(module, params, str(tmp_path / "export"))
     reloaded = diffusers.AutoencoderKL.from_pretrained(tmp_path / "export").eval()
@@ -91,7 +92,7 @@ def test_vae_loads_exports_and_accepts_deprecated_attention_names(torch_models, 
     assert any(".proj_attn." in key for key in renamed)
     save_file(renamed, tmp_path / "vae" / SAFETENSORS_NAME)
     module, params = load_diffusers(str(tmp_path / "vae"))
-    np.testing.assert_allclose(module.apply({"params": params}, _image()), expected, atol=1e-4)
+    np.testing.assert_allclose(jitted(module.apply)({"params": params}, _image()), expected, atol=1e-4)
 
 
 def test_bad_checkpoints_are_errors_naming_what_is_wrong(torch_models, tmp_path):

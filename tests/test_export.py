@@ -27,6 +27,7 @@ from pgpis_jax.errors import UserError
 from pgpis_jax.methods.common import exporting, importing
 from pgpis_jax.methods.common.run import load_trained
 from pgpis_jax.weights.pcdm_checkpoint import DEEPSPEED_MODEL_STATES
+from tests.parity import jitted
 from tests.test_pcdm_models import TorchMLP, TorchPrior, TorchStage, perturb
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -147,7 +148,7 @@ def test_diffusers_export_loads_with_diffusers_and_transformers_and_matches_ours
             t = np.array([3, 900])
             with torch.no_grad():
                 expected = statement(*(torch.from_numpy(a) for a in (x, t, source, *poses))).numpy()
-            ours = trained.method.prior.apply({"params": params["prior"]}, x, t, source, *poses)
+            ours = jitted(trained.method.prior.apply)({"params": params["prior"]}, x, t, source, *poses)
             error = float(np.abs(np.asarray(ours) - expected).max())
             assert error < TOLERANCE, error
         else:
@@ -156,9 +157,9 @@ def test_diffusers_export_loads_with_diffusers_and_transformers_and_matches_ours
             with torch.no_grad():
                 expected = reference(**{k: torch.from_numpy(v) for k, v in inputs.items()}).sample.numpy()
             unet = trained.method.unet.module
-            ours = unet.apply({"params": params["unet"]}, jnp.asarray(inputs["sample"].transpose(0, 2, 3, 1)),
-                              inputs["timestep"], inputs["encoder_hidden_states"],
-                              class_labels=inputs.get("class_labels"))
+            ours = jitted(unet.apply)({"params": params["unet"]}, jnp.asarray(inputs["sample"].transpose(0, 2, 3, 1)),
+                                       inputs["timestep"], inputs["encoder_hidden_states"],
+                                       class_labels=inputs.get("class_labels"))
             error = float(np.abs(np.asarray(ours).transpose(0, 3, 1, 2) - expected).max())
             print(f"{stage} UNet: diffusers from_pretrained vs ours max abs error {error:.2e}")
             assert error < TOLERANCE, error
@@ -174,7 +175,8 @@ def test_diffusers_export_loads_with_diffusers_and_transformers_and_matches_ours
             pixels = np.random.default_rng(2).normal(size=(1, 3, size, size)).astype(np.float32)
             with torch.no_grad():
                 hidden = model(torch.from_numpy(pixels)).last_hidden_state.numpy()
-            ours = trained.method.encoders.module(name).apply({"params": params[name]}, pixels.transpose(0, 2, 3, 1))
+            ours = jitted(trained.method.encoders.module(name).apply)({"params": params[name]},
+                                                                       pixels.transpose(0, 2, 3, 1))
             error = float(np.abs(np.asarray(ours["last_hidden_state"]) - hidden).max())
             assert error < TOLERANCE, (name, error)
         contents = json.loads(open(os.path.join(output, exporting.MANIFEST)).read())["contents"]

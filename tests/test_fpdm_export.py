@@ -23,7 +23,7 @@ from pgpis_jax.methods.common import exporting, importing
 from pgpis_jax.methods.common.run import load_trained
 from pgpis_jax.methods.fpdm import sampling
 from pgpis_jax.methods.fpdm.formats import LIGHTNING_CHECKPOINT
-from tests.parity import nchw
+from tests.parity import jitted, nchw
 from tests.test_fpdm_methods import _write_keypoints, tiny_configs
 from tests.test_fpdm_models import (_DINOV2_4X_NAMES, TorchCombiner, TorchFusionMLP, TorchSourceProjector,
                                     _lightning_checkpoint, perturb, torch_fpdm_unet)
@@ -215,11 +215,11 @@ def test_diffusers_exports_reloaded_in_pytorch_equal_ours(released, tmp_path):
         expected = unet(nchw(latents), torch.from_numpy(timesteps), encoder_hidden_states=context,
                         class_labels=fusion).sample.numpy().transpose(0, 2, 3, 1)
         handle.remove()
-    ours = stage.conditions(params, batch)
+    ours = jitted(stage.conditions)(params, batch)
     _check(ours[2], fusion.numpy(), "fusion embedding (CLIP + Combiner)")
     _check(ours[1], context.numpy(), "projected DINOv2 tokens")
     _check(ours[0], features.numpy().transpose(0, 2, 3, 1), "pose features")
-    _check(stage.denoise(params, latents, timesteps, ours), expected, "stage-2 UNet output")
+    _check(jitted(stage.denoise)(params, latents, timesteps, ours), expected, "stage-2 UNet output")
     contents = json.loads(open(os.path.join(output, exporting.MANIFEST)).read())["contents"]
     assert "class_embedding.safetensors" in contents and "vae/" not in contents
 
