@@ -15,6 +15,7 @@ from diffusers.models.autoencoders import vae as torch_vae_module
 
 from pgpis_jax.models.vae import AutoencoderKL, DiagonalGaussian, from_config, sample_posterior
 from pgpis_jax.weights.pytorch import check_params_match, state_dict_to_params
+from tests.parity import jitted
 
 TOLERANCE = 1e-4
 DOWN, UP = "DownEncoderBlock2D", "UpDecoderBlock2D"
@@ -74,6 +75,16 @@ def test_converted_state_dict_matches_init_tree(name):
     check_params_match(params, jax.eval_shape(module.init_params, jax.random.key(0)), "init_params")
 
 
+def _encoder(module):
+    """(params, images [B, H, W, C]) -> the posterior, jitted."""
+    return jitted(lambda params, images: module.apply({"params": params}, images, method="encode"))
+
+
+def _decoder(module):
+    """(params, latents [B, h, w, c]) -> images, jitted."""
+    return jitted(lambda params, latents: module.apply({"params": params}, latents, method="decode"))
+
+
 @pytest.mark.parametrize("name,height,width", [("tiny", 32, 32), ("tiny", 24, 40), ("three_level", 32, 32),
                                                ("bare", 24, 40)])
 def test_encode_matches_diffusers(name, height, width):
@@ -81,7 +92,7 @@ def test_encode_matches_diffusers(name, height, width):
     x = _images(name, height, width)
     with torch.no_grad():
         expected = reference.encode(x).latent_dist
-    posterior = module.apply({"params": params}, _nhwc(x), method="encode")
+    posterior = _encoder(module)(params, _nhwc(x))
     factor = 2 ** (len(CONFIGS[name]["block_out_channels"]) - 1)
     assert posterior.mean.shape == (2, height // factor, width // factor, module.latent_channels)
     assert posterior.mean.dtype == posterior.logvar.dtype == jnp.float32
@@ -96,7 +107,7 @@ def test_decode_matches_diffusers(name, height, width):
     z = torch.randn(2, module.latent_channels, height, width, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = reference.decode(z).sample
-    image = module.apply({"params": params}, _nhwc(z), method="decode")
+    image = _decoder(module)(params, _nhwc(z))
     assert image.shape == _nhwc(expected).shape
     assert _max_error(image, _nhwc(expected)) <= TOLERANCE
 
@@ -108,7 +119,7 @@ def test_forward_with_posterior_mode_matches_diffusers(name, height, width):
     x = _images(name, height, width, seed=2)
     with torch.no_grad():
         expected = reference(x, sample_posterior=False).sample
-    actual = module.apply({"params": params}, _nhwc(x))
+    actual = jitted(module.apply)({"params": params}, _nhwc(x))
     assert _max_error(actual, _nhwc(expected)) <= TOLERANCE
 
 
@@ -153,12 +164,12 @@ def test_bfloat16_compute_keeps_float32_norms_and_moments():
     reference, _, params = _model("tiny")
     module = AutoencoderKL.from_config(dict(reference.config), dtype=jnp.bfloat16)
     x = _images("tiny", 16, 16, seed=5)
-    posterior = module.apply({"params": params}, _nhwc(x), method="encode")
+    posterior = _encoder(module)(params, _nhwc(x))
     assert posterior.mean.dtype == jnp.float32
     with torch.no_grad():
         expected = reference.encode(x).latent_dist.mean
     assert _max_error(posterior.mean, _nhwc(expected)) < 0.1
-    image = module.apply({"params": params}, posterior.mean, method="decode")
+    image = _decoder(module)(params, posterior.mean)
     assert image.dtype == jnp.bfloat16
     shapes = jax.eval_shape(AutoencoderKL.from_config(dict(reference.config), param_dtype=jnp.bfloat16).init,
                             jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
