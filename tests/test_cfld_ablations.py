@@ -24,7 +24,7 @@ from pgpis_jax.models.unet import UNet2DConditionModel
 from pgpis_jax.weights.cfld_checkpoint import (CLIP_PREFIX, conditioner_params_from_state_dict,
                                                conditioner_state_dict, unet_params_from_state_dict)
 from pgpis_jax.weights.pytorch import state_dict_to_params
-from tests.parity import FAST_COMPILE, check_close, jitted, nhwc
+from tests.parity import check_close, jitted, nhwc
 from tests.test_cfld_models import (TINY_HGA, TINY_POSE, TINY_SWIN, TINY_UNET, TorchAppearanceEncoder,
                                     TorchPoseEncoder, TorchSwin, TorchUNetWrapper, _jit, _numpy_state, _random,
                                     install_appearance_processors, perturb)
@@ -317,8 +317,7 @@ def test_the_method_trains_what_the_ablation_trains(ablation):
 
     batch = {"source_image": uniform(-1, 3), "target_image": uniform(-1, 3), "condition_image": uniform(-1, 3),
              "source_pose": uniform(0, 21), "target_pose": uniform(0, 21), "example_id": np.arange(4, dtype=np.int32)}
-    grads = jax.jit(jax.grad(lambda p: stage.loss_fn(p, batch, jax.random.key(1))[0]),
-                    compiler_options=FAST_COMPILE)(params)
+    grads = jitted(jax.grad(lambda p: stage.loss_fn(p, batch, jax.random.key(1))[0]))(params)
 
     def largest(tree):
         return max(float(np.abs(np.asarray(g)).max()) for g in jax.tree_util.tree_leaves(tree))
@@ -332,9 +331,8 @@ def test_the_method_trains_what_the_ablation_trains(ablation):
     prompt, residuals = jitted(stage.encode_appearance)(params, batch["condition_image"])
     pose = jitted(stage.encode_pose)(params, batch["target_pose"])
     x_t = rng.normal(size=(4, stage.latent_size, stage.latent_size, stage.codec.channels)).astype(np.float32)
-    denoise = jax.jit(lambda prompt_, residuals_: stage.denoise(params, x_t, np.full(4, 500), (prompt_, pose,
-                                                                                                residuals_)),
-                      compiler_options=FAST_COMPILE)
+    denoise = jitted(lambda prompt_, residuals_: stage.denoise(params, x_t, np.full(4, 500),
+                                                               (prompt_, pose, residuals_)))
     null = stage.null_prompt(params, 4)
     np.testing.assert_array_equal(denoise(null, residuals), denoise(null, None))
     assert float(jnp.abs(denoise(prompt, residuals) - denoise(prompt, None)).max()) > 1e-3

@@ -30,7 +30,7 @@ from pgpis_jax.weights.cfld_checkpoint import (CONDITIONER_FILE, UNET_FILE, cond
                                                unet_state_dict)
 from pgpis_jax.weights.files import read_torch_state_dict
 from pgpis_jax.weights.pytorch import state_dict_to_params
-from tests.parity import FAST_COMPILE, check_close, nhwc
+from tests.parity import check_close, jitted, nhwc
 from tests.torch_init import compare_with_torch_init
 
 
@@ -381,7 +381,7 @@ def tiny_models():
 @functools.lru_cache(maxsize=None)
 def _jit(module, method=None):
     apply = functools.partial(module.apply, method=method) if method else module.apply
-    return jax.jit(apply, compiler_options=FAST_COMPILE)
+    return jitted(apply)
 
 
 def _random(shape, seed, low=None):
@@ -490,7 +490,7 @@ def test_init_follows_the_original():
                   "decoder": decoder.init(keys[2], jnp.zeros((1, 64, 512)))["params"]}
         return params, hga.apply({"params": params["appearance_encoder"]}, features)
 
-    params, residuals = jax.jit(init, compiler_options=FAST_COMPILE)(jax.random.key(0))
+    params, residuals = jitted(init)(jax.random.key(0))
     for residual in residuals:
         np.testing.assert_array_equal(residual.query, 0)
     torch.manual_seed(2)

@@ -16,7 +16,7 @@ from safetensors.numpy import load_file
 from pgpis_jax.models.encoders.clip_vision import CLIPVisionModel
 from pgpis_jax.weights.encoder_checkpoints import clip_vision_params_from_state_dict
 from pgpis_jax.weights.pytorch import check_params_match
-from tests.parity import FAST_COMPILE
+from tests.parity import jitted
 
 TOLERANCE = 1e-4
 
@@ -102,7 +102,7 @@ def _nhwc(tensor):
 
 @functools.lru_cache(maxsize=None)
 def _jitted_apply(module):
-    return jax.jit(module.apply, compiler_options=FAST_COMPILE)
+    return jitted(module.apply)
 
 
 def _run(module, params, pixels):

@@ -23,7 +23,7 @@ from pgpis_jax.models.encoders.dinov2 import DropPath, Dinov2Model, interpolate_
 from pgpis_jax.weights.encoder_checkpoints import dinov2_params_from_state_dict
 from pgpis_jax.weights.pytorch import check_params_match
 from pgpis_jax.weights.transformers_io import module_from_transformers_config
-from tests.parity import FAST_COMPILE
+from tests.parity import jitted
 
 TOLERANCE = 1e-4
 
@@ -81,7 +81,7 @@ def _models(name):
 
 @functools.lru_cache(maxsize=None)
 def _jitted_apply(module):
-    return jax.jit(module.apply, compiler_options=FAST_COMPILE)
+    return jitted(module.apply)
 
 
 def _pixels(height, width, seed=7):
@@ -249,7 +249,7 @@ def test_checkpoint_layouts(tmp_path):
 
 def test_init_params_follow_transformers():
     module = Dinov2Model.from_config(dict(CONFIGS["swiglu"], layerscale_value=0.25, initializer_range=0.05))
-    params = jax.jit(module.init_params, compiler_options=FAST_COMPILE)(jax.random.key(0))
+    params = jitted(module.init_params)(jax.random.key(0))
     layer = params["encoder"]["layer_0"]
     np.testing.assert_array_equal(layer["layer_scale1"]["lambda1"], 0.25)
     np.testing.assert_array_equal(params["embeddings"]["mask_token"], 0.0)
@@ -326,7 +326,7 @@ def test_training_mode():
 
     _, module, params = _models("mlp")
     pixels = _nhwc(_pixels(28, 28))
-    train = jax.jit(functools.partial(module.apply, deterministic=False), compiler_options=FAST_COMPILE)(
+    train = jitted(functools.partial(module.apply, deterministic=False))(
         {"params": params}, pixels, rngs={"dropout": jax.random.key(0)})
     evaluation = _jitted_apply(module)({"params": params}, pixels)
     difference = np.abs(np.asarray(train["last_hidden_state"]) - np.asarray(evaluation["last_hidden_state"]))

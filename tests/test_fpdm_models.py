@@ -33,7 +33,7 @@ from pgpis_jax.weights.fpdm_checkpoint import (diffusion_params_from_state_dict,
                                                fusion_params_from_state_dict, fusion_state_dict_from_params,
                                                load_fusion_checkpoint, read_lightning_state_dict)
 from pgpis_jax.weights.pytorch import check_params_match, state_dict_to_params
-from tests.parity import FAST_COMPILE
+from tests.parity import jitted
 from tests.torch_init import compare_with_torch_init
 
 TOLERANCE = 1e-4
@@ -185,13 +185,9 @@ def _numpy_tree(module):
     return state_dict_to_params(_numpy_state_dict(module))
 
 
-def _fast(function):
-    return jax.jit(function, compiler_options=FAST_COMPILE)
-
-
 @functools.lru_cache(maxsize=None)
 def _jit(module):
-    return _fast(module.apply)
+    return jitted(module.apply)
 
 
 def _abstract(init, *args):
@@ -346,7 +342,7 @@ def test_stage2_conditioning_path_matches_diffusers_unet_with_fusion_mlp_and_pos
         return modules["unet"].apply({"params": params["unet"]}, _nhwc(noisy), timesteps.numpy(), context,
                                      class_labels=fusion, conv_in_residual=features)
 
-    forward = _fast(forward)
+    forward = jitted(forward)
     _check(forward(params, fusion.numpy()), expected, "stage-2 UNet + fusion MLP + projector + pose encoder")
     # the fusion embedding matters (a zero fusion is the original's null condition: the MLP's bias path)
     assert np.abs(np.asarray(forward(params, np.zeros_like(fusion.numpy()))) - expected).max() > 1e-3
@@ -367,7 +363,7 @@ def test_stage1_checkpoint_to_fusion_embedding_matches_torch(tmp_path):
 
     clip, combiner = tiny_clip(), Combiner(**TINY_COMBINER)
 
-    @_fast
+    @jitted
     def fusion(params, source, pose):
         source_embeds, pose_embeds = (clip.apply({"params": params["img_encoder"]}, pixels)["image_embeds"]
                                       for pixels in (source, pose))
@@ -555,13 +551,13 @@ def test_init_follows_torch_defaults():
     """The layers FPDM creates fresh, full size, against the same torch modules freshly constructed: the Combiner
     and the fusion MLP (torch's default Linear init throughout), layer by layer."""
     torch.manual_seed(8)
-    ours, theirs = _fast(Combiner().init_params)(jax.random.key(0)), _numpy_tree(TorchCombiner(768, 768, 768))
+    ours, theirs = jitted(Combiner().init_params)(jax.random.key(0)), _numpy_tree(TorchCombiner(768, 768, 768))
     # the gate's one-element bias has no spread to compare: within torch's bound 1/sqrt(768) and not zero
     gate_bias = ours["dynamic_scalar_3"].pop("bias")
     del theirs["dynamic_scalar_3"]["bias"]
     assert gate_bias.shape == (1,) and 0 < abs(float(gate_bias[0])) <= 768 ** -0.5
     ratios = compare_with_torch_init(ours, theirs)
-    mlp = _fast(lambda key: MLPClassEmbedding(1280).init(key, jnp.zeros((1, 768)))["params"])(jax.random.key(1))
+    mlp = jitted(lambda key: MLPClassEmbedding(1280).init(key, jnp.zeros((1, 768)))["params"])(jax.random.key(1))
     ratios.update(compare_with_torch_init({"class_embedding": mlp},
                                           {"class_embedding": _numpy_tree(TorchFusionMLP(768, 768, 1280))}))
     for path in ("kpt_projection_layer/kernel", "dynamic_scalar_3/kernel", "class_embedding/net_3/kernel"):

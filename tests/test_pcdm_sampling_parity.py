@@ -3,9 +3,7 @@ the PyTorch one of tests/pcdm_sampling_reference.py, on the demo's networks with
 initial noise (fp32): the final output of each stage agrees to 1e-4 relative, so that bench/sample_pcdm.py times
 equal work."""
 
-import jax
-
-from tests.parity import FAST_COMPILE
+from tests.parity import jitted
 from tests.pcdm_sampling_reference import (build_stages, compare, our_params, random_conditions, sample_ours,
                                            sample_torch, torch_conditions, torch_networks)
 
@@ -18,8 +16,7 @@ def test_three_stage_sampler_matches_pytorch_with_diffusers_ddim():
     networks = torch_networks(stages, seed=1)
     params = our_params(stages, networks)
     conditions = random_conditions(stages, batch=2, seed=1)
-    ours = jax.jit(lambda p, c: sample_ours(stages, p, c, STEPS, GUIDANCE_SCALE),
-                   compiler_options=FAST_COMPILE)(params, conditions)
+    ours = jitted(lambda p, c: sample_ours(stages, p, c, STEPS, GUIDANCE_SCALE))(params, conditions)
     inputs = torch_conditions(conditions, "cpu")
     errors = compare(ours, sample_torch(stages, networks, inputs, STEPS, GUIDANCE_SCALE))
     print(", ".join(f"{name}: relative error {error:.2e}" for name, error in errors.items()))

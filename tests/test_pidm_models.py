@@ -21,7 +21,7 @@ from pgpis_jax.errors import UserError
 from pgpis_jax.models.pidm import PIDMUNet, pack_unet_input
 from pgpis_jax.weights.pidm_checkpoint import (load_pidm_checkpoint, pidm_params_to_state_dict,
                                                pidm_state_dict_to_params, unused_key_reason)
-from tests.parity import FAST_COMPILE, check_close, nhwc
+from tests.parity import check_close, jitted, nhwc
 from tests.torch_init import compare_with_torch_init
 
 # Widths 32, 64, 96: every lateral concatenation is a multiple of 32 (PIDM's GroupNorm needs it), groups of
@@ -293,10 +293,6 @@ def _save_train_checkpoint(path, state_dict):
     return str(path)
 
 
-def _fast(function):
-    return jax.jit(function, compiler_options=FAST_COMPILE)
-
-
 # -------------------------------------------------------------------------------------------- parity
 
 
@@ -318,16 +314,16 @@ def test_unet_and_texture_encoder_match_torch_statement(config, tmp_path):
         null_maps = reference.encoder(torch.zeros_like(source))
         expected_null = reference(torch.cat([noisy, pose], 1), timesteps, null_maps).numpy()
 
-    features = _fast(encoder.apply)({"params": params["encoder"]}, nhwc(source))
+    features = jitted(encoder.apply)({"params": params["encoder"]}, nhwc(source))
     assert len(features) == len(maps) == len(unet.input_blocks())
     for k, (ours, theirs) in enumerate(zip(features, maps)):
         check_close(ours, nhwc(theirs), f"texture encoder map {k}")
-    apply = _fast(unet.apply)
+    apply = jitted(unet.apply)
     x = pack_unet_input(nhwc(noisy), nhwc(pose))
     actual = apply({"params": params["unet"]}, x, timesteps.numpy(), features)
     assert actual.shape == (2, 16, 8, 6)
     check_close(actual, nhwc(torch.from_numpy(expected)), "UNet with texture features")
-    null_features = _fast(encoder.apply)({"params": params["encoder"]}, np.zeros((2, 16, 8, 3), np.float32))
+    null_features = jitted(encoder.apply)({"params": params["encoder"]}, np.zeros((2, 16, 8, 3), np.float32))
     actual_null = apply({"params": params["unet"]}, x, timesteps.numpy(), null_features)
     check_close(actual_null, nhwc(torch.from_numpy(expected_null)), "UNet with null texture features")
     # the cross-attention matters: other source maps change the prediction
@@ -443,8 +439,8 @@ def test_init_follows_torch_defaults_with_pidms_zero_layers():
     """Our fresh init against the torch statement's (without its unused modules), layer by layer: zero
     out_layers.3, proj_out2 and out.2; torch's default for every other conv and linear layer."""
     unet, encoder = _modules(TINY_TWO_LEVELS)
-    ours = {"unet": _fast(unet.init_params)(jax.random.key(3)),
-            "encoder": _fast(encoder.init_params)(jax.random.key(4))}
+    ours = {"unet": jitted(unet.init_params)(jax.random.key(3)),
+            "encoder": jitted(encoder.init_params)(jax.random.key(4))}
     assert [name for name, _ in unet.attention_sites()] == ["input_blocks_3_1", "middle_block_1", "output_blocks_0_1"]
     torch.manual_seed(7)
     reference = TorchPIDM(**TINY_TWO_LEVELS)

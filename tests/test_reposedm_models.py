@@ -18,7 +18,7 @@ from pgpis_jax.errors import UserError
 from pgpis_jax.models.reposedm import (RecurrentPoseAlignment, compose_flows, local_correlation, region_attention,
                                        warp)
 from pgpis_jax.weights.reposedm_checkpoint import alignment_params_to_state_dict, alignment_state_dict_to_params
-from tests.parity import FAST_COMPILE
+from tests.parity import jitted
 
 TOLERANCE = 1e-4
 # Grid 8 x 8 on 32 x 32 images (stride 4); three iterations: global, 5 x 5, 3 x 3 windows.
@@ -280,7 +280,7 @@ def test_alignment_matches_torch_statement(variant):
     source, pose = _inputs(2)
     with torch.no_grad():
         expected_warped, expected_flows = reference(source, pose)
-    out = jax.jit(module.apply, compiler_options=FAST_COMPILE)({"params": params}, _nhwc(source), _nhwc(pose))
+    out = jitted(module.apply)({"params": params}, _nhwc(source), _nhwc(pose))
     assert len(out.flows) == len(config["kernels"])
     for n, (ours, theirs) in enumerate(zip(out.flows, expected_flows)):
         _check(ours, _nhwc(theirs), f"flow F^{n}")
@@ -330,11 +330,11 @@ def test_recurrent_warp_with_a_known_update_reproduces_a_hand_warped_image():
     """The flow head set to a constant update dF: every iteration composes it, F^N = (N + 1) dF, and the
     output is the source shifted by stride (N + 1) dF pixels."""
     module = RecurrentPoseAlignment(**TINY)
-    params = jax.jit(lambda k: module.init_params(k, (32, 32)), compiler_options=FAST_COMPILE)(jax.random.key(0))
+    params = jitted(lambda k: module.init_params(k, (32, 32)))(jax.random.key(0))
     update = np.float32([0.5, -0.25])   # 3 iterations at stride 4: (6, -3) pixels
     params["aggregator"]["flow_head"]["bias"] = jnp.asarray(update)
     source, pose = (_nhwc(t) for t in _inputs(3, batch=1))
-    out = jax.jit(module.apply, compiler_options=FAST_COMPILE)({"params": params}, source, pose)
+    out = jitted(module.apply)({"params": params}, source, pose)
     for n, flow in enumerate(out.flows):
         np.testing.assert_allclose(np.asarray(flow), np.broadcast_to((n + 1) * update, flow.shape), atol=1e-6)
     rows, cols = np.arange(32)[:, None], np.arange(32)[None, :]
@@ -372,12 +372,12 @@ def _loss(module, source, pose, target):
 
 def test_zero_initialised_flow_is_the_identity_warp_and_gradients_flow():
     module = RecurrentPoseAlignment(**dict(TINY, kernels=(0, 3)))   # two iterations: a shorter backward compile
-    params = jax.jit(lambda k: module.init_params(k, (32, 32)), compiler_options=FAST_COMPILE)(jax.random.key(1))
+    params = jitted(lambda k: module.init_params(k, (32, 32)))(jax.random.key(1))
     assert not np.asarray(params["aggregator"]["flow_head"]["kernel"]).any()
     source, pose = (_nhwc(t) for t in _inputs(4))
     target = np.roll(source, 3, axis=2)
-    value_and_grad = jax.jit(jax.value_and_grad(_loss(module, source, pose, target)), compiler_options=FAST_COMPILE)
-    out = jax.jit(module.apply, compiler_options=FAST_COMPILE)({"params": params}, source, pose)
+    value_and_grad = jitted(jax.value_and_grad(_loss(module, source, pose, target)))
+    out = jitted(module.apply)({"params": params}, source, pose)
     np.testing.assert_array_equal(np.asarray(out.warped), source)
     assert all(not np.asarray(flow).any() for flow in out.flows)
 

@@ -18,7 +18,7 @@ from pgpis_jax.nn.attention import CrossAttentionResidual
 from pgpis_jax.nn.embeddings import get_timestep_embedding
 from pgpis_jax.weights.partial import merge_pretrained
 from pgpis_jax.weights.pytorch import check_params_match, state_dict_to_params
-from tests.parity import FAST_COMPILE
+from tests.parity import jitted
 from tests.torch_init import compare_with_torch_init, flat
 
 TOLERANCE = 1e-4
@@ -84,13 +84,9 @@ def _inputs(name, height=16, width=16):
     return sample, torch.tensor([3, 817]), context, labels
 
 
-def _jit(function):
-    return jax.jit(function, compiler_options=FAST_COMPILE)
-
-
 @functools.lru_cache(maxsize=None)
 def _jitted_apply(module):
-    return _jit(module.apply)
+    return jitted(module.apply)
 
 
 def _run(module, params, sample, timesteps, context, labels=None, **hooks):
@@ -253,7 +249,7 @@ def test_widen_conv_in_zeros_ignores_extra_channels():
     wide = widen_conv_in(params, 7, "zeros")
     assert wide["conv_in"]["kernel"].shape == (3, 3, 7, 32) and wide["down_blocks_0"] is params["down_blocks_0"]
     extra = np.random.default_rng(15).standard_normal((2, 16, 16, 3)).astype(np.float32) * 3
-    apply = _jit(module.clone(in_channels=7).apply)
+    apply = jitted(module.clone(in_channels=7).apply)
     actual = apply({"params": wide}, np.concatenate([_nhwc(sample), extra], -1), timesteps.numpy(), context.numpy())
     expected = _run(module, params, sample, timesteps, context)
     np.testing.assert_allclose(actual, expected, atol=1e-5)
@@ -307,7 +303,7 @@ def test_init_follows_torch_defaults_like_diffusers():
     torch.manual_seed(0)
     reference = diffusers.UNet2DConditionModel(**INIT_CONFIG)
     module = UNet2DConditionModel.from_config(dict(reference.config))
-    fresh = _jit(module.init_params)(jax.random.key(0))
+    fresh = jitted(module.init_params)(jax.random.key(0))
     ratios = compare_with_torch_init(fresh, _torch_params(reference))
     for path in ("conv_in/kernel", "conv_in/bias", "class_embedding/linear_1/kernel", "class_embedding/linear_1/bias",
                  "class_embedding/linear_2/kernel", "class_embedding/linear_2/bias"):
@@ -324,7 +320,7 @@ def test_fresh_layers_keep_their_init_through_keep_fresh():
     pretrained = _torch_params(diffusers.UNet2DConditionModel(**dict(INIT_CONFIG, in_channels=4,
                                                                      class_embed_type=None)))
     module = UNet2DConditionModel(**{k: tuple(v) if isinstance(v, list) else v for k, v in INIT_CONFIG.items()})
-    fresh = _jit(module.init_params)(jax.random.key(2))
+    fresh = jitted(module.init_params)(jax.random.key(2))
     merged = merge_pretrained(fresh, pretrained, "sd", keep_fresh=("conv_in/kernel", "class_embedding/.*"))
     fresh_flat, pretrained_flat = flat(fresh), flat(pretrained)
     for path, value in flat(merged).items():
@@ -347,7 +343,7 @@ def test_remat_gives_identical_outputs_and_gradients():
 
     def gradients(m):
         loss = lambda p, *a: jnp.mean(m.apply({"params": p}, *a) ** 2)  # noqa: E731
-        return _jit(jax.grad(loss))(params, _nhwc(sample), timesteps.numpy(), context.numpy())
+        return jitted(jax.grad(loss))(params, _nhwc(sample), timesteps.numpy(), context.numpy())
 
     plain_grads, remat_grads = gradients(module), gradients(remat)
     assert jax.tree_util.tree_structure(plain_grads) == jax.tree_util.tree_structure(remat_grads)
