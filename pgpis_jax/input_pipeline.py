@@ -158,8 +158,32 @@ def resize(image, hw):
     size = tuple(image.shape[-3:-1])
     if size == tuple(hw):
         return image
-    shrinks = None in size or any(o < i for o, i in zip(hw, size))
-    return to_levels(tf.image.resize(image, hw, method="bicubic", antialias=shrinks))
+    if None in size or any(o < i for o, i in zip(hw, size)):
+        return to_levels(antialiased_resize(image, hw))
+    return to_levels(tf.image.resize(image, hw, method="bicubic"))
+
+
+def antialiased_resize(image, hw):
+    """`tf.image.resize(image, hw, "bicubic", antialias=True)` of an [H, W, C] image, bit for bit, in about half
+    the CPU time (float32 [*hw, C]). TensorFlow's kernel resizes rows first into a float32 intermediate, then
+    columns, each output ((0 + w0 * x0) + w1 * x1) + ... over its taps; its column pass is several times slower
+    than its row pass. Here both passes are row passes of the same kernel: the columns' pass runs on the
+    transposed intermediate, with the image as one column of W * C channels (a 1 -> 1 column pass multiplies by
+    weight 1.0, which changes no bit)."""
+    vertical = _resize_rows(image, hw[0])
+    resized = tf.transpose(_resize_rows(tf.transpose(vertical, (1, 0, 2)), hw[1]), (1, 0, 2))
+    resized.set_shape((*hw, image.shape[-1]))
+    return resized
+
+
+def _resize_rows(image, height):
+    """float32 [height, W, C]: `image` [H, W, C] resized along its rows only (bicubic, antialiased)."""
+    shape = tf.shape(image)
+    columns = tf.reshape(image, (1, shape[0], 1, shape[1] * shape[2]))
+    scale = tf.stack([tf.cast(height, tf.float32) / tf.cast(shape[0], tf.float32), 1.0])
+    resized = tf.raw_ops.ScaleAndTranslate(images=columns, size=[height, 1], scale=scale, translation=tf.zeros(2),
+                                           kernel_type="keyscubic", antialias=True)
+    return tf.reshape(resized, (height, shape[1], shape[2]))
 
 
 def to_levels(image):

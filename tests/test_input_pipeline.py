@@ -383,6 +383,22 @@ def test_to_levels_rounds_half_to_even_and_saturates_as_numpy():
     np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.parametrize("in_hw, out_hw, channels", [((512, 512), (224, 224), 3), ((256, 176), (224, 224), 3),
+                                                     ((550, 375), (512, 352), 3), ((37, 500), (300, 11), 1),
+                                                     ((3, 2), (1, 1), 4)])
+def test_antialiased_resize_is_tensorflows_resize_bit_for_bit(in_hw, out_hw, channels):
+    """The two row passes against `tf.image.resize(..., "bicubic", antialias=True)`: the same float32 bits, for
+    shrinking, for one side shrinking and the other growing, with static and with unknown input shapes."""
+    image = np.random.default_rng(sum(in_hw)).integers(0, 256, (*in_hw, channels), dtype=np.uint8)
+    image[: in_hw[0] // 2, : in_hw[1] // 3] = 0
+    expected = tf.image.resize(image, out_hw, method="bicubic", antialias=True).numpy()
+    unknown_shape = tf.function(lambda x: input_pipeline.antialiased_resize(x, out_hw),
+                                input_signature=[tf.TensorSpec((None, None, channels), tf.uint8)])
+    for got in (input_pipeline.antialiased_resize(tf.constant(image), out_hw), unknown_shape(tf.constant(image))):
+        assert got.shape == expected.shape and got.dtype == tf.float32
+        np.testing.assert_array_equal(got.numpy().view(np.uint32), expected.view(np.uint32))
+
+
 def test_tensorflow_is_imported_only_when_data_is_read():
     """The method modules and the commands' code import without TensorFlow (input_pipeline loads it at first use),
     and a pipeline built afterwards has it, with its GPUs hidden."""
