@@ -1,9 +1,12 @@
 """What the PyTorch-parity tests share: torch's NCHW outputs in our NHWC layout, NumPy/JAX inputs in torch's
-layout, the closeness check that prints the error it asserts on, and a fast-compiling jit for tiny networks."""
+layout, the closeness check that prints the error it asserts on, and fast-compiling jits for tiny networks and
+their inits."""
 
 import jax
 import numpy as np
 import torch
+
+from pgpis_jax.trainer.batched_threefry import with_batched_threefry
 
 TOLERANCE = 1e-4
 # jax.jit(..., compiler_options=FAST_COMPILE): XLA's CPU backend optimisations cost more compile time than they save
@@ -15,6 +18,12 @@ def jitted(fn):
     """fn under jax.jit with FAST_COMPILE: a tiny network's forward compiles once (about 2.5 s for the PCDMs demo's
     UNet) instead of op by op when run eagerly (about 12 s)."""
     return jax.jit(fn, compiler_options=FAST_COMPILE)
+
+
+def jitted_init(init_params):
+    """A network's init_params (rng -> parameters) under `jitted` with its Threefry hashes merged, as the trainer
+    compiles it (trainer.batched_threefry: the same parameters, about half the compile)."""
+    return jitted(with_batched_threefry(init_params))
 
 
 def nhwc(tensor: torch.Tensor) -> np.ndarray:

@@ -11,7 +11,7 @@ from pgpis_jax.models.encoders.swin import SwinModel
 from pgpis_jax.models.unet import UNet2DConditionModel
 from pgpis_jax.nn.attention import (CPU_BLOCK_SIZE, CPU_CHUNKED_MIN_KEYS, Attention, dot_product_attention,
                                    resolve_implementation)
-from tests.parity import jitted
+from tests.parity import jitted, jitted_init
 
 TOLERANCE = 1e-5
 BATCH, HEADS, HEAD_DIM = 2, 2, 40
@@ -206,7 +206,7 @@ def test_unet_with_chunked_attention_matches_xla():
                   down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
     module = UNet2DConditionModel.from_config(config)
-    params = jitted(module.init_params)(jax.random.key(12))
+    params = jitted_init(module.init_params)(jax.random.key(12))
     sample = jax.random.normal(jax.random.key(13), (1, 16, 16, 4))
     context = jax.random.normal(jax.random.key(14), (1, 5, 16))
     run = lambda m: jitted(m.apply)({"params": params}, sample, jnp.array([500]), context)  # noqa: E731

@@ -11,11 +11,14 @@ from pgpis_jax.trainer.batched_threefry import with_batched_threefry
 
 def _draws(key):
     """Keys split, folded (scalar and array messages) and vmapped; bits of 8 to 32 bits, an odd count, normals,
-    uniforms and a permutation: every way init code draws."""
+    uniforms, a permutation, bits in the other Threefry counter layout, a draw through a custom_jvp function: every
+    way init code draws."""
     a, b, c = jax.random.split(key, 3)
     folded = jax.random.fold_in(a, 7)
     per_row = jax.vmap(lambda k: jax.random.normal(k, (5,)))(jax.random.split(b, 4))
     messages = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(c, jnp.arange(3, dtype=jnp.uint32))
+    with jax.threefry_partitionable(not jax.config.jax_threefry_partitionable):   # the other counter layout
+        other_layout = jax.random.bits(c, (4, 3))
     return {"bits8": jax.random.bits(folded, (3, 3), jnp.uint8),
             "bits16": jax.random.bits(folded, (7,), jnp.uint16),
             "odd": jax.random.bits(jax.random.fold_in(folded, 1), (3, 5)),
@@ -23,6 +26,8 @@ def _draws(key):
             "per_row": per_row,
             "folded_rows": jax.vmap(lambda k: jax.random.bits(k, (2,)))(messages),
             "permutation": jax.random.permutation(a, 10),
+            "other_layout": other_layout,
+            "through_a_custom_rule": jax.nn.relu(jax.random.normal(jax.random.fold_in(b, 5), (6,))),
             "large": jax.random.normal(jax.random.fold_in(key, 3), (70, 1000))}
 
 

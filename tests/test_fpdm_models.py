@@ -33,7 +33,7 @@ from pgpis_jax.weights.fpdm_checkpoint import (diffusion_params_from_state_dict,
                                                fusion_params_from_state_dict, fusion_state_dict_from_params,
                                                load_fusion_checkpoint, read_lightning_state_dict)
 from pgpis_jax.weights.pytorch import check_params_match, state_dict_to_params
-from tests.parity import jitted
+from tests.parity import jitted, jitted_init
 from tests.torch_init import compare_with_torch_init
 
 TOLERANCE = 1e-4
@@ -551,7 +551,7 @@ def test_init_follows_torch_defaults():
     """The layers FPDM creates fresh, full size, against the same torch modules freshly constructed: the Combiner
     and the fusion MLP (torch's default Linear init throughout), layer by layer."""
     torch.manual_seed(8)
-    ours, theirs = jitted(Combiner().init_params)(jax.random.key(0)), _numpy_tree(TorchCombiner(768, 768, 768))
+    ours, theirs = jitted_init(Combiner().init_params)(jax.random.key(0)), _numpy_tree(TorchCombiner(768, 768, 768))
     # the gate's one-element bias has no spread to compare: within torch's bound 1/sqrt(768) and not zero
     gate_bias = ours["dynamic_scalar_3"].pop("bias")
     del theirs["dynamic_scalar_3"]["bias"]

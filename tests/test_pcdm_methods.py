@@ -14,7 +14,7 @@ import torch
 from pgpis_jax.errors import UserError
 from pgpis_jax.models.latent_codec import PixelShuffleCodec
 from pgpis_jax.weights.partial import merge_pretrained
-from tests.parity import jitted
+from tests.parity import jitted, jitted_init
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_INPAINT = f"{REPO}/tests/small_pcdm_config.py:inpaint"   # the demo stage 2 with a one-level UNet
@@ -106,7 +106,7 @@ def test_stage2_warm_start_keeps_pretrained_weights_and_declared_fresh_ones(tmp_
     builder = NetworkBuilder()
     resolved = builder.network(spec, "config.model.unet", "diffusers")
     builder.raise_if_any("test")
-    fresh = jax.device_get(jitted(resolved.module.init_params)(jax.random.key(1)))
+    fresh = jax.device_get(jitted_init(resolved.module.init_params)(jax.random.key(1)))
     params = load_pretrained(resolved, fresh)
     state = TorchUNet.from_pretrained(tmp_path / "unet").state_dict()
     np.testing.assert_array_equal(params["conv_in"]["kernel"], fresh["conv_in"]["kernel"])

@@ -25,7 +25,7 @@ from pgpis_jax.models.unet import UNet2DConditionModel
 from pgpis_jax.nn.transformer import BasicTransformerBlock
 from pgpis_jax.weights.pcdm_checkpoint import load_pcdm_checkpoint
 from pgpis_jax.weights.pytorch import check_params_match, state_dict_to_params
-from tests.parity import check_close, jitted, nhwc
+from tests.parity import check_close, jitted, jitted_init, nhwc
 from tests.pcdm_torch_reference import TorchMLP, TorchPrior, TorchStage, perturb
 from tests.torch_init import compare_with_torch_init
 
@@ -275,15 +275,15 @@ def test_init_follows_torch_defaults_and_pose_encoder_starts_at_zero():
     conv_out zero as ControlNet's zero_module) and the prior (its fresh pose MLPs and projections, and the
     Kandinsky-loaded layers too; zero positional and prd embeddings), layer by layer."""
     torch.manual_seed(6)
-    projector = jitted(ImageProjector().init_params)(jax.random.key(2))
+    projector = jitted_init(ImageProjector().init_params)(jax.random.key(2))
     ratios = compare_with_torch_init(projector, _sd(TorchMLP(1536, 768, 1024, final_norm=False)))
     encoder = PoseEncoder()
-    pose = jitted(encoder.init_params)(jax.random.key(0))
+    pose = jitted_init(encoder.init_params)(jax.random.key(0))
     ratios.update(compare_with_torch_init(pose, _sd(ControlNetConditioningEmbedding(320, 3, (16, 32, 96, 256)))))
     out = _jit(encoder)({"params": pose}, np.random.default_rng(1).uniform(-1, 1, (1, 16, 16, 3)))
     np.testing.assert_array_equal(out, 0)
     config = dict(TINY_PRIOR, embedding_dim=64, attention_head_dim=32, pose_hidden=64)
-    prior = jitted(PriorTransformer(**config).init_params)(jax.random.key(3))
+    prior = jitted_init(PriorTransformer(**config).init_params)(jax.random.key(3))
     ratios.update(compare_with_torch_init(prior, _sd(TorchPrior(**config))))
     for path in ("net_0/kernel", "net_4/kernel", "blocks_5/kernel", "pose_encoder/net_0/kernel", "proj_in/kernel",
                  "proj_to_clip_embeddings/kernel"):

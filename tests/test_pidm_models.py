@@ -21,7 +21,7 @@ from pgpis_jax.errors import UserError
 from pgpis_jax.models.pidm import PIDMUNet, pack_unet_input
 from pgpis_jax.weights.pidm_checkpoint import (load_pidm_checkpoint, pidm_params_to_state_dict,
                                                pidm_state_dict_to_params, unused_key_reason)
-from tests.parity import check_close, jitted, nhwc
+from tests.parity import check_close, jitted, jitted_init, nhwc
 from tests.torch_init import compare_with_torch_init
 
 # Widths 32, 64, 96: every lateral concatenation is a multiple of 32 (PIDM's GroupNorm needs it), groups of
@@ -439,8 +439,8 @@ def test_init_follows_torch_defaults_with_pidms_zero_layers():
     """Our fresh init against the torch statement's (without its unused modules), layer by layer: zero
     out_layers.3, proj_out2 and out.2; torch's default for every other conv and linear layer."""
     unet, encoder = _modules(TINY_TWO_LEVELS)
-    ours = {"unet": jitted(unet.init_params)(jax.random.key(3)),
-            "encoder": jitted(encoder.init_params)(jax.random.key(4))}
+    ours = {"unet": jitted_init(unet.init_params)(jax.random.key(3)),
+            "encoder": jitted_init(encoder.init_params)(jax.random.key(4))}
     assert [name for name, _ in unet.attention_sites()] == ["input_blocks_3_1", "middle_block_1", "output_blocks_0_1"]
     torch.manual_seed(7)
     reference = TorchPIDM(**TINY_TWO_LEVELS)

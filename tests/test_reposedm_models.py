@@ -18,7 +18,7 @@ from pgpis_jax.errors import UserError
 from pgpis_jax.models.reposedm import (RecurrentPoseAlignment, compose_flows, local_correlation, region_attention,
                                        warp)
 from pgpis_jax.weights.reposedm_checkpoint import alignment_params_to_state_dict, alignment_state_dict_to_params
-from tests.parity import jitted
+from tests.parity import jitted, jitted_init
 
 TOLERANCE = 1e-4
 # Grid 8 x 8 on 32 x 32 images (stride 4); three iterations: global, 5 x 5, 3 x 3 windows.
@@ -330,7 +330,7 @@ def test_recurrent_warp_with_a_known_update_reproduces_a_hand_warped_image():
     """The flow head set to a constant update dF: every iteration composes it, F^N = (N + 1) dF, and the
     output is the source shifted by stride (N + 1) dF pixels."""
     module = RecurrentPoseAlignment(**TINY)
-    params = jitted(lambda k: module.init_params(k, (32, 32)))(jax.random.key(0))
+    params = jitted_init(lambda k: module.init_params(k, (32, 32)))(jax.random.key(0))
     update = np.float32([0.5, -0.25])   # 3 iterations at stride 4: (6, -3) pixels
     params["aggregator"]["flow_head"]["bias"] = jnp.asarray(update)
     source, pose = (_nhwc(t) for t in _inputs(3, batch=1))
@@ -372,7 +372,7 @@ def _loss(module, source, pose, target):
 
 def test_zero_initialised_flow_is_the_identity_warp_and_gradients_flow():
     module = RecurrentPoseAlignment(**dict(TINY, kernels=(0, 3)))   # two iterations: a shorter backward compile
-    params = jitted(lambda k: module.init_params(k, (32, 32)))(jax.random.key(1))
+    params = jitted_init(lambda k: module.init_params(k, (32, 32)))(jax.random.key(1))
     assert not np.asarray(params["aggregator"]["flow_head"]["kernel"]).any()
     source, pose = (_nhwc(t) for t in _inputs(4))
     target = np.roll(source, 3, axis=2)

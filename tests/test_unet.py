@@ -18,7 +18,7 @@ from pgpis_jax.nn.attention import CrossAttentionResidual
 from pgpis_jax.nn.embeddings import get_timestep_embedding
 from pgpis_jax.weights.partial import merge_pretrained
 from pgpis_jax.weights.pytorch import check_params_match, state_dict_to_params
-from tests.parity import jitted
+from tests.parity import jitted, jitted_init
 from tests.torch_init import compare_with_torch_init, flat
 
 TOLERANCE = 1e-4
@@ -303,7 +303,7 @@ def test_init_follows_torch_defaults_like_diffusers():
     torch.manual_seed(0)
     reference = diffusers.UNet2DConditionModel(**INIT_CONFIG)
     module = UNet2DConditionModel.from_config(dict(reference.config))
-    fresh = jitted(module.init_params)(jax.random.key(0))
+    fresh = jitted_init(module.init_params)(jax.random.key(0))
     ratios = compare_with_torch_init(fresh, _torch_params(reference))
     for path in ("conv_in/kernel", "conv_in/bias", "class_embedding/linear_1/kernel", "class_embedding/linear_1/bias",
                  "class_embedding/linear_2/kernel", "class_embedding/linear_2/bias"):
@@ -320,7 +320,7 @@ def test_fresh_layers_keep_their_init_through_keep_fresh():
     pretrained = _torch_params(diffusers.UNet2DConditionModel(**dict(INIT_CONFIG, in_channels=4,
                                                                      class_embed_type=None)))
     module = UNet2DConditionModel(**{k: tuple(v) if isinstance(v, list) else v for k, v in INIT_CONFIG.items()})
-    fresh = jitted(module.init_params)(jax.random.key(2))
+    fresh = jitted_init(module.init_params)(jax.random.key(2))
     merged = merge_pretrained(fresh, pretrained, "sd", keep_fresh=("conv_in/kernel", "class_embedding/.*"))
     fresh_flat, pretrained_flat = flat(fresh), flat(pretrained)
     for path, value in flat(merged).items():

@@ -69,13 +69,20 @@ def _evaluate_expanded(jaxpr, consts: Sequence, args: Sequence) -> List:
             sub = eqn.params["jaxpr"]
             outputs = _evaluate_expanded(sub.jaxpr, sub.consts, inputs)
         elif eqn.primitive in _RANDOM_EXPANSIONS and _is_threefry_key(inputs[0]):
-            outputs = [_expand_random(eqn, inputs)]
+            with eqn.ctx.manager:   # the settings it was traced under (Threefry's partitionable mode among them)
+                outputs = [_expand_random(eqn, inputs)]
         else:
-            result = eqn.primitive.bind(*inputs, **eqn.params)
-            outputs = result if eqn.primitive.multiple_results else [result]
+            outputs = _bind(eqn, inputs)
         for var, value in zip(eqn.outvars, outputs):
             env[var] = value
     return [read(atom) for atom in jaxpr.outvars]
+
+
+def _bind(eqn, inputs) -> List:
+    """The outputs of one equation applied to `inputs` (as jax.core.eval_jaxpr binds it, custom rules included)."""
+    with eqn.ctx.manager:
+        result = eqn.primitive.bind(*inputs, **eqn.primitive.get_bind_params(eqn.params))
+    return result if eqn.primitive.multiple_results else [result]
 
 
 def _is_threefry_key(value) -> bool:
@@ -131,8 +138,7 @@ def _evaluate_scheduled(jaxpr, consts: Sequence, args: Sequence, max_elements: i
             elif eqn.primitive is threefry2x32_p and _size(eqn) <= max_elements:
                 waiting.append(eqn)
             else:
-                result = eqn.primitive.bind(*[read(atom) for atom in eqn.invars], **eqn.params)
-                for var, value in zip(eqn.outvars, result if eqn.primitive.multiple_results else [result]):
+                for var, value in zip(eqn.outvars, _bind(eqn, [read(atom) for atom in eqn.invars])):
                     env[var] = value
         for group in _groups(waiting, max_elements):
             for eqn, words in zip(group, _threefry_together([[read(atom) for atom in e.invars] for e in group])):
