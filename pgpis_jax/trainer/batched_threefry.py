@@ -39,6 +39,7 @@ _GROUP_FACTOR = 64   # one call hashes at most 64 * max_elements words (4 Mi by 
 def with_batched_threefry(fn: Callable, max_elements: int = 1 << 16) -> Callable:
     """`fn` (traceable, pure) computing its Threefry hashes of at most `max_elements` words in shared calls."""
 
+    @functools.wraps(fn)
     def batched(*args):
         closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
         if closed.effects:   # effects fix the order of operations: leave the program as it is
