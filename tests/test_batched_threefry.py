@@ -64,7 +64,7 @@ def test_a_flax_init_is_bit_identical_and_compiles_far_fewer_hash_loops():
     init = lambda key: _Stack().init(key, jnp.zeros((1, 4)))
     plain, batched = (jax.jit(fn).lower(jax.random.key(0)).compile() for fn in (init, with_batched_threefry(init)))
     _assert_bitwise_equal(plain(jax.random.key(0)), batched(jax.random.key(0)))
-    # on CPU each hash is a while loop: one per parameter and per derived key before, one per level of keys after
+    # on CPU each hash is a while loop: one per parameter before (48 here), one per level of keys after
     loops = [compiled.as_text().count(" while(") for compiled in (plain, batched)]
     assert loops[0] >= 48 and loops[1] <= 6, loops
 
