@@ -7,8 +7,8 @@ sample.py subprocess share it:
   stage-2 `train.py`, 6 steps: 42 against 53 CPU s) for steps about 7 % slower;
 - XLA's older elemental emitters for CPU fusions (`--xla_cpu_use_fusion_emitters=false`) instead of the MLIR
   fusion emitters, which build MLIR for every fusion: an eager op compiles in about a quarter less CPU, a small
-  PCDMs `train.py` (3 steps, 4 devices) in about a fifth less, its steps as fast; the full suite, cold cache,
-  936 -> 812 s (1,742 -> 1,534 CPU s), one run each on the same machine.
+  PCDMs `train.py` (3 steps, 4 devices) in about a fifth less, its steps as fast; the full suite, cold cache, on
+  one machine: 936, 1,012 s (1,742, 1,907 CPU s) -> 812, 891, 888 s (1,534, 1,685, 1,668 CPU s).
 Last bits of float results may differ from XLA's defaults (after those 6 steps, parameters within 2.5e-5), so
 comparisons between runs hold because every process of the suite uses the same flags. Benchmarks and users keep
 the defaults.
