@@ -11,8 +11,8 @@ sample.py subprocess share it:
   one machine: 936, 1,012 s (1,742, 1,907 CPU s) -> 812, 891, 888 s (1,534, 1,685, 1,668 CPU s).
 Last bits of float results may differ from XLA's defaults (the demo's 6 steps at level 2 against 3: parameters
 within 2.5e-5; the small PCDMs `train.py`, 6 steps on 1 device, with both flags against none: within 1.7e-6, the
-same losses to 7 digits), so comparisons between runs hold because every process of the suite uses the same flags. Benchmarks and users keep
-the defaults.
+same losses to 7 digits), so comparisons between runs hold because every process of the suite uses the same flags.
+Benchmarks and users keep the defaults.
 """
 
 import getpass
