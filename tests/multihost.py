@@ -7,6 +7,8 @@ import dataclasses
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from typing import List, Sequence
 
 from tests.environment import CACHE_ENV
@@ -40,7 +42,9 @@ def _env(devices_per_process: int):
 
 def start(script: str, args: Sequence[str], processes: int, devices_per_process: int) -> List[subprocess.Popen]:
     """Starts `processes` copies of `script` (a path relative to the repository, or "-m module") with `args`; with
-    more than one, each gets the distributed flags of its process id and a shared coordinator."""
+    more than one, each gets the distributed flags of its process id and a shared coordinator. Their output goes to
+    temporary files (`output_files` on each process), not pipes: a full pipe of one process would block it inside a
+    collective that the others wait in."""
     port = free_port()
     command = [sys.executable, *script.split()]
     started = []
@@ -48,23 +52,32 @@ def start(script: str, args: Sequence[str], processes: int, devices_per_process:
         distributed = [] if processes == 1 else [
             "--config.distributed.initialize=True", f"--config.distributed.coordinator_address=127.0.0.1:{port}",
             f"--config.distributed.num_processes={processes}", f"--config.distributed.process_id={process_id}"]
-        started.append(subprocess.Popen([*command, *args, *distributed], cwd=ROOT, env=_env(devices_per_process),
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        output_files = (tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+"))
+        process = subprocess.Popen([*command, *args, *distributed], cwd=ROOT, env=_env(devices_per_process),
+                                   stdout=output_files[0], stderr=output_files[1], text=True)
+        process.output_files = output_files
+        started.append(process)
     return started
 
 
+def _read(file) -> str:
+    file.seek(0)
+    text = file.read()
+    file.close()
+    return text
+
+
 def wait(started: Sequence[subprocess.Popen], timeout: float = TIMEOUT) -> List[Finished]:
-    """Waits for every process (killing all of them if one outlives `timeout`)."""
-    finished = []
+    """Waits for every process (killing all of them if any is still running `timeout` seconds from now)."""
+    deadline = time.monotonic() + timeout
     try:
         for process in started:
-            stdout, stderr = process.communicate(timeout=timeout)
-            finished.append(Finished(process.returncode, stdout, stderr))
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         for process in started:
             process.kill()
         raise
-    return finished
+    return [Finished(process.returncode, *(_read(file) for file in process.output_files)) for process in started]
 
 
 def run(script: str, args: Sequence[str], processes: int, devices_per_process: int,
