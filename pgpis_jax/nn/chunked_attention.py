@@ -2,11 +2,13 @@
 blocks with a running max / sum softmax in float32, and a hand-written backward in the FlashAttention-2 form.
 
 Forward: per query block, a scan over key blocks keeps the running row max m, row sum l and the unnormalised
-output; it saves the output O and the row log-sum-exp lse = m + log l. Backward: per key block, a scan over query
-blocks recomputes P = exp(S - lse) and accumulates dV += P^T dO, dS = P * (dO V^T - rowsum(dO * O)),
-dK += dS^T Q, dQ += dS K (and the bias gradient, dS summed over the bias's broadcast axes). Only one
-[B, H, block, block] logits block lives at a time, forward and backward, and no running statistics are kept for
-the backward (where differentiating the forward's scan would need them per step).
+output; it saves the output O and the final m and log l as they are, not their sum (the log-sum-exp): rounding
+m + log l to float32 would move every recomputed weight near 1 by up to an ulp of m, about 1e-6 at logits of ~10.
+Backward: per key block, a scan over query blocks recomputes P = exp((S - m) - log l) and accumulates
+dV += P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dK += dS^T Q, dQ += dS K (and the bias gradient: dS summed over
+the bias's broadcast axes; exactly zero for a bias constant along the keys, which shifts whole softmax rows). Only
+one [B, H, block, block] logits block lives at a time, forward and backward, and no statistics of the forward's
+scan steps are kept for the backward (differentiating the scan would need them).
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ def _unblock(parts, axis: int):
 
 
 def _forward(blocks: _Blocks, q, k, v, bias):
-    """O [B, H, Lq, D] in q's dtype and lse [B, H, Lq] (float32) of padded heads-first inputs."""
+    """O [B, H, Lq, D] in q's dtype and the row statistics [2, B, H, Lq] (float32: the row max m, 0 for a row of
+    only -inf logits, and log l, the log of the row's sum of exp(S - m)) of padded heads-first inputs."""
 
     def query_block(iq):
         q_block = _block(q, 2, iq, blocks.q)
@@ -87,11 +90,11 @@ def _forward(blocks: _Blocks, q, k, v, bias):
         init = (jnp.full(rows, -jnp.inf, jnp.float32), jnp.zeros(rows, jnp.float32),
                 jnp.zeros(q_block.shape, jnp.float32))
         (row_max, row_sum, out), _ = jax.lax.scan(key_step, init, jnp.arange(blocks.num_kv))
-        lse = jnp.where(row_max == -jnp.inf, 0.0, row_max) + jnp.log(row_sum)
-        return (out / row_sum[..., None]).astype(q.dtype), lse
+        shift = jnp.where(row_max == -jnp.inf, 0.0, row_max)
+        return (out / row_sum[..., None]).astype(q.dtype), jnp.stack([shift, jnp.log(row_sum)])
 
-    out, lse = jax.lax.map(query_block, jnp.arange(blocks.num_q))
-    return _unblock(out, 2), _unblock(lse, 2)
+    out, row_statistics = jax.lax.map(query_block, jnp.arange(blocks.num_q))
+    return _unblock(out, 2), _unblock(row_statistics, 3)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -100,8 +103,8 @@ def _attention(blocks: _Blocks, q, k, v, bias):
 
 
 def _attention_forward(blocks: _Blocks, q, k, v, bias):
-    out, lse = _forward(blocks, q, k, v, bias)
-    return out, (q, k, v, bias, out, lse)
+    out, row_statistics = _forward(blocks, q, k, v, bias)
+    return out, (q, k, v, bias, out, row_statistics)
 
 
 def _sum_to(x, shape):
@@ -110,10 +113,10 @@ def _sum_to(x, shape):
 
 
 def _attention_backward(blocks: _Blocks, residuals, d_out):
-    q, k, v, bias, out, lse = residuals
+    q, k, v, bias, out, row_statistics = residuals
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)    # [B, H, Lq]
-    bias_block_shape = None if bias is None else (
-        bias.shape[:2] + (blocks.q if bias.shape[2] != 1 else 1, blocks.kv if bias.shape[3] != 1 else 1))
+    bias_varies_along_keys = bias is not None and bias.shape[3] != 1
+    bias_block_shape = None if bias is None else bias.shape[:2] + (blocks.q if bias.shape[2] != 1 else 1, blocks.kv)
 
     def key_block(d_query, ik):
         k_block, v_block = _block(k, 2, ik, blocks.kv), _block(v, 2, ik, blocks.kv)
@@ -122,7 +125,8 @@ def _attention_backward(blocks: _Blocks, residuals, d_out):
             d_key, d_value = carry
             q_block, d_out_block = _block(q, 2, iq, blocks.q), _block(d_out, 2, iq, blocks.q)
             logits = _logits(blocks, q_block, k_block, bias, iq, ik)
-            weights = jnp.exp(logits - _block(lse, 2, iq, blocks.q)[..., None])
+            row_max, log_row_sum = _block(row_statistics, 3, iq, blocks.q)[..., None]
+            weights = jnp.exp((logits - row_max) - log_row_sum)
             d_value = d_value + jnp.einsum("bhqk,bhqd->bhkd", weights.astype(v.dtype), d_out_block,
                                            preferred_element_type=jnp.float32)
             d_weights = jnp.einsum("bhqd,bhkd->bhqk", d_out_block, v_block, preferred_element_type=jnp.float32)
@@ -131,7 +135,7 @@ def _attention_backward(blocks: _Blocks, residuals, d_out):
                                        preferred_element_type=jnp.float32)
             d_query_block = jnp.einsum("bhqk,bhkd->bhqd", d_logits.astype(k.dtype), k_block,
                                        preferred_element_type=jnp.float32)
-            d_bias = None if bias is None else _sum_to(d_logits, bias_block_shape)
+            d_bias = _sum_to(d_logits, bias_block_shape) if bias_varies_along_keys else None
             return (d_key, d_value), (d_query_block, d_bias)
 
         init = (jnp.zeros(k_block.shape, jnp.float32), jnp.zeros(v_block.shape, jnp.float32))
@@ -140,9 +144,11 @@ def _attention_backward(blocks: _Blocks, residuals, d_out):
 
     d_query, (d_key, d_value, d_bias) = jax.lax.scan(key_block, jnp.zeros(q.shape, jnp.float32),
                                                       jnp.arange(blocks.num_kv))
-    if bias is not None:   # d_bias [num_kv, num_q, b, h, block_q | 1, block_kv | 1]
-        d_bias = _unblock(d_bias, 4) if bias.shape[3] != 1 else d_bias.sum(axis=0)
+    if bias_varies_along_keys:   # d_bias [num_kv, num_q, b, h, block_q | 1, block_kv]
+        d_bias = _unblock(d_bias, 4)
         d_bias = _unblock(d_bias, 2) if bias.shape[2] != 1 else d_bias.sum(axis=0)
+    elif bias is not None:
+        d_bias = jnp.zeros_like(bias)
     return (d_query.astype(q.dtype), _unblock(d_key, 2).astype(k.dtype), _unblock(d_value, 2).astype(v.dtype),
             d_bias)
 
