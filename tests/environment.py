@@ -4,8 +4,8 @@ sample.py subprocess share it:
 - a persistent compilation cache, one directory per user on this machine, so that the same toy and demo programs
   compile once per machine, not once per test;
 - XLA's CPU backend at optimization level 0 instead of its default 3 (its LLVM code generation at -O0): the
-  suite's programs are tiny, so compiling costs more than running them. The full suite, cold cache, on one
-  machine (2026-12-05): 874 s (1,607 CPU s) at level 2, 756, 741, 778 s (1,403, 1,378, 1,429 CPU s) at level 0
+  suite's programs are tiny, so compiling costs more than running them. The full suite, cold cache, on one machine
+  (2026-12-05): 874 s (1,607 CPU s) at level 2, 756, 741, 778, 710 s (1,403, 1,378, 1,429, 1,314 CPU s) at level 0
   (docs/tests.md: the chunked attention's gradient check passes at level 0 since its backward was made about as
   accurate as xla's);
 - XLA's older elemental emitters for CPU fusions (`--xla_cpu_use_fusion_emitters=false`) instead of the MLIR
