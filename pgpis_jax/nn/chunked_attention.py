@@ -116,7 +116,8 @@ def _attention_backward(blocks: _Blocks, residuals, d_out):
     q, k, v, bias, out, row_statistics = residuals
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)    # [B, H, Lq]
     bias_varies_along_keys = bias is not None and bias.shape[3] != 1
-    bias_block_shape = None if bias is None else bias.shape[:2] + (blocks.q if bias.shape[2] != 1 else 1, blocks.kv)
+    bias_block_shape = (bias.shape[:2] + (blocks.q if bias.shape[2] != 1 else 1, blocks.kv)
+                        if bias_varies_along_keys else None)
 
     def key_block(d_query, ik):
         k_block, v_block = _block(k, 2, ik, blocks.kv), _block(v, 2, ik, blocks.kv)
