@@ -204,12 +204,27 @@ def test_a_run_writes_metrics_tensorboard_grids_and_progress(reference):
         assert {"train/loss", "train/grad_norm", "train/learning_rate", "train/loss_high_t", "perf/step_time_s",
                 "perf/images_per_sec_per_device"} <= set(record)
     assert "perf/compile_time_s" in records[1]
-    [events] = glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
-    with open(events, "rb") as f:
-        content = f.read()
-    assert b"train/loss" in content and b"perf/images_per_sec_per_device" in content and b"samples" in content
     assert sorted(os.listdir(os.path.join(workdir, "samples"))) == [
         "step_00000010.png", "step_00000020.png", "step_00000030.png"]
+    # TensorBoard's own reader: every logged scalar (float32) and each grid, the PNG in samples/ before its
+    # nearest-neighbour enlargement
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    [events] = glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+    accumulator = EventAccumulator(events, size_guidance={"scalars": 0, "images": 0})
+    accumulator.Reload()
+    for tag in ("train/loss", "perf/images_per_sec_per_device"):
+        assert [(e.step, e.value) for e in accumulator.Scalars(tag)] == [
+            (step, float(np.float32(records[step][tag]))) for step in range(1, TOTAL + 1)]
+    grids = accumulator.Images("samples")
+    assert [e.step for e in grids] == [10, 20, 30]
+    for event in grids:
+        grid = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)))
+        saved = np.asarray(Image.open(os.path.join(workdir, "samples", f"step_{event.step:08d}.png")))
+        scale = saved.shape[0] // grid.shape[0]
+        assert scale > 1 and saved.shape == (grid.shape[0] * scale, grid.shape[1] * scale, 3)
+        np.testing.assert_array_equal(saved[::scale, ::scale], grid)
     lines = stdout.splitlines()
     assert lines[0].startswith("mesh data=1, fsdp=1 (1 devices), 1 process(es); parameters: 157,632 trainable, "
                                "0 frozen; global batch 32 in 1 micro-batch(es)")

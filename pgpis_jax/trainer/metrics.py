@@ -1,5 +1,5 @@
-"""What a run reports: metric writers (clu's TensorBoard writer, imported with TensorFlow only when a run writes
-TensorBoard events), a console progress line with ETA, sample grids, NaN guard.
+"""What a run reports: metric writers (TensorBoard event files, written without TensorFlow: trainer/event_files.py),
+a console progress line with ETA, sample grids, NaN guard.
 
 Process 0 writes TensorBoard events to <workdir>/tensorboard and every logged scalar to
 <workdir>/metrics.jsonl (one JSON object per log step, floats at full precision; a resumed run appends),
@@ -22,8 +22,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from pgpis_jax import input_pipeline
 from pgpis_jax.errors import UserError
+from pgpis_jax.trainer.event_files import EventFileWriter
 
 
 class _NoOpWriter:
@@ -113,22 +113,13 @@ def read_jsonl(path) -> Dict[int, Dict[str, float]]:
     return records
 
 
-def _tensorboard_writer(logdir: epath.Path):
-    """clu's TensorBoard writer. TensorFlow, which clu imports, is loaded first through the input pipeline, which
-    keeps it off the accelerators JAX uses."""
-    input_pipeline.tf.load()
-    from clu.metric_writers.summary_writer import SummaryWriter
-
-    return SummaryWriter(str(logdir))
-
-
 def make_writer(workdir: str, config) -> Writers:
     """TensorBoard + metrics.jsonl on process 0 (nothing on the others; the console line is separate)."""
     writers = []
     if jax.process_index() == 0:
         root = epath.Path(workdir)
         if config.logging.tensorboard:
-            writers.append(_tensorboard_writer(root / "tensorboard"))
+            writers.append(EventFileWriter(root / "tensorboard"))
         if not str(workdir).startswith("gs://"):
             writers.append(JsonlWriter(root / "metrics.jsonl"))
     return Writers(writers)
