@@ -242,8 +242,9 @@ def _write_keypoints(path, shift):
 @pytest.mark.slow
 def test_sample_a_split_evaluate_with_fpdm_names_and_one_image(runs, tmp_path):
     """sample.py's split mode writes the original's `<source>_2_<target>.png` names; eval.py's config mode scores
-    them against the reference targets through the fpdm protocol's pairing (96 pairs); single mode from a photo
-    and a keypoint file. Nothing is written into the run."""
+    them against the reference targets through the fpdm protocol's pairing (96 pairs) at the protocol's other size
+    (config.eval.eval_size; its default 512x352 has 4x the pixels to score); single mode from a photo and a keypoint
+    file. Nothing is written into the run."""
     from PIL import Image
 
     from pgpis_jax.methods.common.run import saved_config
@@ -253,6 +254,7 @@ def test_sample_a_split_evaluate_with_fpdm_names_and_one_image(runs, tmp_path):
     before = sorted(os.walk(run))
     config = saved_config(run)
     config.eval.metrics = "ssim,psnr"
+    config.eval.eval_size = "256x176"
     results = sampling.sample_command(run, config, split="test", output_dir=str(tmp_path / "out"), batch_size=48)
     assert results["images_written"] == results["pairs"] == 96
     names = sorted(os.listdir(tmp_path / "out" / "generated"))
@@ -260,6 +262,8 @@ def test_sample_a_split_evaluate_with_fpdm_names_and_one_image(runs, tmp_path):
     assert np.asarray(Image.open(tmp_path / "out" / "generated" / names[0])).shape == (64, 64, 3)
     metrics = sampling.evaluate_command(run, str(tmp_path / "eval"), config)
     assert metrics["protocol"] == "fpdm" and metrics["counts"]["pairs"] == 96
+    settings = metrics["settings"]
+    assert settings["pixel_generated"]["size"] == settings["pixel_reference"]["size"] == (256, 176)
     assert len(os.listdir(tmp_path / "eval" / "test_set" / "reference")) == 96
     assert 0 < metrics["metrics"]["ssim"] < 1
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"] == metrics["metrics"]
