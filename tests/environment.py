@@ -11,11 +11,17 @@ sample.py subprocess share it:
 - XLA's older elemental emitters for CPU fusions (`--xla_cpu_use_fusion_emitters=false`) instead of the MLIR
   fusion emitters, which build MLIR for every fusion: an eager op compiles in about 15 % less CPU, a small
   PCDMs `train.py` (3 steps, 4 devices) in about a fifth less, its steps as fast; the full suite, cold cache, on
-  one machine: 936, 1,012 s (1,742, 1,907 CPU s) -> 812, 891, 888 s (1,534, 1,685, 1,668 CPU s).
+  one machine: 936, 1,012 s (1,742, 1,907 CPU s) -> 812, 891, 888 s (1,534, 1,685, 1,668 CPU s);
+- Eigen's matrix products and convolutions on one thread (`--xla_cpu_multi_thread_eigen=false`) and LLVM code
+  generation in one piece (`--xla_cpu_parallel_codegen_split_count=1`): two workers already keep both cores busy,
+  so threads within one op or one compile only add hand-offs. The small PCDMs `train.py` (6 steps, 1 device,
+  cold, two runs each, 2026-12-05): 13.0, 12.8 CPU s with the flags above only, 12.0, 11.7 adding the first, 11.5,
+  11.6 adding the second, 11.1, 11.5 adding both; the full suite, cold cache: 636 s (1,164 CPU s) without, 619 s
+  (1,133 CPU s) with both, one run each, within the machine's noise.
 Last bits of float results differ from XLA's defaults (the small PCDMs `train.py`, 6 steps on 1 device, cold, with
-both flags against none: 14.3 against 28.4 CPU s, parameters within 9.7e-6, the same losses to 6 digits), so
-comparisons between runs hold because every process of the suite uses the same flags. Benchmarks and users keep
-the defaults.
+the level and emitter flags against none: 14.3 against 28.4 CPU s, parameters within 9.7e-6, the same losses to
+6 digits), so comparisons between runs hold because every process of the suite uses the same flags. Benchmarks
+and users keep the defaults.
 """
 
 import getpass
@@ -25,7 +31,8 @@ import tempfile
 CACHE_DIR = os.path.join(tempfile.gettempdir(), f"pgpis_jax_test_compilation_cache_{getpass.getuser()}")
 CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": CACHE_DIR, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false",
+                 "--xla_cpu_multi_thread_eigen=false", "--xla_cpu_parallel_codegen_split_count=1")
 
 
 def xla_flags(*flags: str) -> str:

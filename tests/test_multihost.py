@@ -35,8 +35,11 @@ def test_pcdm_stage2_on_two_processes_trains_on_the_same_global_batches_as_one(d
     (the demo stage with a one-level UNet, tests/small_pcdm_config.py)."""
     args = ["--config=tests/small_pcdm_config.py:inpaint", f"--config.data.data_dir={demo_data}",
             "--config.total_steps=3", "--config.log_every_steps=1", "--config.checkpoint_every_steps=3"]
-    multihost.run("train.py", [*args, f"--workdir={tmp_path / 'two'}"], processes=2, devices_per_process=2)
-    multihost.run("train.py", [*args, f"--workdir={tmp_path / 'one'}"], processes=1, devices_per_process=4)
+    two = multihost.start("train.py", [*args, f"--workdir={tmp_path / 'two'}"], processes=2,
+                          devices_per_process=2)
+    one = multihost.start("train.py", [*args, f"--workdir={tmp_path / 'one'}"], processes=1,
+                          devices_per_process=4)
+    multihost.assert_all_succeeded(multihost.wait(two + one))
     _assert_same_losses(_losses(tmp_path / "two"), _losses(tmp_path / "one"), range(1, 4))
     params = [load_trained(str(tmp_path / run), ["pcdm_inpaint"], which="raw").params for run in ("two", "one")]
     assert max_abs_diff(*params) < 1e-5
