@@ -11,15 +11,7 @@ import pytest
 from PIL import Image
 
 from pgpis_jax.trainer.event_files import FILE_VERSION, EventFileWriter
-from tests.trainer_utils import ROOT, env
-
-
-def _accumulator(path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    accumulator = EventAccumulator(str(path), size_guidance={"scalars": 0, "images": 0})
-    accumulator.Reload()
-    return accumulator
+from tests.trainer_utils import ROOT, env, tensorboard_events
 
 
 def _decoded(event):
@@ -37,7 +29,7 @@ def test_scalars_and_images_read_back_and_every_record_checks_out(tmp_path):
     writer.write_images(3, {"pair": pair})
     writer.close()
 
-    accumulator = _accumulator(writer.path)
+    accumulator = tensorboard_events(writer.path)
     assert [(e.step, e.value) for e in accumulator.Scalars("train/loss")] == [(1, 0.25), (2, float(np.float32(1 / 3)))]
     assert [(e.step, e.value) for e in accumulator.Scalars("train/learning_rate")] == [(1, float(np.float32(1e-3)))]
     [samples] = accumulator.Images("samples")
@@ -70,12 +62,12 @@ def test_a_second_writer_opens_a_new_file_and_flushes_on_its_schedule(tmp_path):
     second.write_scalars(2, {"loss": 2.0})
     assert os.path.getsize(second.path) == size                  # buffered until the next flush
     second.flush()
-    assert [(e.step, e.value) for e in _accumulator(second.path).Scalars("loss")] == [(2, 2.0)]
+    assert [(e.step, e.value) for e in tensorboard_events(second.path).Scalars("loss")] == [(2, 2.0)]
     second.close()
     assert first.path.read_bytes() == written
     eager = EventFileWriter(tmp_path / "eager", flush_every_seconds=0)
     eager.write_scalars(3, {"loss": 3.0})
-    assert [(e.step, e.value) for e in _accumulator(eager.path).Scalars("loss")] == [(3, 3.0)]
+    assert [(e.step, e.value) for e in tensorboard_events(eager.path).Scalars("loss")] == [(3, 3.0)]
     with pytest.raises(ValueError, match=r"image 'grid': expected uint8 \[H, W, C\] with C = 1, 3 or 4, got float32"):
         eager.write_images(4, {"grid": np.zeros((1, 4, 4, 3), np.float32)})
     eager.close()
@@ -94,4 +86,4 @@ def test_a_run_that_reads_no_data_writes_tensorboard_without_importing_tensorflo
                             timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     [events] = (tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*")
-    assert [e.step for e in _accumulator(events).Scalars("train/loss")] == [1, 2]
+    assert [e.step for e in tensorboard_events(events).Scalars("train/loss")] == [1, 2]

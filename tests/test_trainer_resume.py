@@ -19,8 +19,8 @@ from pgpis_jax.errors import UserError
 from pgpis_jax.methods import toy_denoiser
 from pgpis_jax.trainer import checkpoints as ckpt_lib, loop, mesh as mesh_lib
 from pgpis_jax.trainer.metrics import NonFiniteLoss
-from tests.trainer_utils import (committed_steps, corrupt_array_files, logged_steps, run_train, start_train, toy,
-                                 wait_until)
+from tests.trainer_utils import (committed_steps, corrupt_array_files, logged_steps, run_train, start_train,
+                                 tensorboard_events, toy, wait_until)
 
 TOTAL = 30
 RUN = {"total_steps": TOTAL, "log_every_steps": 1, "checkpoint_every_steps": 10, "logging.sample_every_steps": 0,
@@ -209,11 +209,9 @@ def test_a_run_writes_metrics_tensorboard_grids_and_progress(reference):
     # TensorBoard's own reader: every logged scalar (float32) and each grid, the PNG in samples/ before its
     # nearest-neighbour enlargement
     from PIL import Image
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     [events] = glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
-    accumulator = EventAccumulator(events, size_guidance={"scalars": 0, "images": 0})
-    accumulator.Reload()
+    accumulator = tensorboard_events(events)
     for tag in ("train/loss", "perf/images_per_sec_per_device"):
         assert [(e.step, e.value) for e in accumulator.Scalars(tag)] == [
             (step, float(np.float32(records[step][tag]))) for step in range(1, TOTAL + 1)]

@@ -113,6 +113,15 @@ def logged_steps(workdir):
     return read_jsonl(path) if os.path.exists(path) else {}
 
 
+def tensorboard_events(path):
+    """TensorBoard's own reader (EventAccumulator) loaded with every scalar and image of the event file at `path`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(path), size_guidance={"scalars": 0, "images": 0})
+    accumulator.Reload()
+    return accumulator
+
+
 def committed_steps(workdir):
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):
