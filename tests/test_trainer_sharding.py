@@ -35,3 +35,6 @@ def test_sharded_steps_equal_one_device_and_follow_the_rules():
     assert out["explicit_rule_specs"]["dense_in/kernel"] == "P(None, 'fsdp')"
     assert out["explicit_rule_specs"]["dense_out/kernel"] == "P()"
     assert "dense_in/kernel" in out["bad_rule_error"] and "(192, 128)" in out["bad_rule_error"]
+
+    # One process writes each replicated array whole (pgpis_jax/trainer/replica_writes.py): no slice is compiled.
+    assert out["replicated_checkpoint"] == {"slice_compiles": 0, "step": 1, "max_param_diff": 0.0}

@@ -1,10 +1,12 @@
 """Run by tests/test_trainer_sharding.py in a subprocess with 8 fake CPU devices
 (XLA_FLAGS=--xla_force_host_platform_device_count=8): the same training steps of the toy method on one
 device and on meshes data=8 and data=2 x fsdp=4 (and with gradient accumulation), through the trainer's
-own setup, sharded init, global-batch assembly and jitted donated step. Prints one JSON line."""
+own setup, sharded init, global-batch assembly and jitted donated step; and a checkpoint of the state replicated
+over the 8 devices through the trainer's Checkpoints. Prints one JSON line."""
 
 import json
 import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -12,7 +14,7 @@ import numpy as np
 from configs import toy_denoiser as toy_config
 from pgpis_jax.errors import UserError
 from pgpis_jax.methods import toy_denoiser
-from pgpis_jax.trainer import loop, mesh as mesh_lib, step as step_lib, tree
+from pgpis_jax.trainer import checkpoints as ckpt_lib, loop, mesh as mesh_lib, step as step_lib, tree
 from pgpis_jax.trainer.data import HostData
 
 STEPS = 3
@@ -49,6 +51,29 @@ def run(data, fsdp, devices, accumulation=1):
     return flat, ema, losses, specs, mu_specs
 
 
+def replicated_checkpoint(devices):
+    """The toy state (mesh data=8: every array on all 8 devices) saved by the trainer's Checkpoints and restored:
+    the XLA compiles of eager slices during the save (orbax's replica-parallel writing cuts one slice per replica)
+    and the largest difference of the restored parameters."""
+    config = config_for(len(devices), 1)
+    method = toy_denoiser.build(config)
+    s = loop.setup(method, config, mesh_lib.make_mesh(config, devices))
+    state = loop.init_state(s, method, config)
+    compiled = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, seconds, fun_name="", **_: compiled.append(fun_name)
+        if event == "/jax/core/compile/backend_compile_duration" else None)
+    with tempfile.TemporaryDirectory() as workdir:
+        checkpoints = ckpt_lib.Checkpoints(workdir, config, s)
+        checkpoints.save(1, state, {"batches_consumed": 0})
+        checkpoints.close()
+        slices = compiled.count("jit(slice)")
+        restored, _, step = ckpt_lib.Checkpoints(workdir, config, s, read_only=True).restore()
+    params = [{tree.path_str(p): np.asarray(leaf) for p, leaf in tree.flatten(x["params"]).items()}
+              for x in (state, restored)]
+    return {"slice_compiles": slices, "step": step, "max_param_diff": max_diff(*params)}
+
+
 def max_diff(a, b):
     return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
 
@@ -76,6 +101,7 @@ def main():
     config.mesh.rules = (("dense_in/kernel", "(None, 'fsdp')"), (".*", "replicated"))
     s = loop.setup(toy_denoiser.build(config), config, mesh_lib.make_mesh(config, devices))
     out["explicit_rule_specs"] = {tree.path_str(p): str(sh.spec) for p, sh in tree.flatten(s.param_shardings).items()}
+    out["replicated_checkpoint"] = replicated_checkpoint(devices)
     print(json.dumps(out))
 
 

@@ -55,7 +55,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pgpis_jax.config_checks import check_writable_directory
 from pgpis_jax.errors import UserError
-from pgpis_jax.trainer import tree
+from pgpis_jax.trainer import replica_writes, tree
 
 
 # 1: one `state` item with all parameters. 2: trainable `params`, `ema`, `opt_state`, `progress`; frozen
@@ -408,6 +408,7 @@ class Checkpoints:
         settings = config.checkpoint
         if settings.keep < 1:
             raise UserError(f"config.checkpoint.keep must be >= 1, got {settings.keep}")
+        replica_writes.configure()
         handlers = {name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS}
         handlers.update({name: ocp.JsonCheckpointHandler() for name in ("data", "config", "meta")})
         if read_only:
