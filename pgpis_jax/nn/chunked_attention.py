@@ -5,10 +5,11 @@ Forward: per query block, a scan over key blocks keeps the running row max m, ro
 output; it saves the output O and the final m and log l as they are, not their sum (the log-sum-exp): rounding
 m + log l to float32 would move every recomputed weight near 1 by up to an ulp of m, about 1e-6 at logits of ~10.
 Backward: per key block, a scan over query blocks recomputes P = exp((S - m) - log l) and accumulates
-dV += P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dK += dS^T Q, dQ += dS K (and the bias gradient: dS summed over
-the bias's broadcast axes; exactly zero for a bias constant along the keys, which shifts whole softmax rows). Only
-one [B, H, block, block] logits block lives at a time, forward and backward, and no statistics of the forward's
-scan steps are kept for the backward (differentiating the scan would need them).
+dV += P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dK += dS^T Q (dV and dK as their transposes dO^T P and Q^T dS),
+dQ += dS K (and the bias gradient: dS summed over the bias's broadcast axes; exactly zero for a bias constant along
+the keys, which shifts whole softmax rows). Only one [B, H, block, block] logits block lives at a time, forward
+and backward, and no statistics of the forward's scan steps are kept for the backward (differentiating the scan
+would need them).
 """
 
 from __future__ import annotations
@@ -123,35 +124,42 @@ def _attention_backward(blocks: _Blocks, residuals, d_out):
         k_block, v_block = _block(k, 2, ik, blocks.kv), _block(v, 2, ik, blocks.kv)
 
         def query_step(carry, iq):
-            d_key, d_value = carry
+            d_key_t, d_value_t = carry
             q_block, d_out_block = _block(q, 2, iq, blocks.q), _block(d_out, 2, iq, blocks.q)
+            # dK and dV accumulate as dK^T = Q^T dS and dV^T = dO^T P, plain products with these transposed blocks:
+            # XLA's CPU backend ran dK = dS^T Q (a transposed left operand) about 6x slower, and it folds a bare
+            # transpose back into that form; the barrier keeps the blocks transposed (block by block, so no copy of
+            # the size of Q is held for the backward).
+            q_block_t, d_out_block_t = jax.lax.optimization_barrier(
+                (jnp.swapaxes(q_block, 2, 3), jnp.swapaxes(d_out_block, 2, 3)))   # [B, H, D, block_q]
             logits = _logits(blocks, q_block, k_block, bias, iq, ik)
             row_max, log_row_sum = _block(row_statistics, 3, iq, blocks.q)[..., None]
             weights = jnp.exp((logits - row_max) - log_row_sum)
-            d_value = d_value + jnp.einsum("bhqk,bhqd->bhkd", weights.astype(v.dtype), d_out_block,
-                                           preferred_element_type=jnp.float32)
+            d_value_t = d_value_t + jnp.einsum("bhdq,bhqk->bhdk", d_out_block_t, weights.astype(v.dtype),
+                                               preferred_element_type=jnp.float32)
             d_weights = jnp.einsum("bhqd,bhkd->bhqk", d_out_block, v_block, preferred_element_type=jnp.float32)
             d_logits = weights * (d_weights - _block(delta, 2, iq, blocks.q)[..., None])
-            d_key = d_key + jnp.einsum("bhqk,bhqd->bhkd", d_logits.astype(q.dtype), q_block,
-                                       preferred_element_type=jnp.float32)
+            d_key_t = d_key_t + jnp.einsum("bhdq,bhqk->bhdk", q_block_t, d_logits.astype(q.dtype),
+                                           preferred_element_type=jnp.float32)
             d_query_block = jnp.einsum("bhqk,bhkd->bhqd", d_logits.astype(k.dtype), k_block,
                                        preferred_element_type=jnp.float32)
             d_bias = _sum_to(d_logits, bias_block_shape) if bias_varies_along_keys else None
-            return (d_key, d_value), (d_query_block, d_bias)
+            return (d_key_t, d_value_t), (d_query_block, d_bias)
 
-        init = (jnp.zeros(k_block.shape, jnp.float32), jnp.zeros(v_block.shape, jnp.float32))
-        (d_key, d_value), (d_query_parts, d_bias_parts) = jax.lax.scan(query_step, init, jnp.arange(blocks.num_q))
-        return d_query + _unblock(d_query_parts, 2), (d_key, d_value, d_bias_parts)
+        init = tuple(jnp.zeros(x.shape[:2] + (x.shape[3], x.shape[2]), jnp.float32) for x in (k_block, v_block))
+        (d_key_t, d_value_t), (d_query_parts, d_bias_parts) = jax.lax.scan(query_step, init,
+                                                                           jnp.arange(blocks.num_q))
+        return d_query + _unblock(d_query_parts, 2), (d_key_t, d_value_t, d_bias_parts)
 
-    d_query, (d_key, d_value, d_bias) = jax.lax.scan(key_block, jnp.zeros(q.shape, jnp.float32),
-                                                      jnp.arange(blocks.num_kv))
+    d_query, (d_key_t, d_value_t, d_bias) = jax.lax.scan(key_block, jnp.zeros(q.shape, jnp.float32),
+                                                          jnp.arange(blocks.num_kv))
     if bias_varies_along_keys:   # d_bias [num_kv, num_q, b, h, block_q | 1, block_kv]
         d_bias = _unblock(d_bias, 4)
         d_bias = _unblock(d_bias, 2) if bias.shape[2] != 1 else d_bias.sum(axis=0)
     elif bias is not None:
         d_bias = jnp.zeros_like(bias)
-    return (d_query.astype(q.dtype), _unblock(d_key, 2).astype(k.dtype), _unblock(d_value, 2).astype(v.dtype),
-            d_bias)
+    d_key, d_value = (jnp.swapaxes(_unblock(x, 3), 2, 3) for x in (d_key_t, d_value_t))   # [B, H, Lk, D]
+    return d_query.astype(q.dtype), d_key.astype(k.dtype), d_value.astype(v.dtype), d_bias
 
 
 _attention.defvjp(_attention_forward, _attention_backward)
