@@ -10,9 +10,11 @@ which pays once the slices are large.
 
 import jax
 import orbax.checkpoint as ocp
-# The array-metadata store that orbax's own default jax.Array handler keeps (it records, e.g., each array's chunk
-# shape); a handler without one would write checkpoints without that record.
+# From orbax's internals: the array-metadata store its own default jax.Array handler keeps (a handler without one
+# writes checkpoints without that record), and the global handler registry, whose `add` can replace a handler
+# without logging a warning (the public register_type_handler logs one on every run).
 from orbax.checkpoint._src.metadata import array_metadata_store
+from orbax.checkpoint._src.serialization import type_handler_registry
 
 # On multi-process runs, arrays whose per-replica slice would be smaller than this are written whole by one replica.
 MIN_SLICE_BYTES = 1 << 20
@@ -26,4 +28,4 @@ def configure() -> None:
         use_replica_parallel=None if jax.process_count() > 1 else False,
         min_slice_bytes_for_replica_parallel=MIN_SLICE_BYTES,
         array_metadata_store=array_metadata_store.Store())
-    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(jax.Array, handler, override=True, ignore_warnings=True)
